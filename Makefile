@@ -1,0 +1,40 @@
+# Two entry points for a newcomer (see README):
+#   make demo   set up .venv, then run the bundled recipe end to end
+#   make test   set up .venv, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RECIPE := egs/synth_digits/asr1
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo demo-quick bench bench-quick clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt $(RECIPE)/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	# The venv's own pip (23.x here) on purpose: newer pip rejects an espnet dependency's metadata.
+	$(BIN)/pip install -c constraints.txt -e ".[test,bench]" -r $(RECIPE)/requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	cd $(RECIPE) && PATH="$(abspath $(BIN)):$$PATH" ./run.sh
+
+demo-quick: setup
+	cd $(RECIPE) && PATH="$(abspath $(BIN)):$$PATH" ./run.sh --quick
+
+bench: setup
+	$(BIN)/python -m pytest benchmarks --benchmark-enable --benchmark-json=benchmarks/results/latest.json
+	$(BIN)/python -m benchmarks.report benchmarks/results/latest.json --out benchmarks/results
+
+bench-quick: setup
+	$(BIN)/python -m pytest benchmarks --quick --benchmark-enable --benchmark-min-rounds=1 --benchmark-max-time=0.05
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,63 @@
+"""Startup hook installed next to ``espnet_mha`` (as ``_espnet_mha_hook.py`` plus a ``.pth``).
+
+It makes ``flash_mha`` visible to ESPnet's own entry points
+(``python -m espnet2.bin.asr_train``) without importing anything heavy at
+interpreter start: it only puts a finder on ``sys.meta_path`` that waits for
+``espnet2.asr.state_spaces.registry`` to be imported, then adds our entry to
+its ``layer`` dict (and, if ``ESPNET_MHA_REPLACE_MHA=1``, points ``mha`` at our
+layer too). Set ``ESPNET_MHA_NO_HOOK=1`` to disable it.
+"""
+
+import os
+import sys
+
+_TARGET = "espnet2.asr.state_spaces.registry"
+
+
+class _RegistryFinder:
+    """Meta-path finder that patches the ESPnet layer registry right after it loads."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != _TARGET:
+            return None
+        spec = None
+        for finder in sys.meta_path:
+            if finder is cls or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        if spec is None or spec.loader is None:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            _remove()
+            from espnet_mha.registration import apply_environment
+
+            apply_environment()
+
+        spec.loader.exec_module = exec_and_register
+        return spec
+
+
+def _remove():
+    if _RegistryFinder in sys.meta_path:
+        sys.meta_path.remove(_RegistryFinder)
+
+
+def _install():
+    if os.environ.get("ESPNET_MHA_NO_HOOK", "") not in ("", "0"):
+        return
+    if _TARGET in sys.modules:
+        from espnet_mha.registration import apply_environment
+
+        apply_environment()
+        return
+    if _RegistryFinder not in sys.meta_path:
+        sys.meta_path.insert(0, _RegistryFinder)
+
+
+_install()

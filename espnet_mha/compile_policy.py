@@ -1,0 +1,89 @@
+"""When and how the layer's pure functions are compiled with ``torch.compile``.
+
+Policy:
+
+- ``compile=False`` (default ``"auto"`` on devices where eager measured faster,
+  see ``AUTO_COMPILE_DEVICES``), ``True``, or ``"auto"``; the environment
+  variable ``ESPNET_MHA_COMPILE`` (``0``/``1``/``auto``) overrides the option,
+  ``ESPNET_MHA_COMPILE_MODE`` the mode (``default``, ``reduce-overhead``,
+  ``max-autotune``...).
+- Compilation is lazy: the first call on a device compiles.
+- ``dynamic=True`` so a new batch size or length does not recompile; sizes 0/1
+  are still specialised by dynamo (#136605), which bounds the graphs to a small
+  fixed set per configuration (1 vs many hypotheses, T1 = 1 vs many).
+- ``fullgraph=True``: a graph break is an error, not a silent slowdown.
+- The functions are module-level and take the parameters as arguments, so all
+  layers of a model share graphs and state-dict keys never get ``_orig_mod.``.
+"""
+
+import functools
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENV_COMPILE = "ESPNET_MHA_COMPILE"
+ENV_COMPILE_MODE = "ESPNET_MHA_COMPILE_MODE"
+AUTO = "auto"
+# Device types where "auto" compiles. CPU is absent: measured slower end to end
+# for ESPnet training and decoding (see README, "torch.compile policy").
+AUTO_COMPILE_DEVICES = frozenset()
+# Our functions need a few graphs each (self/cross, mask kinds, size-1
+# specialisations); make sure dynamo's default limit of 8 does not silently
+# fall back to eager for a model that uses all of them.
+MIN_RECOMPILE_LIMIT = 64
+
+
+def resolve_compile(option, mode):
+    """The compile setting and mode a layer uses (environment wins over options).
+
+    Args:
+        option: None (= "auto"), True, False or "auto".
+        mode: None or a ``torch.compile`` mode string.
+
+    Returns:
+        (setting, mode) with setting in ``{True, False, "auto"}``.
+
+    Raises:
+        ValueError: an option or environment value is not recognised.
+    """
+    env = os.environ.get(ENV_COMPILE, "").strip().lower()
+    if env:
+        table = {"0": False, "false": False, "1": True, "true": True, AUTO: AUTO}
+        if env not in table:
+            raise ValueError(f"{ENV_COMPILE}={env!r} must be 0, 1 or auto")
+        option = table[env]
+    elif option is None:
+        option = AUTO
+    if option not in (True, False, AUTO):
+        raise ValueError(f"compile must be True, False or 'auto', got {option!r}")
+    mode = os.environ.get(ENV_COMPILE_MODE, "").strip() or mode
+    if mode is not None and not isinstance(mode, str):
+        raise ValueError(f"compile_mode must be a string or None, got {mode!r}")
+    return option, mode
+
+
+def wants_compile(setting, device_type):
+    """Whether to run compiled on ``device_type`` under ``setting``."""
+    if setting == AUTO:
+        return device_type in AUTO_COMPILE_DEVICES
+    return bool(setting)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn, mode):
+    """``torch.compile(fn)`` with our policy, made once per (function, mode)."""
+    limit = getattr(torch._dynamo.config, "recompile_limit", None)
+    if limit is not None and limit < MIN_RECOMPILE_LIMIT:
+        torch._dynamo.config.recompile_limit = MIN_RECOMPILE_LIMIT
+    logger.info("espnet_mha: compiling %s (mode=%s, dynamic, fullgraph)", fn.__name__, mode)
+    return torch.compile(fn, dynamic=True, fullgraph=True, mode=mode)
+
+
+def pick(fn, setting, mode, device_type):
+    """``fn`` itself or its compiled version, according to the policy."""
+    if torch.compiler.is_compiling() or not wants_compile(setting, device_type):
+        return fn
+    return compiled(fn, mode)

@@ -1,0 +1,291 @@
+"""Which attention kernel runs: the rules, written once, and the kernels.
+
+Backends (names used everywhere, in options, ``last_backend`` and logs):
+
+=============  ==============================================================
+``flash_attn``  the flash-attn package: CUDA, fp16/bf16 (autocast included),
+                sm80+, head size <= 256, and a mask it can express (none, key
+                padding through ``flash_attn_varlen_func``, or causal without
+                padding); never asked for attention weights.
+``sdpa``        ``torch.nn.functional.scaled_dot_product_attention`` with a bool
+                mask; PyTorch picks its flash / memory-efficient / cuDNN / math
+                kernel. Serves every call that does not need the weights.
+``math``        the stock layer's explicit softmax(QK^T/sqrt(d_k))V; the only
+                backend that can keep the weights (``keep_attn=True``).
+=============  ==============================================================
+
+``auto`` takes the first of flash_attn, sdpa that can serve a call, and math
+when weights are requested. Asking for a backend that cannot serve a call
+raises :class:`BackendUnavailableError` with the reason; nothing is switched off
+permanently, and kernel errors propagate.
+"""
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from espnet_mha import masks, optional
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+FLASH_ATTN = "flash_attn"
+SDPA = "sdpa"
+MATH = "math"
+BACKENDS = (AUTO, FLASH_ATTN, SDPA, MATH)
+ENV_BACKEND = "ESPNET_MHA_BACKEND"
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256
+FLASH_MIN_CAPABILITY = (8, 0)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot serve a call; the message says why and what to do."""
+
+
+def resolve_backend(option):
+    """The backend a layer asks for: ``$ESPNET_MHA_BACKEND`` if set, else ``option``.
+
+    Args:
+        option: None (same as "auto") or one of ``BACKENDS``.
+
+    Raises:
+        ValueError: option or the environment variable is not a known backend.
+    """
+    env = os.environ.get(ENV_BACKEND, "").strip()
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"{ENV_BACKEND}={env!r} is not one of {BACKENDS}")
+        if option not in (None, env):
+            logger.info("espnet_mha: %s=%s overrides backend=%r", ENV_BACKEND, env, option)
+        return env
+    if option is None:
+        return AUTO
+    if option not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {option!r}")
+    return option
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What a backend needs to know about one call (all static: no tensor data).
+
+    Attributes:
+        device: device of the projected tensors.
+        dtype: dtype the attention runs in (the autocast dtype under autocast).
+        d_k: head size.
+        mask_kind: ``masks.NO_MASK``, ``masks.KEY_PADDING`` or ``masks.PER_QUERY``.
+        causal: a causal mask applies.
+        need_weights: the attention weights must be returned.
+        compiled: the call runs under ``torch.compile``.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    d_k: int
+    mask_kind: str
+    causal: bool = False
+    need_weights: bool = False
+    compiled: bool = False
+
+
+def flash_attn_refusal(call):
+    """Why flash-attn cannot serve ``call`` ("" if it can)."""
+    info = optional.flash_attn()
+    if not info.available:
+        return info.reason
+    if call.device.type != "cuda":
+        return f"tensors are on {call.device.type}; flash-attn needs CUDA"
+    if call.dtype not in FLASH_DTYPES:
+        return f"dtype is {call.dtype}; flash-attn needs float16 or bfloat16 (use autocast)"
+    if call.d_k > FLASH_MAX_HEAD_DIM:
+        return f"head size d_k={call.d_k} exceeds flash-attn's {FLASH_MAX_HEAD_DIM}"
+    capability = optional.device_capability(call.device)
+    if capability < FLASH_MIN_CAPABILITY:
+        return (
+            f"GPU is {optional.capability_str(capability)}; flash-attn needs "
+            f"{optional.capability_str(FLASH_MIN_CAPABILITY)} or newer"
+        )
+    if call.mask_kind == masks.PER_QUERY:
+        return "the mask differs per query (B, T1, T2); flash-attn takes key padding only"
+    if call.causal and call.mask_kind != masks.NO_MASK:
+        return "causal attention with a padding mask cannot be unpadded without breaking causality"
+    if call.mask_kind == masks.KEY_PADDING and call.compiled:
+        # Unpadding has a data-dependent size (nonzero), which would break the graph.
+        return "key padding under torch.compile (unpadding is data-dependent)"
+    if call.compiled and not info.custom_ops:
+        return f"flash-attn {info.version} registers no torch custom ops; torch.compile would break the graph"
+    return ""
+
+
+def select_backend(requested, call):
+    """Choose the kernel for one call.
+
+    Args:
+        requested: one of ``BACKENDS``.
+        call: an :class:`AttentionCall`.
+
+    Returns:
+        (backend, fallback): the backend to run, and why a faster one was not
+        used ("" when nothing was given up).
+
+    Raises:
+        BackendUnavailableError: ``requested`` is forced and cannot serve the call.
+    """
+    if call.need_weights:
+        if requested in (AUTO, MATH):
+            return MATH, ""
+        raise BackendUnavailableError(
+            f"backend={requested!r} cannot return attention weights; "
+            "keep_attn=True needs backend='math' or 'auto'"
+        )
+    if requested in (MATH, SDPA):
+        return requested, ""
+    refusal = flash_attn_refusal(call)
+    if requested == FLASH_ATTN and refusal:
+        raise BackendUnavailableError(
+            f"backend='flash_attn' cannot serve this call: {refusal}. "
+            f"Use backend='auto' (or {ENV_BACKEND}=auto) to fall back to SDPA."
+        )
+    return (SDPA, refusal) if refusal else (FLASH_ATTN, "")
+
+
+def sdpa_attention(q, k, v, keep, *, causal, dropout_p):
+    """Attention through PyTorch SDPA.
+
+    Args:
+        q: ``(B, T1, H, d_k)``; k, v: ``(B, T2, H, d_k)``.
+        keep: None or bool ``(B or 1, T1 or 1, T2)`` with no empty rows.
+        causal: top-left causal mask; only with ``keep=None``.
+        dropout_p: dropout on the attention weights.
+
+    Returns:
+        ``(B, T1, H, d_k)``.
+    """
+    attn_mask = None if keep is None else keep.unsqueeze(1)  # (b, 1, m, T2)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=causal,
+    )
+    return out.transpose(1, 2)
+
+
+def math_attention(q, k, v, keep, *, dropout_p, training):
+    """The stock layer's explicit attention (``forward_attention``'s math).
+
+    Args:
+        q: ``(B, T1, H, d_k)``; k, v: ``(B, T2, H, d_k)``.
+        keep: None or bool ``(b, m, T2)``; empty rows are allowed (zero weights).
+        dropout_p, training: dropout on the weights, as ``nn.Dropout``.
+
+    Returns:
+        (context ``(B, T1, H, d_k)``, weights ``(B, H, T1, T2)`` before dropout).
+    """
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    weights = stock_weights(scores, keep)
+    context = torch.matmul(F.dropout(weights, dropout_p, training), v)
+    return context.transpose(1, 2), weights
+
+
+def stock_weights(scores, keep):
+    """softmax with the stock masking: masked scores get ``finfo.min``, masked weights 0.
+
+    Args:
+        scores: ``(B, H, T1, T2)``.
+        keep: None or bool ``(b, m, T2)``.
+    """
+    if keep is None:
+        return torch.softmax(scores, dim=-1)
+    masked = ~keep.unsqueeze(1)  # (b, 1, m, T2)
+    scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1).masked_fill(masked, 0.0)
+
+
+def flash_attention(q, k, v, keep, *, causal, dropout_p, module):
+    """Attention through the flash-attn package.
+
+    Args:
+        q: ``(B, T1, H, d_k)``; k, v: ``(B, T2, H, d_k)``, last dim contiguous.
+        keep: None, or a bool key-padding mask ``(b, 1, T2)`` with no empty rows
+            (flash-attn crashes on zero-length keys, #1537).
+        causal: causal mask (self-attention, T1 == T2, ``keep=None`` only).
+        dropout_p: dropout on the attention weights.
+        module: the ``flash_attn`` module (or a stand-in with its signatures).
+
+    Returns:
+        ``(B, T1, H, d_k)``.
+    """
+    if keep is None:
+        return module.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)
+    batch, t1, heads, d_k = q.shape
+    t2 = k.size(1)
+    keep_k = keep[:, 0].expand(batch, t2)
+    lengths = keep_k.sum(dim=-1, dtype=torch.int32)
+    cu_seqlens_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_seqlens_q = torch.arange(
+        0, (batch + 1) * t1, t1, dtype=torch.int32, device=q.device
+    )
+    index = keep_k.reshape(-1).nonzero(as_tuple=True)[0]
+    k_unpadded = k.reshape(batch * t2, heads, d_k).index_select(0, index)
+    v_unpadded = v.reshape(batch * t2, heads, d_k).index_select(0, index)
+    # max_seqlen_k: the padded length, an upper bound known from the shape, so
+    # no data-dependent Python int becomes a compile guard.
+    out = module.flash_attn_varlen_func(
+        q.reshape(batch * t1, heads, d_k),
+        k_unpadded,
+        v_unpadded,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        t1,
+        t2,
+        dropout_p=dropout_p,
+        causal=False,
+    )
+    return out.view(batch, t1, heads, d_k)
+
+
+def run(backend, q, k, v, keep, *, causal, dropout_p, training):
+    """Run one attention call on ``backend`` with the stock mask semantics.
+
+    Args:
+        backend: ``FLASH_ATTN``, ``SDPA`` or ``MATH`` (already selected).
+        q: ``(B, T1, H, d_k)``; k, v: ``(B, T2, H, d_k)``.
+        keep: None or bool ``(b, m, T2)``; may contain fully masked rows.
+        causal: add a top-left causal mask (self-attention).
+        dropout_p: dropout probability (0 in eval).
+        training: the layer's training flag (math path's ``F.dropout``).
+
+    Returns:
+        (context ``(B, T1, H * d_k)`` with fully masked rows zeroed, weights or None).
+    """
+    batch, t1, heads, d_k = q.shape
+    if causal and keep is not None:
+        keep = keep & masks.causal_keep(t1, k.size(1), q.device)
+        causal = False
+    if causal and backend == MATH:
+        keep = masks.causal_keep(t1, k.size(1), q.device)
+    weights, rows_ok = None, None
+    if backend == MATH:
+        context, weights = math_attention(q, k, v, keep, dropout_p=dropout_p, training=training)
+    else:
+        if keep is not None:
+            keep, rows_ok = masks.guard_empty_rows(keep)
+        if backend == SDPA:
+            context = sdpa_attention(q, k, v, keep, causal=causal, dropout_p=dropout_p)
+        else:
+            context = flash_attention(
+                q, k, v, keep, causal=causal, dropout_p=dropout_p,
+                module=optional.flash_attn().module,
+            )
+    context = masks.zero_empty_rows(context.reshape(batch, t1, heads * d_k), rows_ok)
+    return context, weights

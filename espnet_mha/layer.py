@@ -1,0 +1,298 @@
+"""``FlashMultiHeadedAttention``: a drop-in for ESPnet's state-space ``MultiHeadedAttention``."""
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from espnet2.asr.state_spaces.base import SequenceModule
+
+from espnet_mha import cache, compile_policy, dispatch, functional, masks, state_dict
+
+logger = logging.getLogger(__name__)
+
+
+def _compute_dtype(x):
+    """The dtype a linear layer produces for ``x`` (the autocast dtype under autocast)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _check_size(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+class FlashMultiHeadedAttention(SequenceModule):
+    """Multi-head attention with the stock ESPnet interface, fused and cached.
+
+    Computes what ``espnet2.asr.state_spaces.attention.MultiHeadedAttention``
+    computes (same constructor, ``forward``/``step`` signatures, mask semantics
+    and fully masked rows), with one fused q/k/v projection, attention through
+    flash-attn or PyTorch SDPA (see :mod:`espnet_mha.dispatch`), and a
+    key/value cache for ``step`` carried in the decoding state.
+
+    Args:
+        n_feat: D, the feature size (ESPnet passes the model's ``d_model``).
+        n_head: H; ``n_feat`` must be divisible by it.
+        dropout: dropout on the attention weights in training.
+        transposed: query and output are ``(B, D, T)`` (``SequenceModel(transposed=True)``);
+            ``memory`` stays ``(B, T2, D)``.
+        causal: make this a causal *self*-attention layer: ``forward`` attends
+            over the query with a causal mask (combined with a mask given
+            without memory) and ``step`` keeps a growing cache. ``memory`` and the
+            mask that comes with it, which ``SequenceModel`` passes to every
+            layer, are ignored in this mode.
+        keep_attn: keep the attention weights in ``self.attn`` like the stock
+            layer (runs the explicit math path). Off by default: the
+            ``(B, H, T1, T2)`` weights are then never materialised.
+        backend: "auto" (default), "flash_attn", "sdpa" or "math";
+            ``$ESPNET_MHA_BACKEND`` overrides it.
+        compile: True, False or "auto" (default); ``$ESPNET_MHA_COMPILE`` overrides it.
+        compile_mode: a ``torch.compile`` mode; ``$ESPNET_MHA_COMPILE_MODE`` overrides it.
+        **kwargs: ignored, as by the stock layer (logged).
+
+    Attributes:
+        h, d_k, n_feat: heads, head size, features (stock names).
+        linear_qkv: fused ``nn.Linear(D, 3D)``, rows q, k, v.
+        linear_out: ``nn.Linear(D, D)``.
+        attn: the last attention weights when ``keep_attn=True``, else None.
+        last_backend: the backend the last call ran on.
+        last_fallback: why the last call did not use flash-attn ("" if it did
+            or it was not asked to).
+
+    Raises:
+        TypeError, ValueError: bad sizes or options (see messages).
+    """
+
+    def __init__(self, n_feat, n_head, dropout=0.0, transposed=False, *, causal=False,
+                 keep_attn=False, backend=None, compile=None, compile_mode=None, **kwargs):
+        super().__init__()
+        _check_size("n_feat", n_feat)
+        _check_size("n_head", n_head)
+        if n_feat % n_head:
+            raise ValueError(f"n_feat ({n_feat}) must be divisible by n_head ({n_head})")
+        if not 0.0 <= float(dropout) <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        if kwargs:
+            logger.warning("FlashMultiHeadedAttention ignores %s (as the stock layer does)", sorted(kwargs))
+        self.n_feat = n_feat
+        self.h = n_head
+        self.d_k = n_feat // n_head
+        self.d_model = n_feat
+        self.d_output = n_feat
+        self.transposed = bool(transposed)
+        self.causal = bool(causal)
+        self.keep_attn = bool(keep_attn)
+        self.backend = dispatch.resolve_backend(backend)
+        self.compile_setting, self.compile_mode = compile_policy.resolve_compile(compile, compile_mode)
+        self.linear_qkv = torch.nn.utils.skip_init(nn.Linear, n_feat, 3 * n_feat)
+        self._reset_qkv()
+        self.linear_out = nn.Linear(n_feat, n_feat)
+        self.dropout = nn.Dropout(p=dropout)
+        self.attn = None
+        self.last_backend = None
+        self.last_fallback = ""
+        self._logged_fallbacks = set()
+        self.register_load_state_dict_pre_hook(state_dict.load_state_dict_pre_hook)
+
+    def _reset_qkv(self):
+        # Initialise q, k, v exactly as three stock nn.Linear(D, D) would, in the
+        # stock order, so the same seed gives the same weights as the stock layer.
+        # linear_out is created right after, as the fourth stock linear.
+        bound = 1.0 / math.sqrt(self.n_feat)
+        with torch.no_grad():
+            for weight, bias in zip(self.linear_qkv.weight.chunk(3), self.linear_qkv.bias.chunk(3)):
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+                nn.init.uniform_(bias, -bound, bound)
+
+    def extra_repr(self):
+        return (f"n_feat={self.n_feat}, n_head={self.h}, causal={self.causal}, "
+                f"backend={self.backend!r}, compile={self.compile_setting!r}")
+
+    # ------------------------------------------------------------------ checks
+    def _check_features(self, name, x, layout):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        ndim = layout.count(",") + 1
+        if x.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
+        if x.size(-1) != self.n_feat:
+            raise ValueError(
+                f"{name} has feature size {x.size(-1)} (shape {tuple(x.shape)}), expected n_feat={self.n_feat}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+
+    def _check_memory(self, query, memory):
+        self._check_features("memory", memory, "(B, T2, D)")
+        if memory.size(0) != query.size(0):
+            raise ValueError(
+                f"memory batch {memory.size(0)} (shape {tuple(memory.shape)}) != query batch "
+                f"{query.size(0)} (shape {tuple(query.shape)})"
+            )
+        if memory.dtype != query.dtype:
+            raise TypeError(f"memory dtype {memory.dtype} != query dtype {query.dtype}")
+        if memory.device != query.device:
+            raise ValueError(f"memory is on {memory.device} but query is on {query.device}")
+
+    # ---------------------------------------------------------------- dispatch
+    def _select(self, x, keep, *, causal, need_weights):
+        call = dispatch.AttentionCall(
+            device=x.device, dtype=_compute_dtype(x), d_k=self.d_k, mask_kind=masks.mask_kind(keep),
+            causal=causal, need_weights=need_weights,
+            compiled=compile_policy.wants_compile(self.compile_setting, x.device.type),
+        )
+        backend, fallback = dispatch.select_backend(self.backend, call)
+        self.last_backend, self.last_fallback = backend, fallback
+        if fallback and x.device.type == "cuda" and fallback not in self._logged_fallbacks:
+            self._logged_fallbacks.add(fallback)
+            logger.info("espnet_mha: using %s instead of flash_attn: %s", backend, fallback)
+        return backend
+
+    def _fn(self, fn, x):
+        return compile_policy.pick(fn, self.compile_setting, self.compile_mode, x.device.type)
+
+    def _params(self):
+        return (self.linear_qkv.weight, self.linear_qkv.bias, self.linear_out.weight, self.linear_out.bias)
+
+    # ------------------------------------------------------------------ public
+    def forward(self, query, memory=None, mask=None, *args, **kwargs):
+        """Scaled dot-product attention (cross-attention to ``memory``, or self-attention).
+
+        Args:
+            query: ``(B, T1, D)``, or ``(B, D, T1)`` when ``transposed``.
+            memory: ``(B, T2, D)``; None for self-attention. Ignored when ``causal``.
+            mask: ``(B or 1, 1, T2)`` or ``(B or 1, T1, T2)``, bool or numeric,
+                nonzero = keep. Ignored when ``causal`` and ``memory`` is given.
+            *args, **kwargs: ignored (``SequenceModel`` passes ``state=``, ``lengths=``).
+
+        Returns:
+            (output with the query's layout, None).
+
+        Raises:
+            TypeError, ValueError: bad shapes, dtypes or devices (before any kernel runs).
+            dispatch.BackendUnavailableError: a forced backend cannot serve the call.
+        """
+        if isinstance(query, torch.Tensor) and query.dim() == 3 and self.transposed:
+            query = query.transpose(1, 2)
+        out = self._sequence(query, memory, mask)
+        return (out.transpose(1, 2) if self.transposed else out), None
+
+    def _sequence(self, query, memory, mask):
+        self._check_features("query", query, "(B, T1, D)")
+        if self.causal and memory is not None:
+            memory, mask = None, None
+        if memory is not None:
+            self._check_memory(query, memory)
+        batch, t1, _ = query.shape
+        t2 = t1 if memory is None else memory.size(1)
+        keep = masks.keep_mask(mask, batch=batch, t1=t1, t2=t2, device=query.device)
+        backend = self._select(query, keep, causal=self.causal, need_weights=self.keep_attn)
+        out, weights = self._fn(functional.attend, query)(
+            query, memory, keep, *self._params(), n_head=self.h, causal=self.causal,
+            dropout_p=self.dropout.p if self.training else 0.0, training=self.training, backend=backend,
+        )
+        if self.keep_attn:
+            self.attn = weights
+        return out
+
+    def step(self, query, state, memory=None, mask=None, **kwargs):
+        """One decoding step.
+
+        Args:
+            query: ``(B, D)``, the newest position of every hypothesis.
+            state: None (start of an utterance) or what the previous step returned
+                (possibly split per hypothesis and given back with batch 1).
+            memory: ``(B, T2, D)`` encoder output, possibly expanded with stride 0
+                over the beam; None for self-attention.
+            mask: ``(B or 1, 1, T2)`` over the memory (or over the cached positions
+                when ``causal``), nonzero = keep.
+
+        Returns:
+            (output ``(B, D)``, state). With ``memory``: the projected memory
+            ``(B, T2, 2D)`` (a view of one ``(1, T2, 2D)`` projection when shared).
+            With ``causal``: the grown self-attention cache. Otherwise (stock
+            behaviour: the token attends to itself only) ``state`` unchanged.
+
+        Raises:
+            TypeError, ValueError: bad shapes, or a state that does not fit (see :mod:`espnet_mha.cache`).
+        """
+        self._check_features("query", query, "(B, D)")
+        batch = query.size(0)
+        if self.causal:
+            return self._step_self(query, state, mask)
+        if memory is None:
+            return self._sequence(query.unsqueeze(1), None, mask).squeeze(1), state
+        self._check_memory(query, memory)
+        dtype = _compute_dtype(memory)
+        if state is None:
+            kv = functional.project_memory(memory, self.linear_qkv.weight, self.linear_qkv.bias)
+        else:
+            cache.check_cross_state(state, memory, batch=batch, n_feat=self.n_feat, dtype=dtype)
+            kv = state
+        keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
+        keep_call = None if keep is None else (keep.transpose(0, 1) if kv.size(0) == 1 else keep)
+        backend = self._select(query, keep_call, causal=False, need_weights=False)
+        out = self._fn(functional.attend_cached, query)(
+            query, kv, keep, *self._params(), n_head=self.h, backend=backend
+        )
+        return out, cache.batch_state(kv, batch)
+
+    def _step_self(self, query, state, mask):
+        batch = query.size(0)
+        if state is not None:
+            cache.check_self_cache(state, batch=batch, n_feat=self.n_feat,
+                                   dtype=_compute_dtype(query), device=query.device)
+        t2 = 1 if state is None else state.size(1) + 1
+        keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
+        backend = self._select(query, keep, causal=False, need_weights=False)
+        return self._fn(functional.step_self, query)(
+            query, state, keep, *self._params(), n_head=self.h, backend=backend
+        )
+
+    def default_state(self, *batch_shape, device=None):
+        """The state at the start of an utterance: None (the cache is made on the first step)."""
+        return None
+
+    # ------------------------------------------------------ stock helpers
+    def forward_qkv(self, query, key, value):
+        """Project and split heads, as the stock layer does.
+
+        Args:
+            query: ``(B, T1, D)``; key, value: ``(B, T2, D)``.
+
+        Returns:
+            q ``(B, H, T1, d_k)``, k ``(B, H, T2, d_k)``, v ``(B, H, T2, d_k)``.
+        """
+        w_q, w_k, w_v = self.linear_qkv.weight.chunk(3)
+        b_q, b_k, b_v = self.linear_qkv.bias.chunk(3)
+        n_batch = query.size(0)
+
+        def heads(x, w, b):
+            return nn.functional.linear(x, w, b).view(n_batch, -1, self.h, self.d_k).transpose(1, 2)
+
+        return heads(query, w_q, b_q), heads(key, w_k, b_k), heads(value, w_v, b_v)
+
+    def forward_attention(self, value, scores, mask):
+        """Attention context from scores, as the stock layer computes it.
+
+        Stores the weights in ``self.attn`` (as the stock helper does).
+
+        Args:
+            value: ``(B, H, T2, d_k)``.
+            scores: ``(B, H, T1, T2)``.
+            mask: None, ``(B, 1, T2)`` or ``(B, T1, T2)``, nonzero = keep.
+
+        Returns:
+            ``(B, T1, D)``.
+        """
+        keep = None if mask is None else mask.ne(0)
+        self.attn = dispatch.stock_weights(scores, keep)
+        x = torch.matmul(self.dropout(self.attn), value)
+        x = x.transpose(1, 2).reshape(value.size(0), -1, self.h * self.d_k)
+        return self.linear_out(x)

@@ -1,0 +1,88 @@
+"""ESPnet mask semantics, checked once at the public boundary.
+
+ESPnet masks are ``(B, 1, T2)`` (key padding) or ``(B, T1, T2)`` (per query),
+bool or numeric, and **nonzero means keep** (not PyTorch's additive float
+convention). A query whose keys are all masked must produce a zero context
+(the stock layer softmaxes ``finfo.min`` scores and then zeroes the weights), so
+its output is ``linear_out.bias``. Kernels disagree on such rows (NaN before
+torch 2.5, pytorch #103749/#109517; 0 since PR #133882; NaN on MPS, #156707), so
+we never hand a kernel an empty row: :func:`guard_empty_rows` lets those rows
+attend everywhere and :func:`zero_empty_rows` zeroes their context afterwards.
+"""
+
+import torch
+
+NO_MASK = "none"
+KEY_PADDING = "key_padding"
+PER_QUERY = "per_query"
+
+
+def keep_mask(mask, *, batch, t1, t2, device):
+    """Check an ESPnet mask and return it as a bool "keep" mask.
+
+    Args:
+        mask: None, or a tensor of shape ``(b, m, T2)`` with ``b`` in ``{1, B}`` and
+            ``m`` in ``{1, T1}``; bool or numeric, nonzero = keep.
+        batch, t1, t2: B, T1 and T2 of the attention call.
+        device: the device of the query.
+
+    Returns:
+        None, or a bool tensor of the same shape, True where attention is allowed.
+
+    Raises:
+        TypeError: mask is not a tensor, or is complex.
+        ValueError: mask is not 3-D, does not broadcast to (B, T1, T2), or is on
+            another device than the query.
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dim() != 3:
+        raise ValueError(
+            f"mask must be 3-D, (B, 1, T2) or (B, T1, T2), got shape {tuple(mask.shape)}"
+        )
+    b, m, n = mask.shape
+    if b not in (1, batch) or m not in (1, t1) or n != t2:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to "
+            f"(B, T1, T2) = ({batch}, {t1}, {t2})"
+        )
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool or real-valued, got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but query is on {device}")
+    return mask if mask.dtype == torch.bool else mask.ne(0)
+
+
+def mask_kind(keep):
+    """Classify a keep mask: ``NO_MASK``, ``KEY_PADDING`` (one row for all queries) or ``PER_QUERY``."""
+    if keep is None:
+        return NO_MASK
+    return KEY_PADDING if keep.size(1) == 1 else PER_QUERY
+
+
+def causal_keep(t1, t2, device):
+    """Top-left aligned causal keep mask ``(1, T1, T2)``: query i sees keys j <= i."""
+    return torch.ones(t1, t2, dtype=torch.bool, device=device).tril().unsqueeze(0)
+
+
+def guard_empty_rows(keep):
+    """Let fully masked query rows attend everywhere, so no kernel sees an empty row.
+
+    Args:
+        keep: bool ``(b, m, T2)``.
+
+    Returns:
+        (keep_safe, rows_ok): ``keep`` with empty rows set to all True, and the
+        bool ``(b, m, 1)`` marker of rows that had at least one key.
+    """
+    rows_ok = keep.any(dim=-1, keepdim=True)
+    return keep | ~rows_ok, rows_ok
+
+
+def zero_empty_rows(context, rows_ok):
+    """Zero the context ``(B, T1, D)`` of rows whose keys were all masked (stock semantics)."""
+    if rows_ok is None:
+        return context
+    return context.masked_fill(~rows_ok, 0.0)

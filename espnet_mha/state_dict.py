@@ -1,0 +1,100 @@
+"""State-dict adapter between the stock layout and our fused layout.
+
+Stock ``MultiHeadedAttention`` keys: ``linear_q``, ``linear_k``, ``linear_v``,
+``linear_out`` (``.weight`` ``(D, D)``, ``.bias`` ``(D,)``). Ours:
+``linear_qkv`` (``.weight`` ``(3D, D)`` with rows q, k, v; ``.bias`` ``(3D,)``)
+and the same ``linear_out``. Fusing is a concatenation, so the round trip is
+bit-exact.
+"""
+
+import torch
+
+STOCK_PROJECTIONS = ("linear_q", "linear_k", "linear_v")
+FUSED_PROJECTION = "linear_qkv"
+PARAMS = ("weight", "bias")
+
+
+def _stock_keys(prefix):
+    return [f"{prefix}{name}.{param}" for name in STOCK_PROJECTIONS for param in PARAMS]
+
+
+def fuse_keys(state_dict, prefix, *, n_feat=None):
+    """Replace one layer's stock q/k/v keys by the fused key, in place.
+
+    Args:
+        state_dict: a (mutable) state dict.
+        prefix: the layer's key prefix, e.g. ``"decoder.decoder.layers.1.layer."``.
+        n_feat: if given, every stock tensor must be ``(n_feat, n_feat)`` /
+            ``(n_feat,)``.
+
+    Returns:
+        bool: whether the keys were converted (False if none were present).
+
+    Raises:
+        KeyError: only some of the six stock keys are present (names the missing
+            ones), or stock and fused keys are both present.
+        ValueError: a tensor has the wrong shape (names key, expected, found).
+    """
+    keys = _stock_keys(prefix)
+    present = [key for key in keys if key in state_dict]
+    if not present:
+        return False
+    missing = [key for key in keys if key not in state_dict]
+    if missing:
+        raise KeyError(
+            f"half-converted attention layer at {prefix!r}: has {present} but is missing {missing}"
+        )
+    fused = [f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS if f"{prefix}{FUSED_PROJECTION}.{param}" in state_dict]
+    if fused:
+        raise KeyError(f"attention layer at {prefix!r} has both stock keys and fused {fused}")
+    for param in PARAMS:
+        parts = [state_dict[f"{prefix}{name}.{param}"] for name in STOCK_PROJECTIONS]
+        if n_feat is not None:
+            expected = (n_feat, n_feat) if param == "weight" else (n_feat,)
+            for name, part in zip(STOCK_PROJECTIONS, parts):
+                if tuple(part.shape) != expected:
+                    raise ValueError(
+                        f"{prefix}{name}.{param}: expected shape {expected} for "
+                        f"n_feat={n_feat}, found {tuple(part.shape)}"
+                    )
+        state_dict[f"{prefix}{FUSED_PROJECTION}.{param}"] = torch.cat(parts, dim=0)
+    for key in keys:
+        del state_dict[key]
+    return True
+
+
+def unfuse_keys(state_dict, prefix):
+    """Replace one layer's fused key by the stock q/k/v keys, in place.
+
+    Returns:
+        bool: whether the keys were converted (False if the fused key is absent).
+
+    Raises:
+        KeyError: only one of ``linear_qkv.weight``/``.bias`` is present.
+        ValueError: the fused tensor's first dimension is not divisible by 3.
+    """
+    fused = {param: f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS}
+    present = [key for key in fused.values() if key in state_dict]
+    if not present:
+        return False
+    if len(present) != len(fused):
+        missing = [key for key in fused.values() if key not in state_dict]
+        raise KeyError(f"half-converted attention layer at {prefix!r}: missing {missing}")
+    for param, key in fused.items():
+        tensor = state_dict.pop(key)
+        if tensor.size(0) % 3:
+            raise ValueError(f"{key}: first dimension {tensor.size(0)} is not divisible by 3")
+        for name, part in zip(STOCK_PROJECTIONS, tensor.chunk(3, dim=0)):
+            state_dict[f"{prefix}{name}.{param}"] = part.clone()
+    return True
+
+
+def load_state_dict_pre_hook(module, state_dict, prefix, *args):
+    """``load_state_dict`` pre-hook of our layer: accept the stock layout.
+
+    Registered on every ``FlashMultiHeadedAttention``, so a plain strict
+    ``load_state_dict`` of a whole model converts exactly the keys under our
+    layers' prefixes and nothing else (a transformer encoder's ``linear_q``
+    stays as it is).
+    """
+    fuse_keys(state_dict, prefix, n_feat=module.n_feat)

@@ -1,0 +1,76 @@
+"""Shared fixtures: seeded random attention cases compared with the stock ESPnet layer."""
+
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import espnet_mha  # noqa: F401  (registers flash_mha)
+
+
+@dataclass
+class Case:
+    """One random attention call: sizes, inputs and a mask (nonzero = keep)."""
+
+    seed: int
+    n_feat: int
+    n_head: int
+    batch: int
+    t1: int
+    t2: int
+    self_attention: bool
+    mask_layout: str  # none | key | query | key-b1 | query-b1
+    mask_dtype: torch.dtype
+
+    def tensors(self, dtype=torch.float64, scale=1.0):
+        """(query, memory or None, mask or None), generated from the seed."""
+        gen = torch.Generator().manual_seed(self.seed)
+        query = torch.randn(self.batch, self.t1, self.n_feat, generator=gen, dtype=dtype) * scale
+        memory = None
+        if not self.self_attention:
+            memory = torch.randn(self.batch, self.t2, self.n_feat, generator=gen, dtype=dtype) * scale
+        t2 = self.t1 if self.self_attention else self.t2
+        return query, memory, self.mask(t2, gen)
+
+    def mask(self, t2, gen):
+        if self.mask_layout == "none":
+            return None
+        b = 1 if self.mask_layout.endswith("b1") else self.batch
+        m = self.t1 if self.mask_layout.startswith("query") else 1
+        keep = torch.rand(b, m, t2, generator=gen) > 0.35
+        # Fully masked rows (and, for batch-1 masks, a fully masked batch) on purpose.
+        if torch.rand((), generator=gen) < 0.5:
+            keep[torch.randint(b, (), generator=gen), torch.randint(m, (), generator=gen)] = False
+        if self.mask_dtype == torch.bool:
+            return keep
+        if self.mask_dtype.is_floating_point:
+            # Any nonzero value keeps, including negatives (ESPnet's rule, not additive).
+            return keep.to(self.mask_dtype) * torch.where(torch.rand(keep.shape, generator=gen) > 0.5, 1.0, -2.5)
+        return keep.to(self.mask_dtype)
+
+
+def random_case(seed):
+    """A seeded random configuration, head sizes 1..16 including non powers of two."""
+    rng = random.Random(seed)
+    n_head = rng.choice([1, 2, 3, 4, 5, 8])
+    d_k = rng.choice([1, 2, 3, 5, 6, 7, 8, 12, 16])
+    return Case(
+        seed=seed,
+        n_feat=n_head * d_k,
+        n_head=n_head,
+        batch=rng.choice([1, 1, 2, 3, 5]),
+        t1=rng.choice([1, 2, 3, 7, 13]),
+        t2=rng.choice([1, 2, 5, 9, 17]),
+        self_attention=rng.random() < 0.3,
+        mask_layout=rng.choice(["none", "key", "key", "query", "key-b1", "query-b1"]),
+        mask_dtype=rng.choice([torch.bool, torch.bool, torch.int64, torch.uint8, torch.float32]),
+    )
+
+
+CASE_SEEDS = list(range(40))
+
+
+@pytest.fixture(params=CASE_SEEDS, ids=lambda s: f"seed{s}")
+def case(request):
+    return random_case(request.param)

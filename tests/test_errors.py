@@ -1,0 +1,103 @@
+"""Bad input raises before any kernel runs, naming the argument and what it got."""
+
+import pytest
+import torch
+
+from espnet_mha import FlashMultiHeadedAttention
+from espnet_mha.dispatch import BackendUnavailableError
+
+
+@pytest.fixture
+def layer():
+    return FlashMultiHeadedAttention(8, 2).eval()
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(n_feat=250, n_head=4), ValueError, r"n_feat \(250\) must be divisible by n_head \(4\)"),
+        (dict(n_feat=0, n_head=1), ValueError, r"n_feat must be positive, got 0"),
+        (dict(n_feat=8, n_head=-2), ValueError, r"n_head must be positive, got -2"),
+        (dict(n_feat=8.0, n_head=2), TypeError, r"n_feat must be an int, got float 8.0"),
+        (dict(n_feat=8, n_head=True), TypeError, r"n_head must be an int, got bool True"),
+        (dict(n_feat=8, n_head=2, dropout=1.5), ValueError, r"dropout must be in \[0, 1\], got 1.5"),
+        (dict(n_feat=8, n_head=2, backend="cudnn"), ValueError, r"backend must be one of .* got 'cudnn'"),
+        (dict(n_feat=8, n_head=2, compile="yes"), ValueError, r"compile must be True, False or 'auto', got 'yes'"),
+        (dict(n_feat=8, n_head=2, compile_mode=3), ValueError, r"compile_mode must be a string or None, got 3"),
+    ],
+)
+def test_constructor_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FlashMultiHeadedAttention(**kwargs)
+
+
+def test_environment_overrides_are_checked(monkeypatch):
+    monkeypatch.setenv("ESPNET_MHA_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"ESPNET_MHA_BACKEND='fast' is not one of"):
+        FlashMultiHeadedAttention(8, 2)
+    monkeypatch.setenv("ESPNET_MHA_BACKEND", "math")
+    assert FlashMultiHeadedAttention(8, 2, backend="sdpa").backend == "math"
+    monkeypatch.delenv("ESPNET_MHA_BACKEND")
+    monkeypatch.setenv("ESPNET_MHA_COMPILE", "maybe")
+    with pytest.raises(ValueError, match=r"ESPNET_MHA_COMPILE='maybe' must be 0, 1 or auto"):
+        FlashMultiHeadedAttention(8, 2)
+
+
+@pytest.mark.parametrize(
+    "query,memory,mask,error,match",
+    [
+        ([1.0], None, None, TypeError, r"query must be a torch.Tensor, got list"),
+        (torch.randn(2, 8), None, None, ValueError, r"query must be 3-D \(B, T1, D\), got shape \(2, 8\)"),
+        (torch.randn(2, 3, 7), None, None, ValueError, r"query has feature size 7 \(shape \(2, 3, 7\)\), expected n_feat=8"),
+        (torch.ones(2, 3, 8, dtype=torch.long), None, None, TypeError, r"query must be floating point, got torch.int64"),
+        (torch.randn(2, 3, 8), torch.randn(2, 8), None, ValueError, r"memory must be 3-D \(B, T2, D\), got shape \(2, 8\)"),
+        (torch.randn(2, 3, 8), torch.randn(2, 5, 6), None, ValueError, r"memory has feature size 6"),
+        (torch.randn(2, 3, 8), torch.randn(3, 5, 8), None, ValueError, r"memory batch 3 \(shape \(3, 5, 8\)\) != query batch 2"),
+        (torch.randn(2, 3, 8), torch.randn(2, 5, 8, dtype=torch.float64), None, TypeError, r"memory dtype torch.float64 != query dtype torch.float32"),
+        (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool), ValueError, r"mask must be 3-D, \(B, 1, T2\) or \(B, T1, T2\), got shape \(2, 5\)"),
+        (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 1, 4, dtype=torch.bool), ValueError, r"mask of shape \(2, 1, 4\) does not broadcast to \(B, T1, T2\) = \(2, 3, 5\)"),
+        (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(3, 1, 5, dtype=torch.bool), ValueError, r"mask of shape \(3, 1, 5\) does not broadcast"),
+        (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 2, 5, dtype=torch.bool), ValueError, r"mask of shape \(2, 2, 5\) does not broadcast"),
+        (torch.randn(2, 3, 8), None, torch.ones(2, 1, 5, dtype=torch.bool), ValueError, r"mask of shape \(2, 1, 5\) does not broadcast to \(B, T1, T2\) = \(2, 3, 3\)"),
+        (torch.randn(2, 3, 8), None, [[1]], TypeError, r"mask must be a torch.Tensor or None, got list"),
+        (torch.randn(2, 3, 8), None, torch.ones(2, 1, 3, dtype=torch.complex64), TypeError, r"mask must be bool or real-valued, got torch.complex64"),
+    ],
+)
+def test_forward_errors(layer, query, memory, mask, error, match):
+    with pytest.raises(error, match=match):
+        layer(query, memory, mask)
+
+
+def test_memory_and_mask_devices_are_checked(layer):
+    query = torch.randn(1, 2, 8)
+    with pytest.raises(ValueError, match=r"memory is on meta but query is on cpu"):
+        layer(query, torch.empty(1, 3, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"mask is on meta but query is on cpu"):
+        layer(query, torch.randn(1, 3, 8), torch.ones(1, 1, 3, dtype=torch.bool, device="meta"))
+
+
+@pytest.mark.parametrize(
+    "query,memory,error,match",
+    [
+        (torch.randn(2, 1, 8), torch.randn(2, 5, 8), ValueError, r"query must be 2-D \(B, D\), got shape \(2, 1, 8\)"),
+        (torch.randn(2, 6), torch.randn(2, 5, 8), ValueError, r"query has feature size 6"),
+        (torch.randn(2, 8), torch.randn(1, 5, 8), ValueError, r"memory batch 1 \(shape \(1, 5, 8\)\) != query batch 2"),
+    ],
+)
+def test_step_errors(layer, query, memory, error, match):
+    with pytest.raises(error, match=match):
+        layer.step(query, None, memory=memory)
+
+
+def test_forced_backend_that_cannot_serve_raises():
+    layer = FlashMultiHeadedAttention(8, 2, backend="flash_attn")
+    with pytest.raises(BackendUnavailableError, match=r"backend='flash_attn' cannot serve this call: .*Use backend='auto'"):
+        layer(torch.randn(1, 2, 8))
+    layer = FlashMultiHeadedAttention(8, 2, backend="sdpa", keep_attn=True)
+    with pytest.raises(BackendUnavailableError, match=r"backend='sdpa' cannot return attention weights"):
+        layer(torch.randn(1, 2, 8))
+
+
+def test_ignored_kwargs_are_logged(caplog):
+    FlashMultiHeadedAttention(8, 2, dropout_rate=0.1)
+    assert "ignores ['dropout_rate']" in caplog.text
