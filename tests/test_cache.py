@@ -1,0 +1,191 @@
+"""step() with the key/value cache: against forward, the stock step and ESPnet's beam search."""
+
+import threading
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from espnet_mha.testing import beam_search, prepare_for_decoding, s4_decoder_pair, stock_and_flash
+
+FP64 = dict(rtol=1e-10, atol=1e-10)
+
+
+def seq(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("seed", range(4), ids=lambda s: f"seed{s}")
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_cross_attention_steps_equal_forward(seed, masked):
+    n_head, d_k = [(1, 5), (3, 7), (4, 8), (2, 1)][seed]
+    _, ours = stock_and_flash(n_head * d_k, n_head, seed=seed)
+    batch, t1, t2 = 3, 6, 9
+    query, memory = seq(batch, t1, n_head * d_k, seed=seed), seq(batch, t2, n_head * d_k, seed=seed + 10)
+    mask = None
+    if masked:
+        mask = seq(batch, 1, t2, seed=seed + 20) > 0
+        mask[0] = False  # a fully masked utterance
+    expected, _ = ours(query, memory, mask)
+    state = ours.default_state(batch)
+    for t in range(t1):
+        out, state = ours.step(query[:, t], state, memory=memory, mask=mask)
+        torch.testing.assert_close(out, expected[:, t], **FP64)
+    assert state.shape == (batch, t2, 2 * n_head * d_k)
+
+
+@pytest.mark.parametrize("seed", range(4), ids=lambda s: f"seed{s}")
+def test_cross_step_matches_the_stock_step_with_beam_search_states(seed):
+    """The state protocol of S4Decoder.batch_score: split per hypothesis, batch 1 back."""
+    stock, ours = stock_and_flash(16, 4, seed=seed)
+    memory = seq(1, 13, 16, seed=seed).expand(5, -1, -1)  # BatchBeamSearch expands xs
+    state = None
+    for t in range(6):
+        batch = 1 if t == 0 else 5 - t % 3
+        query = seq(batch, 16, seed=100 * seed + t)
+        expected, _ = stock.step(query, None, memory=memory[:batch])
+        got, new_state = ours.step(query, state, memory=memory[:batch])
+        torch.testing.assert_close(got, expected, **FP64)
+        assert new_state.shape[0] == batch
+        per_hyp = [new_state[b].unsqueeze(0) for b in range(batch)]
+        state = per_hyp[0]
+
+
+def test_stride0_memory_is_projected_once_and_state_is_shared():
+    _, ours = stock_and_flash(32, 4)
+    memory = seq(1, 50, 32).expand(10, -1, -1)
+    with FlopCounterMode(display=False) as counter:
+        _, state = ours.step(seq(10, 32), None, memory=memory)
+    projection = 2 * 50 * 32 * 64  # one (T2, D) x (D, 2D) GEMM, not ten
+    assert counter.get_total_flops() < 2 * projection
+    assert state.shape == (10, 50, 64) and state.stride(0) == 0
+    # A later step reuses it: only the query and output projections and attention.
+    with FlopCounterMode(display=False) as counter:
+        ours.step(seq(10, 32, seed=1), state[0].unsqueeze(0), memory=memory)
+    assert counter.get_total_flops() < projection
+
+
+def test_batch1_state_serves_a_batch_b_query_without_copying():
+    _, ours = stock_and_flash(12, 3)
+    memory = seq(1, 7, 12).expand(4, -1, -1)
+    _, state = ours.step(seq(1, 12), None, memory=memory[:1])
+    query = seq(4, 12, seed=3)
+    got, new_state = ours.step(query, state, memory=memory)
+    assert new_state.data_ptr() == state.data_ptr() and new_state.shape[0] == 4
+    expected, _ = ours(query[:, None], memory)
+    torch.testing.assert_close(got, expected[:, 0], **FP64)
+
+
+@pytest.mark.parametrize(
+    "state,match",
+    [
+        (seq(1, 8, 24), r"shape \(1, 8, 24\) does not fit memory \(2, 9, 12\) \(expected \(1 or 2, 9, 24\)\)"),
+        (seq(1, 9, 20), r"shape \(1, 9, 20\) does not fit memory"),
+        (seq(3, 9, 24), r"batch 3 is neither 1 nor the query batch 2"),
+        (seq(1, 9, 24, dtype=torch.float32), r"dtype torch.float32 != torch.float64"),
+        (torch.empty(1, 9, 24, dtype=torch.float64, device="meta"), r"device meta != memory device cpu"),
+    ],
+)
+def test_a_state_that_does_not_belong_to_the_memory_raises(state, match):
+    _, ours = stock_and_flash(12, 3)
+    with pytest.raises(ValueError, match=r"state does not belong to this memory: " + match):
+        ours.step(seq(2, 12), state, memory=seq(2, 9, 12))
+    with pytest.raises(TypeError, match=r"state must be None or the \(b, T2, 2\*n_feat\) tensor"):
+        ours.step(seq(2, 12), [state], memory=seq(2, 9, 12))
+
+
+def test_state_none_always_recomputes():
+    _, ours = stock_and_flash(12, 3)
+    query = seq(2, 12)
+    a, _ = ours.step(query, None, memory=seq(2, 9, 12, seed=1))
+    b, _ = ours.step(query, None, memory=seq(2, 9, 12, seed=2))
+    assert not torch.allclose(a, b)
+
+
+def test_self_step_without_causal_keeps_the_stock_behaviour():
+    stock, ours = stock_and_flash(12, 3)
+    query = seq(4, 12)
+    marker = object()
+    expected, _ = stock.step(query, marker)
+    got, state = ours.step(query, marker)
+    assert state is marker
+    torch.testing.assert_close(got, expected, **FP64)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_causal_forward_equals_stock_with_a_causal_mask_and_steps(masked):
+    stock, ours = stock_and_flash(15, 3, causal=True)
+    batch, t = 3, 8
+    query = seq(batch, t, 15)
+    keep = torch.ones(batch, 1, t, dtype=torch.bool)
+    if masked:
+        keep = seq(batch, 1, t, seed=4) > -0.5
+        keep[1, 0, 0] = False  # the first query of utterance 1 has no key at all
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    expected, _ = stock(query, None, keep & causal)
+    got, _ = ours(query, None, keep if masked else None)
+    torch.testing.assert_close(got, expected, **FP64)
+    # SequenceModel passes the encoder memory and its mask: a causal layer ignores both.
+    ignored, _ = ours(query, seq(batch, 5, 15), torch.zeros(batch, 1, 5))
+    if not masked:
+        torch.testing.assert_close(ignored, expected, **FP64)
+    state = ours.default_state(batch)
+    for i in range(t):
+        out, state = ours.step(query[:, i], state, mask=keep[..., : i + 1] if masked else None)
+        torch.testing.assert_close(out, expected[:, i], **FP64)
+    assert state.shape == (batch, t, 30)
+
+
+def test_causal_cache_errors():
+    _, ours = stock_and_flash(12, 3, causal=True)
+    with pytest.raises(ValueError, match=r"not a self-attention cache for this query: shape \(2, 3, 20\) is not \(b, t, 24\)"):
+        ours.step(seq(2, 12), seq(2, 3, 20))
+    with pytest.raises(ValueError, match=r"batch 3 is neither 1 nor the query batch 2"):
+        ours.step(seq(2, 12), seq(3, 3, 24))
+    with pytest.raises(ValueError, match=r"dtype torch.float32 != torch.float64"):
+        ours.step(seq(2, 12), seq(1, 3, 24, dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"device meta != query device cpu"):
+        ours.step(seq(2, 12), torch.empty(1, 3, 24, dtype=torch.float64, device="meta"))
+    with pytest.raises(TypeError, match=r"state must be None or the \(b, t, 2\*n_feat\) cache"):
+        ours.step(seq(2, 12), "cache")
+
+
+@pytest.mark.parametrize("dtype,score_tol", [(torch.float32, 1e-4), (torch.float64, 1e-9)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("beam", [1, 3, 10])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cached_beam_search_gives_the_stock_nbest(seed, beam, dtype, score_tol):
+    stock, ours = s4_decoder_pair(vocab_size=20, d_model=32, n_layers=2, n_head=4, seed=seed, dtype=dtype)
+    x = seq(23, 32, seed=seed, dtype=dtype)
+    results = []
+    for model in (stock, ours):
+        search = beam_search(prepare_for_decoding(model), beam_size=beam)
+        with torch.no_grad():
+            results.append(search(x, maxlenratio=0.6, minlenratio=0.0))
+    assert len(results[0]) == len(results[1]) > 0
+    for a, b in zip(*results):
+        assert a.yseq.tolist() == b.yseq.tolist()
+        assert abs(float(a.score) - float(b.score)) <= score_tol
+
+
+def test_two_threads_share_one_module():
+    """Nothing of an utterance lives on the module: concurrent decoding = sequential."""
+    stock, ours = s4_decoder_pair(vocab_size=15, d_model=16, n_layers=1, n_head=2, seed=3, dtype=torch.float32)
+    prepare_for_decoding(ours)
+    inputs = [seq(19, 16, seed=s, dtype=torch.float32) for s in range(4)]
+
+    def decode(x):
+        with torch.no_grad():
+            return [h.yseq.tolist() for h in beam_search(ours, beam_size=3)(x, maxlenratio=0.5, minlenratio=0.0)]
+
+    sequential = [decode(x) for x in inputs]
+    concurrent = [None] * len(inputs)
+
+    def worker(i):
+        concurrent[i] = decode(inputs[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert concurrent == sequential

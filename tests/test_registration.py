@@ -1,0 +1,66 @@
+"""flash_mha in ESPnet's layer registry: import, mha override, startup hook."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from espnet2.asr.state_spaces import registry, utils
+
+import espnet_mha
+from espnet_mha import FlashMultiHeadedAttention
+from espnet_mha.registration import LAYER_PATH, STOCK_LAYER_PATH, apply_environment
+
+
+@pytest.fixture(autouse=True)
+def restore_registry():
+    yield
+    espnet_mha.restore_mha()
+
+
+def test_import_registers_flash_mha():
+    assert registry.layer["flash_mha"] == LAYER_PATH
+    layer = utils.instantiate(registry.layer, {"_name_": "flash_mha", "n_head": 2}, 8)
+    assert isinstance(layer, FlashMultiHeadedAttention)
+
+
+def test_use_for_mha_and_restore_are_idempotent():
+    espnet_mha.use_for_mha()
+    espnet_mha.use_for_mha()
+    assert espnet_mha.mha_is_ours()
+    assert isinstance(utils.instantiate(registry.layer, {"_name_": "mha", "n_head": 2}, 8), FlashMultiHeadedAttention)
+    espnet_mha.restore_mha()
+    espnet_mha.restore_mha()
+    assert registry.layer["mha"] == STOCK_LAYER_PATH
+    assert not isinstance(utils.instantiate(registry.layer, {"_name_": "mha", "n_head": 2}, 8), FlashMultiHeadedAttention)
+    assert registry.layer["flash_mha"] == LAYER_PATH
+
+
+def test_environment_switch(monkeypatch):
+    monkeypatch.setenv("ESPNET_MHA_REPLACE_MHA", "1")
+    apply_environment()
+    assert espnet_mha.mha_is_ours()
+    monkeypatch.setenv("ESPNET_MHA_REPLACE_MHA", "yes")
+    with pytest.raises(ValueError, match=r"ESPNET_MHA_REPLACE_MHA must be '0' or '1', got 'yes'"):
+        apply_environment()
+
+
+def _fresh_python(code, **env):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ESPNET_MHA")}
+    environ.update(env)
+    return subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True).stdout
+
+
+def test_startup_hook_registers_without_importing_us_first():
+    """What `python -m espnet2.bin.asr_train` sees: flash_mha is there, nothing imported at start."""
+    out = _fresh_python(
+        "import sys; assert 'espnet_mha' not in sys.modules and 'torch' not in sys.modules;"
+        "from espnet2.asr.state_spaces import registry; print(registry.layer['flash_mha'], registry.layer['mha'])"
+    )
+    assert out.split() == [LAYER_PATH, STOCK_LAYER_PATH]
+    out = _fresh_python("from espnet2.asr.state_spaces import registry; print(registry.layer['mha'])",
+                        ESPNET_MHA_REPLACE_MHA="1")
+    assert out.strip() == LAYER_PATH
+    out = _fresh_python("from espnet2.asr.state_spaces import registry; print('flash_mha' in registry.layer)",
+                        ESPNET_MHA_NO_HOOK="1")
+    assert out.strip() == "False"

@@ -1,0 +1,121 @@
+"""ESPnet's own S4Decoder and BatchBeamSearch with flash_mha against the stock mha."""
+
+import pytest
+import torch
+from espnet2.asr.state_spaces import registry
+from espnet2.asr.state_spaces.attention import MultiHeadedAttention
+
+from espnet_mha.testing import beam_search, build_s4_decoder, prepare_for_decoding, s4_decoder_pair
+
+
+class TransposedStock(MultiHeadedAttention):
+    """The stock layer made to honour transposed=True (it ignores the flag): the reference
+    for decoders built with SequenceModel(transposed=True)."""
+
+    def __init__(self, *args, transposed=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layout_transposed = transposed
+
+    def forward(self, query, memory=None, mask=None, *args, **kwargs):
+        if not self.layout_transposed or query.dim() != 3:  # step() passes (B, D)
+            return super().forward(query, memory, mask)
+        out, _ = super().forward(query.transpose(1, 2), memory, mask)
+        return out.transpose(1, 2), None
+
+
+@pytest.fixture
+def transposed_stock_name():
+    registry.layer["stock_mha_transposed"] = TransposedStock
+    yield "stock_mha_transposed"
+    del registry.layer["stock_mha_transposed"]
+
+
+GRID = [
+    dict(prenorm=True, n_layers=1, residual=None, norm="layer", drop_path=0.0),
+    dict(prenorm=True, n_layers=2, residual="R", norm="layer", drop_path=0.0),
+    dict(prenorm=False, n_layers=2, residual="R", norm="layer", drop_path=0.1),
+    dict(prenorm=True, n_layers=3, residual="H", norm="batch", drop_path=0.0),
+    dict(prenorm=False, n_layers=1, residual="D", norm="none", drop_path=0.0),
+    dict(prenorm=True, n_layers=2, residual="R", norm="layer", drop_path=0.2, transposed=True),
+    dict(prenorm=False, n_layers=2, residual="F", norm="layer", drop_path=0.0, transposed=True),
+]
+
+
+def grid_id(cfg):
+    return "-".join(f"{k}={v}" for k, v in cfg.items())
+
+
+def batch(vocab, d_model, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hs = torch.randn(3, 11, d_model, generator=gen, dtype=dtype)
+    hlens = torch.tensor([11, 7, 4])
+    ys = torch.randint(0, vocab, (3, 6), generator=gen)
+    ylens = torch.tensor([6, 6, 2])
+    return hs, hlens, ys, ylens
+
+
+def make_pair(cfg, reference_name, dtype=torch.float64, **extra):
+    cfg = dict(cfg)
+    residual = cfg.pop("residual")
+    kwargs = dict(vocab_size=13, d_model=24, n_head=3, seed=5, residual=None if residual is None else {"_name_": residual}, **cfg, **extra)
+    stock = build_s4_decoder(reference_name, **kwargs)
+    ours = build_s4_decoder("flash_mha", **kwargs)
+    ours.load_state_dict(stock.state_dict(), strict=True)
+    return stock.to(dtype), ours.to(dtype)
+
+
+@pytest.mark.parametrize("cfg", GRID, ids=grid_id)
+def test_forward_backward_and_decoding_match_stock(cfg, transposed_stock_name):
+    reference = transposed_stock_name if cfg.get("transposed") else "mha"
+    stock, ours = make_pair(cfg, reference)
+    hs, hlens, ys, ylens = batch(13, 24, torch.float64)
+
+    # Eval: the same logits.
+    stock.eval(), ours.eval()
+    expected, _ = stock(hs, hlens, ys, ylens)
+    got, _ = ours(hs, hlens, ys, ylens)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+    # Training with dropout / drop path: runs and gives finite gradients.
+    ours.train()
+    ours(hs, hlens, ys, ylens)[0].logsumexp(-1).sum().backward()
+    assert all(p.grad is None or p.grad.isfinite().all() for p in ours.parameters())
+
+    # Training without randomness: the same gradients as the stock decoder.
+    if not cfg["drop_path"]:
+        for model in (stock, ours):
+            model.zero_grad()
+            model.train()
+            model(hs, hlens, ys, ylens)[0].logsumexp(-1).sum().backward()
+        stock_grads = {name: p.grad for name, p in stock.named_parameters()}
+        for name, p_ours in ours.named_parameters():
+            if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+                prefix, param = name.rsplit("linear_qkv.", 1)
+                expected = torch.cat([stock_grads[f"{prefix}{n}.{param}"] for n in ("linear_q", "linear_k", "linear_v")])
+            else:
+                expected = stock_grads[name]
+            torch.testing.assert_close(p_ours.grad, expected, rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("dtype,score_tol", [(torch.float32, 1e-4), (torch.float64, 1e-9)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("cfg", [GRID[1], GRID[3], GRID[6]], ids=grid_id)
+def test_beam_search_hypotheses_match_stock(cfg, dtype, score_tol, transposed_stock_name):
+    reference = transposed_stock_name if cfg.get("transposed") else "mha"
+    stock, ours = make_pair(cfg, reference, dtype=dtype)
+    x = torch.randn(17, 24, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (stock, ours):
+        search = beam_search(prepare_for_decoding(model), beam_size=4)
+        with torch.no_grad():
+            results.append(search(x, maxlenratio=0.5, minlenratio=0.0))
+    assert len(results[0]) == len(results[1]) > 0
+    for a, b in zip(*results):
+        assert a.yseq.tolist() == b.yseq.tolist()
+        assert abs(float(a.score) - float(b.score)) <= score_tol
+
+
+def test_pair_helper_loads_stock_weights_strictly():
+    stock, ours = s4_decoder_pair(vocab_size=9, d_model=8, n_layers=1, n_head=2)
+    keys = set(ours.state_dict())
+    assert "decoder.layers.1.layer.linear_qkv.weight" in keys
+    assert "decoder.layers.1.layer.linear_q.weight" in set(stock.state_dict())

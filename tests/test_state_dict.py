@@ -1,0 +1,58 @@
+"""Layer-level state-dict adapter: stock checkpoints load with plain strict load_state_dict."""
+
+import pytest
+import torch
+from espnet2.asr.state_spaces.attention import MultiHeadedAttention
+
+from espnet_mha import FlashMultiHeadedAttention, fuse_keys, unfuse_keys
+
+
+def test_stock_state_dict_loads_strictly_and_round_trips():
+    stock = MultiHeadedAttention(12, 3)
+    ours = FlashMultiHeadedAttention(12, 3)
+    result = ours.load_state_dict(stock.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert sorted(ours.state_dict()) == ["linear_out.bias", "linear_out.weight", "linear_qkv.bias", "linear_qkv.weight"]
+    back = dict(ours.state_dict())
+    assert unfuse_keys(back, "")
+    original = stock.state_dict()
+    assert sorted(back) == sorted(original)
+    for key in original:
+        assert torch.equal(back[key], original[key])
+    restored = MultiHeadedAttention(12, 3)
+    restored.load_state_dict(back, strict=True)
+
+
+def test_our_own_state_dict_loads():
+    a, b = FlashMultiHeadedAttention(8, 2), FlashMultiHeadedAttention(8, 2)
+    b.load_state_dict(a.state_dict(), strict=True)
+    assert torch.equal(a.linear_qkv.weight, b.linear_qkv.weight)
+
+
+def test_wrong_size_names_the_key_and_shapes():
+    stock = MultiHeadedAttention(16, 2)
+    ours = FlashMultiHeadedAttention(12, 3)
+    with pytest.raises(ValueError, match=r"linear_q.weight: expected shape \(12, 12\) for n_feat=12, found \(16, 16\)"):
+        ours.load_state_dict(stock.state_dict())
+
+
+def test_half_converted_state_dict_lists_missing_keys():
+    state = MultiHeadedAttention(8, 2).state_dict()
+    del state["linear_v.weight"], state["linear_k.bias"]
+    with pytest.raises(KeyError, match=r"half-converted attention layer at '': .*missing \['linear_k.bias', 'linear_v.weight'\]"):
+        FlashMultiHeadedAttention(8, 2).load_state_dict(state)
+
+
+def test_mixed_layouts_are_refused():
+    state = dict(MultiHeadedAttention(8, 2).state_dict())
+    state["linear_qkv.weight"] = torch.zeros(24, 8)
+    with pytest.raises(KeyError, match=r"has both stock keys and fused \['linear_qkv.weight'\]"):
+        fuse_keys(state, "")
+
+
+def test_unfuse_errors():
+    with pytest.raises(KeyError, match=r"missing \['p.linear_qkv.bias'\]"):
+        unfuse_keys({"p.linear_qkv.weight": torch.zeros(6, 2)}, "p.")
+    with pytest.raises(ValueError, match=r"p.linear_qkv.weight: first dimension 5 is not divisible by 3"):
+        unfuse_keys({"p.linear_qkv.weight": torch.zeros(5, 2), "p.linear_qkv.bias": torch.zeros(5)}, "p.")
+    assert not unfuse_keys({"x": torch.zeros(1)}, "")
