@@ -225,8 +225,9 @@ def flash_attention(q, k, v, keep, *, causal, dropout_p, module):
     Returns:
         ``(B, T1, H, d_k)``.
     """
+    scale = q.size(-1) ** -0.5  # the stock 1/sqrt(d_k), passed explicitly
     if keep is None:
-        return module.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)
+        return module.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal)
     batch, t1, heads, d_k = q.shape
     t2 = k.size(1)
     keep_k = keep[:, 0].expand(batch, t2)
@@ -249,6 +250,7 @@ def flash_attention(q, k, v, keep, *, causal, dropout_p, module):
         t1,
         t2,
         dropout_p=dropout_p,
+        softmax_scale=scale,
         causal=False,
     )
     return out.view(batch, t1, heads, d_k)

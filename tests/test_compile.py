@@ -1,0 +1,126 @@
+"""torch.compile policy: lazy, fullgraph, a bounded number of graphs, same results as eager.
+
+Compiling on this CPU takes seconds per graph, so these tests are marked slow
+(CI runs them; ``make test-fast`` skips them).
+"""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from espnet_mha import FlashMultiHeadedAttention, compile_policy
+from espnet_mha.testing import stock_and_flash
+
+pytestmark = pytest.mark.slow
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def graphs():
+    return counters["stats"]["unique_graphs"]
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def layers():
+    torch._dynamo.reset()
+    counters.clear()
+    _, compiled = stock_and_flash(32, 4, dtype=torch.float32, compile=True)
+    _, eager = stock_and_flash(32, 4, dtype=torch.float32, compile=False)
+    return compiled, eager
+
+
+def shapes(count, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        b, t1, t2 = (int(torch.randint(2, 9, (), generator=gen)) for _ in range(3))
+        yield b, t1 + 1, t2 * 3 + 2
+
+
+def mask_for(kind, b, t1, t2, seed):
+    if kind == "none":
+        return None
+    keep = rand(b, t1 if kind == "query" else 1, t2, seed=seed) > -0.3
+    keep[0, 0] = False
+    return keep
+
+
+def run_forward(layers, b, t1, t2, kind, seed, self_attention=False):
+    compiled, eager = layers
+    query = rand(b, t1, 32, seed=seed)
+    memory = None if self_attention else rand(b, t2, 32, seed=seed + 1)
+    mask = mask_for(kind, b, t1, t1 if self_attention else t2, seed)
+    got, _ = compiled(query, memory, mask)
+    expected, _ = eager(query, memory, mask)
+    torch.testing.assert_close(got, expected, **FP32)
+
+
+def decode(layers, t2, seed, beam=10, steps=8):
+    """Step like BatchBeamSearch: 1 hypothesis, then the beam, then fewer."""
+    compiled, eager = layers
+    memory = rand(1, t2, 32, seed=seed)
+    states = [None, None]
+    for step in range(steps):
+        batch = 1 if step == 0 else max(beam - max(0, step - 4), 2)
+        query = rand(batch, 32, seed=seed + step)
+        outs = []
+        for i, layer in enumerate((compiled, eager)):
+            out, state = layer.step(query, states[i], memory=memory.expand(batch, -1, -1))
+            states[i] = state[0].unsqueeze(0)
+            outs.append(out)
+        torch.testing.assert_close(outs[0], outs[1], **FP32)
+
+
+def test_no_recompilation_after_warm_up(layers):
+    # Warm-up: every mask kind, self- and cross-attention, size-1 specialisations, steps.
+    for kind in ("none", "key", "query"):
+        run_forward(layers, 3, 5, 7, kind, seed=1)
+        run_forward(layers, 3, 5, 5, kind, seed=2, self_attention=True)
+        run_forward(layers, 1, 1, 9, kind, seed=3)
+    decode(layers, t2=11, seed=4)
+    warm = graphs()
+    print(f"graphs after warm-up: {warm}")
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    for i, (b, t1, t2) in enumerate(shapes(24, seed=5)):
+        run_forward(layers, b, t1, t2, ("none", "key", "query")[i % 3], seed=10 + i, self_attention=i % 4 == 0)
+    for i, t2 in enumerate((13, 29, 57, 300)):
+        decode(layers, t2=t2, seed=50 + i, beam=(10, 5, 3, 8)[i])
+    assert graphs() == warm, f"{graphs() - warm} new graphs after warm-up ({warm} during it)"
+    assert warm <= 16
+    assert not counters["graph_break"]
+
+
+def test_backward_and_autocast_match_eager(layers):
+    compiled, eager = layers
+    for layer in (compiled, eager):
+        layer.train()
+        layer.zero_grad()
+    grads = []
+    for layer in (compiled, eager):
+        query, memory = rand(4, 6, 32, seed=7).requires_grad_(), rand(4, 10, 32, seed=8)
+        mask = rand(4, 1, 10, seed=9) > 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = layer(query, memory, mask)
+        out.float().square().sum().backward()
+        grads.append((query.grad, layer.linear_qkv.weight.grad, layer.linear_out.weight.grad))
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    for layer in (compiled, eager):
+        layer.eval()
+
+
+def test_compiled_layer_saves_plain_keys(layers):
+    compiled, _ = layers
+    assert sorted(compiled.state_dict()) == ["linear_out.bias", "linear_out.weight", "linear_qkv.bias", "linear_qkv.weight"]
+    fresh = FlashMultiHeadedAttention(32, 4, compile=True)
+    fresh.load_state_dict(compiled.state_dict(), strict=True)
+
+
+def test_policy_resolution(monkeypatch):
+    assert compile_policy.resolve_compile(None, None) == ("auto", None)
+    assert not compile_policy.wants_compile("auto", "cpu")
+    monkeypatch.setenv("ESPNET_MHA_COMPILE", "1")
+    monkeypatch.setenv("ESPNET_MHA_COMPILE_MODE", "max-autotune")
+    assert compile_policy.resolve_compile(False, None) == (True, "max-autotune")

@@ -1,0 +1,183 @@
+"""Kernel dispatch: the selection rules, and the flash-attn glue against a CPU stand-in.
+
+The glue tests run our real layer through ``dispatch.flash_attention`` with
+``tests/flash_attn_standin.py`` in place of the flash-attn package (same
+signatures, reference math). They check layouts, unpadding into cu_seqlens,
+flags and the scale, not the CUDA kernels: those are checked on a GPU by
+``python -m benchmarks.gpu_check``.
+"""
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+
+from espnet_mha import dispatch, masks, optional
+from espnet_mha.dispatch import AttentionCall, BackendUnavailableError, select_backend
+from espnet_mha.testing import stock_and_flash
+
+import flash_attn_standin
+from conftest import random_case
+
+FP64 = dict(rtol=1e-10, atol=1e-10)
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", flash_attn_standin)
+    optional.reset()
+    flash_attn_standin.calls.clear()
+    yield flash_attn_standin
+    optional.reset()
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    monkeypatch.setattr(optional, "device_capability", lambda device: (9, 0) if device.type == "cuda" else None)
+
+
+@pytest.fixture
+def no_flash_attn(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import raises ImportError
+    optional.reset()
+    yield
+    optional.reset()
+
+
+def call(**overrides):
+    base = dict(device=CUDA, dtype=torch.bfloat16, d_k=64, mask_kind=masks.NO_MASK)
+    return AttentionCall(**{**base, **overrides})
+
+
+RULES = [
+    # (call overrides, expected backend, part of the fallback reason)
+    (dict(), "flash_attn", ""),
+    (dict(dtype=torch.float16, mask_kind=masks.KEY_PADDING), "flash_attn", ""),
+    (dict(causal=True), "flash_attn", ""),
+    (dict(d_k=256), "flash_attn", ""),
+    (dict(device=torch.device("cpu")), "sdpa", "tensors are on cpu"),
+    (dict(dtype=torch.float32), "sdpa", "flash-attn needs float16 or bfloat16"),
+    (dict(d_k=320), "sdpa", "head size d_k=320 exceeds flash-attn's 256"),
+    (dict(mask_kind=masks.PER_QUERY), "sdpa", "differs per query"),
+    (dict(causal=True, mask_kind=masks.KEY_PADDING), "sdpa", "causal attention with a padding mask"),
+    (dict(compiled=True, mask_kind=masks.KEY_PADDING), "sdpa", "key padding under torch.compile"),
+    (dict(need_weights=True), "math", ""),
+]
+
+
+@pytest.mark.parametrize("overrides,backend,reason", RULES, ids=[f"{r[1]}-{i}" for i, r in enumerate(RULES)])
+def test_auto_selection_rules(standin, sm90, overrides, backend, reason):
+    chosen, fallback = select_backend("auto", call(**overrides))
+    assert chosen == backend
+    assert reason in fallback and bool(fallback) == bool(reason)
+
+
+def test_old_gpu_and_missing_custom_ops_fall_back(standin, monkeypatch):
+    monkeypatch.setattr(optional, "device_capability", lambda device: (7, 5))
+    assert select_backend("auto", call()) == ("sdpa", "GPU is sm75; flash-attn needs sm80 or newer")
+    monkeypatch.setattr(optional, "device_capability", lambda device: (8, 0))
+    info = optional.flash_attn()
+    assert not info.custom_ops  # the stand-in registers no torch.ops.flash_attn
+    assert "registers no torch custom ops" in select_backend("auto", call(compiled=True))[1]
+    with monkeypatch.context() as patch:
+        patch.setattr(optional, "flash_attn", lambda: dataclasses.replace(info, custom_ops=True))
+        assert select_backend("auto", call(compiled=True)) == ("flash_attn", "")
+
+
+def test_missing_package_is_a_visible_fallback(no_flash_attn, sm90):
+    backend, fallback = select_backend("auto", call())
+    assert backend == "sdpa" and "flash-attn is not importable" in fallback
+    with pytest.raises(BackendUnavailableError, match=r"backend='flash_attn' cannot serve this call: flash-attn is not importable"):
+        select_backend("flash_attn", call())
+
+
+def test_forced_backends(standin, sm90):
+    assert select_backend("sdpa", call()) == ("sdpa", "")
+    assert select_backend("math", call()) == ("math", "")
+    assert select_backend("flash_attn", call()) == ("flash_attn", "")
+    with pytest.raises(BackendUnavailableError, match=r"dtype is torch.float32"):
+        select_backend("flash_attn", call(dtype=torch.float32))
+    with pytest.raises(BackendUnavailableError, match=r"keep_attn=True needs backend='math' or 'auto'"):
+        select_backend("flash_attn", call(need_weights=True))
+
+
+def test_layer_reports_the_backend_and_the_reason():
+    _, ours = stock_and_flash(8, 2)
+    ours(torch.randn(1, 3, 8, dtype=torch.float64))
+    assert ours.last_backend == "sdpa"
+    assert ours.last_fallback  # why not flash-attn: not installed here, or CPU tensors
+
+
+@pytest.fixture
+def flash_on_cpu(standin, sm90, monkeypatch):
+    """Route CPU fp64 calls to the flash-attn glue (real rules, device and dtype pretended)."""
+    real = dispatch.flash_attn_refusal
+    monkeypatch.setattr(dispatch, "flash_attn_refusal",
+                        lambda c: real(dataclasses.replace(c, device=CUDA, dtype=torch.bfloat16)))
+    return standin
+
+
+@pytest.mark.standin
+@pytest.mark.parametrize("seed", range(24), ids=lambda s: f"seed{s}")
+def test_flash_glue_matches_stock(flash_on_cpu, seed):
+    case = random_case(seed)
+    stock, ours = stock_and_flash(case.n_feat, case.n_head, seed=seed)
+    query, memory, mask = case.tensors()
+    expected, _ = stock(query, memory, mask)
+    got, _ = ours(query, memory, mask)
+    torch.testing.assert_close(got, expected, **FP64)
+    per_query = mask is not None and mask.size(1) > 1 and case.t1 > 1
+    assert ours.last_backend == ("sdpa" if per_query else "flash_attn")
+    if not per_query:
+        (record,) = flash_on_cpu.calls
+        assert record["softmax_scale"] == (case.n_feat // case.n_head) ** -0.5
+        assert record["causal"] is False and record["dropout_p"] == 0.0
+
+
+@pytest.mark.standin
+def test_flash_varlen_unpadding(flash_on_cpu):
+    stock, ours = stock_and_flash(12, 3)
+    query, memory = torch.randn(3, 4, 12, dtype=torch.float64), torch.randn(3, 6, 12, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]]).unsqueeze(1)
+    got, _ = ours(query, memory, mask)
+    torch.testing.assert_close(got, stock(query, memory, mask)[0], **FP64)
+    (record,) = flash_on_cpu.calls
+    assert record["fn"] == "flash_attn_varlen_func"
+    assert record["cu_seqlens_q"] == [0, 4, 8, 12]
+    # The fully masked utterance is given all its keys (never a zero-length sequence,
+    # flash-attn #1537); its context is zeroed afterwards, as the stock layer's.
+    assert record["cu_seqlens_k"] == [0, 6, 8, 14]
+    assert (record["max_seqlen_q"], record["max_seqlen_k"]) == (4, 6)
+    assert record["q"] == (12, 3, 4) and record["k"] == (14, 3, 4)
+    torch.testing.assert_close(got[2], ours.linear_out.bias.expand(4, 12), rtol=0, atol=0)
+
+
+@pytest.mark.standin
+def test_flash_causal_and_dropout_flags(flash_on_cpu):
+    stock, ours = stock_and_flash(12, 3, causal=True)
+    query = torch.randn(2, 5, 12, dtype=torch.float64)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 5, 5)
+    torch.testing.assert_close(ours(query)[0], stock(query, None, causal)[0], **FP64)
+    assert flash_on_cpu.calls[-1]["causal"] is True and ours.last_backend == "flash_attn"
+    ours.dropout.p = 0.25
+    ours.train()
+    ours(query)
+    assert flash_on_cpu.calls[-1]["dropout_p"] == 0.25
+    # A causal layer with a padding mask cannot be unpadded: SDPA serves it.
+    ours.eval()
+    ours(query, None, torch.ones(2, 1, 5))
+    assert ours.last_backend == "sdpa" and "causal" in ours.last_fallback
+
+
+@pytest.mark.standin
+def test_flash_step_with_a_shared_cache(flash_on_cpu):
+    stock, ours = stock_and_flash(16, 4)
+    memory = torch.randn(1, 9, 16, dtype=torch.float64).expand(5, -1, -1)
+    query = torch.randn(5, 16, dtype=torch.float64)
+    got, state = ours.step(query, None, memory=memory)
+    torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
+    record = flash_on_cpu.calls[-1]
+    # The beam is folded into the query time of one batch: q (1, B, H, d_k), k (1, T2, H, d_k).
+    assert (record["fn"], record["q"], record["k"]) == ("flash_attn_func", (1, 5, 4, 4), (1, 9, 4, 4))
