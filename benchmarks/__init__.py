@@ -1,0 +1,1 @@
+"""pytest-benchmark comparisons of the stock ESPnet layer and flash_mha (see README)."""

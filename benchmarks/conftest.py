@@ -1,0 +1,66 @@
+"""Shared options and helpers of the benchmarks.
+
+Every scenario is one pytest-benchmark group holding ``stock`` (ESPnet's own
+layer), ``flash_mha`` and, where compile applies, ``flash_mha-compiled``, on
+the same seeded inputs in the same session. Each case checks once, outside
+the timed call, that its result matches the stock result.
+"""
+
+import platform
+
+import pytest
+import torch
+
+import espnet_mha  # noqa: F401  (registers flash_mha)
+from espnet_mha import optional
+
+IMPLS = ("stock", "flash_mha", "flash_mha-compiled")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true", help="small sizes, no compiled variants (CI smoke run)")
+    parser.addoption("--bench-device", default="cpu", help="device to run on (cpu, cuda)")
+    parser.addoption("--bench-dtype", default="float32", help="float32, bfloat16 or float16")
+
+
+@pytest.fixture(scope="session")
+def quick(request):
+    return request.config.getoption("--quick")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    return torch.device(request.config.getoption("--bench-device"))
+
+
+@pytest.fixture(scope="session")
+def dtype(request):
+    return getattr(torch, request.config.getoption("--bench-dtype"))
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request, quick):
+    if request.param.endswith("compiled") and quick:
+        pytest.skip("--quick: compiled variants take tens of seconds to compile on CPU")
+    return request.param
+
+
+def machine_info(device, dtype):
+    info = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(), **optional.versions()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rand(*shape, seed, device, dtype):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+
+
+def tolerance(dtype):
+    return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)

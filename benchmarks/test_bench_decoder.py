@@ -1,0 +1,43 @@
+"""Whole-decoder scenario: ESPnet's BatchBeamSearch over S4Decoder, stock mha vs flash_mha."""
+
+import pytest
+import torch
+
+from espnet_mha.testing import beam_search, prepare_for_decoding, s4_decoder_pair
+
+from .conftest import rand, tolerance
+from .test_bench_layer import run_case
+
+FULL = dict(n_layers=6, d_model=256, n_head=4, vocab_size=500, beam=10, frames=300, tokens=60)
+QUICK = dict(n_layers=1, d_model=32, n_head=4, vocab_size=20, beam=3, frames=20, tokens=5)
+
+
+@pytest.fixture(scope="module")
+def decoders(request):
+    size = QUICK if request.config.getoption("--quick") else FULL
+    device = torch.device(request.config.getoption("--bench-device"))
+    dtype = getattr(torch, request.config.getoption("--bench-dtype"))
+    args = dict(vocab_size=size["vocab_size"], d_model=size["d_model"], n_layers=size["n_layers"],
+                n_head=size["n_head"], seed=0, dtype=dtype)
+    stock, ours = s4_decoder_pair(**args)
+    _, compiled = s4_decoder_pair(layer_options={"compile": True}, **args)
+    models = {"stock": stock, "flash_mha": ours, "flash_mha-compiled": compiled}
+    return size, {name: prepare_for_decoding(model.to(device)) for name, model in models.items()}
+
+
+def search(decoder, size, x):
+    with torch.no_grad():
+        return beam_search(decoder, beam_size=size["beam"])(
+            x, maxlenratio=size["tokens"] / size["frames"], minlenratio=0.0
+        )
+
+
+def test_beam_search_decoding(benchmark, impl, decoders, device, dtype):
+    size, models = decoders
+    x = rand(size["frames"], size["d_model"], seed=6, device=device, dtype=dtype)
+    got, expected = search(models[impl], size, x), search(models["stock"], size, x)
+    assert [h.yseq.tolist() for h in got] == [h.yseq.tolist() for h in expected]
+    scores = torch.tensor([float(h.score) for h in got]), torch.tensor([float(h.score) for h in expected])
+    torch.testing.assert_close(*scores, **tolerance(dtype))
+    run_case(benchmark, "s4decoder_beam_search", impl, lambda: search(models[impl], size, x),
+             device, dtype, size)

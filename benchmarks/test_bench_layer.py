@@ -1,0 +1,134 @@
+"""Layer-level scenarios: cross-/self-attention inference and training, decoding steps.
+
+Run: ``python -m pytest benchmarks --benchmark-enable`` (``make bench``).
+"""
+
+import time
+
+import pytest
+import torch
+
+from espnet_mha.testing import stock_and_flash
+
+from .conftest import machine_info, rand, sync, tolerance
+from .memory import peak_bytes
+
+FULL = {
+    "cross_infer": dict(batch=8, t1=60, t2=300, n_feat=256, n_head=4),
+    "cross_train": dict(batch=8, t1=60, t2=300, n_feat=256, n_head=4),
+    "self_infer": dict(batch=4, t1=1000, t2=1000, n_feat=256, n_head=4),
+    "self_train": dict(batch=4, t1=2000, t2=2000, n_feat=256, n_head=4),
+    "decode_50_steps": dict(steps=50, beam=10, t2=300, n_feat=256, n_head=4),
+}
+QUICK = {
+    "cross_infer": dict(batch=2, t1=8, t2=20, n_feat=32, n_head=4),
+    "cross_train": dict(batch=2, t1=8, t2=20, n_feat=32, n_head=4),
+    "self_infer": dict(batch=2, t1=48, t2=48, n_feat=32, n_head=4),
+    "self_train": dict(batch=2, t1=64, t2=64, n_feat=32, n_head=4),
+    "decode_50_steps": dict(steps=5, beam=4, t2=20, n_feat=32, n_head=4),
+}
+
+
+def sizes(scenario, quick):
+    return (QUICK if quick else FULL)[scenario]
+
+
+def layers(impl, size, device, dtype):
+    """The layer under test and the stock reference, same weights (stock -> our adapter)."""
+    stock, ours = stock_and_flash(size["n_feat"], size["n_head"], dtype=dtype, device=device,
+                                  compile=impl.endswith("compiled"))
+    return (stock if impl == "stock" else ours), stock
+
+
+def key_padding(batch, t2, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(t2 // 2, t2 + 1, (batch,), generator=gen)
+    lengths[0] = t2
+    return (torch.arange(t2)[None, :] < lengths[:, None]).unsqueeze(1).to(device)
+
+
+def sequence_inputs(size, self_attention, device, dtype):
+    query = rand(size["batch"], size["t1"], size["n_feat"], seed=1, device=device, dtype=dtype)
+    memory = None if self_attention else rand(size["batch"], size["t2"], size["n_feat"], seed=2, device=device, dtype=dtype)
+    return query, memory, key_padding(size["batch"], size["t2"], device)
+
+
+def warm_up(benchmark, fn, device):
+    """Run once (compiling if the layer compiles) and record that time separately."""
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    benchmark.extra_info["first_call_s"] = round(time.perf_counter() - start, 3)
+    fn()
+
+
+def run_case(benchmark, scenario, impl, fn, device, dtype, size):
+    benchmark.group = scenario
+    benchmark.name = impl
+    benchmark.extra_info.update(machine_info(device, dtype), scenario=scenario, impl=impl, **size)
+    warm_up(benchmark, fn, device)
+    benchmark.extra_info["peak_mb"] = round(peak_bytes(fn, device) / 2**20, 2)
+
+    def timed():
+        fn()
+        sync(device)
+
+    benchmark(timed)
+
+
+@pytest.mark.parametrize("self_attention", [False, True], ids=["cross", "self"])
+def test_inference(benchmark, impl, self_attention, quick, device, dtype):
+    scenario = "self_infer" if self_attention else "cross_infer"
+    size = sizes(scenario, quick)
+    layer, stock = layers(impl, size, device, dtype)
+    query, memory, mask = sequence_inputs(size, self_attention, device, dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(query, memory, mask)[0], stock(query, memory, mask)[0], **tolerance(dtype))
+        run_case(benchmark, scenario, impl, lambda: layer(query, memory, mask), device, dtype, size)
+
+
+@pytest.mark.parametrize("self_attention", [False, True], ids=["cross", "self"])
+def test_training_step(benchmark, impl, self_attention, quick, device, dtype):
+    """Forward + backward of the layer (inputs and parameters get gradients)."""
+    scenario = "self_train" if self_attention else "cross_train"
+    size = sizes(scenario, quick)
+    layer, stock = layers(impl, size, device, dtype)
+    layer.train(), stock.train()
+    query, memory, mask = sequence_inputs(size, self_attention, device, dtype)
+    query.requires_grad_(True)
+    grad_out = rand(size["batch"], size["t1"], size["n_feat"], seed=3, device=device, dtype=dtype)
+
+    def step(module):
+        query.grad = None
+        module.zero_grad(set_to_none=True)
+        out, _ = module(query, memory, mask)
+        out.backward(grad_out)
+        return query.grad
+
+    torch.testing.assert_close(step(layer).clone(), step(stock), **tolerance(dtype))
+    run_case(benchmark, scenario, impl, lambda: step(layer), device, dtype, size)
+
+
+def test_decoding_steps(benchmark, impl, quick, device, dtype):
+    """Decoding steps the way BatchBeamSearch drives S4Decoder: 1 hypothesis, then the
+    beam; memory expanded over the beam; states split per hypothesis, the first one
+    handed back. The first step (which fills our cache) is timed too."""
+    size = sizes("decode_50_steps", quick)
+    layer, stock = layers(impl, size, device, dtype)
+    memory = rand(1, size["t2"], size["n_feat"], seed=4, device=device, dtype=dtype)
+    queries = rand(size["steps"], size["beam"], size["n_feat"], seed=5, device=device, dtype=dtype)
+
+    def decode(module):
+        state, outs = None, []
+        for t in range(size["steps"]):
+            batch = 1 if t == 0 else size["beam"]
+            out, state = module.step(queries[t, :batch], state, memory=memory.expand(batch, -1, -1))
+            per_hypothesis = [None if state is None else state[b].unsqueeze(0) for b in range(batch)]
+            state = per_hypothesis[0]
+            outs.append(out)
+        return outs
+
+    with torch.no_grad():
+        for got, expected in zip(decode(layer), decode(stock)):
+            torch.testing.assert_close(got, expected, **tolerance(dtype))
+        run_case(benchmark, "decode_50_steps", impl, lambda: decode(layer), device, dtype, size)
