@@ -84,7 +84,7 @@ def attend_cached(query, kv, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backen
         keep: None or bool ``(b', 1, T2)`` with ``b'`` in ``{1, B}``.
 
     Returns:
-        ``(B, D)``.
+        (output ``(B, D)``, weights ``(B, H, 1, T2)`` from the math backend or None).
 
     With a shared cache (``b = 1``) the B queries are folded into the time axis
     of a single batch, so the beam runs as one GEMM-shaped attention instead of
@@ -98,8 +98,10 @@ def attend_cached(query, kv, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backen
         keep = None if keep is None else keep.transpose(0, 1)  # (1, b', T2)
     else:
         q = q.unsqueeze(1)  # (B, 1, H, d_k)
-    context, _ = dispatch.run(backend, q, k, v, keep, causal=False, dropout_p=0.0, training=False)
-    return F.linear(context.reshape(batch, -1), w_out, b_out)
+    context, weights = dispatch.run(backend, q, k, v, keep, causal=False, dropout_p=0.0, training=False)
+    if weights is not None and kv.size(0) == 1:
+        weights = weights.transpose(0, 2)  # (1, H, B, T2) -> (B, H, 1, T2)
+    return F.linear(context.reshape(batch, -1), w_out, b_out), weights
 
 
 def step_self(query, cache, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backend):
@@ -112,7 +114,7 @@ def step_self(query, cache, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backend
         keep: None or bool ``(b', 1, t + 1)``.
 
     Returns:
-        (output ``(B, D)``, new cache ``(B, t + 1, 2D)``).
+        (output ``(B, D)``, new cache ``(B, t + 1, 2D)``, weights ``(B, H, 1, t + 1)`` or None).
     """
     batch, d = query.shape
     qkv = F.linear(query, w_qkv, b_qkv)
@@ -121,5 +123,5 @@ def step_self(query, cache, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backend
         new = torch.cat([cache.expand(batch, -1, -1), new], dim=1)
     k, v = split_kv(new, n_head)
     q = split_heads(qkv[:, None, :d], n_head)  # (B, 1, H, d_k)
-    context, _ = dispatch.run(backend, q, k, v, keep, causal=False, dropout_p=0.0, training=False)
-    return F.linear(context.reshape(batch, d), w_out, b_out), new
+    context, weights = dispatch.run(backend, q, k, v, keep, causal=False, dropout_p=0.0, training=False)
+    return F.linear(context.reshape(batch, d), w_out, b_out), new, weights

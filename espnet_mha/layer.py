@@ -13,11 +13,21 @@ from espnet_mha import cache, compile_policy, dispatch, functional, masks, state
 logger = logging.getLogger(__name__)
 
 
+def _autocast_dtype(device_type):
+    """The autocast dtype active for ``device_type``, or None."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta...)
+        pass
+    return None
+
+
 def _compute_dtype(x):
-    """The dtype a linear layer produces for ``x`` (the autocast dtype under autocast)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    """The dtype a linear layer computes in for ``x``: the autocast dtype under
+    autocast, except for float64, which autocast never casts."""
+    autocast = _autocast_dtype(x.device.type)
+    return x.dtype if autocast is None or x.dtype == torch.float64 else autocast
 
 
 def _check_size(name, value):
@@ -97,7 +107,7 @@ class FlashMultiHeadedAttention(SequenceModule):
         self.attn = None
         self.last_backend = None
         self.last_fallback = ""
-        self._logged_fallbacks = set()
+        self._decisions = {}
         self.register_load_state_dict_pre_hook(state_dict.load_state_dict_pre_hook)
 
     def _reset_qkv(self):
@@ -127,6 +137,14 @@ class FlashMultiHeadedAttention(SequenceModule):
             )
         if not x.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
+        weight = self.linear_out.weight
+        if x.device != weight.device:
+            raise ValueError(f"{name} is on {x.device} but the layer's parameters are on {weight.device}")
+        if _compute_dtype(x) != _compute_dtype(weight):
+            raise TypeError(
+                f"{name} dtype {x.dtype} != the layer's parameter dtype {weight.dtype} "
+                f"(convert one of them; torch.autocast casts float32/16 but never float64)"
+            )
 
     def _check_memory(self, query, memory):
         self._check_features("memory", memory, "(B, T2, D)")
@@ -135,24 +153,31 @@ class FlashMultiHeadedAttention(SequenceModule):
                 f"memory batch {memory.size(0)} (shape {tuple(memory.shape)}) != query batch "
                 f"{query.size(0)} (shape {tuple(query.shape)})"
             )
-        if memory.dtype != query.dtype:
-            raise TypeError(f"memory dtype {memory.dtype} != query dtype {query.dtype}")
         if memory.device != query.device:
             raise ValueError(f"memory is on {memory.device} but query is on {query.device}")
+        if _compute_dtype(memory) != _compute_dtype(query):
+            raise TypeError(f"memory dtype {memory.dtype} != query dtype {query.dtype}")
 
     # ---------------------------------------------------------------- dispatch
     def _select(self, x, keep, *, causal, need_weights):
-        call = dispatch.AttentionCall(
-            device=x.device, dtype=_compute_dtype(x), d_k=self.d_k, mask_kind=masks.mask_kind(keep),
-            causal=causal, need_weights=need_weights,
-            compiled=compile_policy.wants_compile(self.compile_setting, x.device.type),
-        )
-        backend, fallback = dispatch.select_backend(self.backend, call)
-        self.last_backend, self.last_fallback = backend, fallback
-        if fallback and x.device.type == "cuda" and fallback not in self._logged_fallbacks:
-            self._logged_fallbacks.add(fallback)
-            logger.info("espnet_mha: using %s instead of flash_attn: %s", backend, fallback)
-        return backend
+        # The decision depends only on static properties of the call, so it is
+        # memoised per layer: decoding steps pay a dict lookup, not the rules.
+        key = (x.device, _compute_dtype(x), masks.mask_kind(keep), causal, need_weights,
+               self.backend, self.compile_setting)
+        decision = self._decisions.get(key)
+        if decision is None:
+            device, dtype, mask_kind = key[:3]
+            call = dispatch.AttentionCall(
+                device=device, dtype=dtype, d_k=self.d_k, mask_kind=mask_kind, causal=causal,
+                need_weights=need_weights,
+                compiled=compile_policy.wants_compile(self.compile_setting, device.type),
+            )
+            decision = self._decisions[key] = dispatch.select_backend(self.backend, call)
+            backend, fallback = decision
+            if fallback and device.type == "cuda":
+                logger.info("espnet_mha: using %s instead of flash_attn: %s", backend, fallback)
+        self.last_backend, self.last_fallback = decision
+        return decision[0]
 
     def _fn(self, fn, x):
         return compile_policy.pick(fn, self.compile_setting, self.compile_mode, x.device.type)
@@ -237,10 +262,12 @@ class FlashMultiHeadedAttention(SequenceModule):
             kv = state
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         keep_call = None if keep is None else (keep.transpose(0, 1) if kv.size(0) == 1 else keep)
-        backend = self._select(query, keep_call, causal=False, need_weights=False)
-        out = self._fn(functional.attend_cached, query)(
+        backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn)
+        out, weights = self._fn(functional.attend_cached, query)(
             query, kv, keep, *self._params(), n_head=self.h, backend=backend
         )
+        if self.keep_attn:
+            self.attn = weights
         return out, cache.batch_state(kv, batch)
 
     def _step_self(self, query, state, mask):
@@ -250,10 +277,13 @@ class FlashMultiHeadedAttention(SequenceModule):
                                    dtype=_compute_dtype(query), device=query.device)
         t2 = 1 if state is None else state.size(1) + 1
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
-        backend = self._select(query, keep, causal=False, need_weights=False)
-        return self._fn(functional.step_self, query)(
+        backend = self._select(query, keep, causal=False, need_weights=self.keep_attn)
+        out, new_state, weights = self._fn(functional.step_self, query)(
             query, state, keep, *self._params(), n_head=self.h, backend=backend
         )
+        if self.keep_attn:
+            self.attn = weights
+        return out, new_state
 
     def default_state(self, *batch_shape, device=None):
         """The state at the start of an utterance: None (the cache is made on the first step)."""

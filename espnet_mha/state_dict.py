@@ -1,10 +1,15 @@
-"""State-dict adapter between the stock layout and our fused layout.
+"""State-dict adapter between the stock layout and our fused layout (one layer).
 
 Stock ``MultiHeadedAttention`` keys: ``linear_q``, ``linear_k``, ``linear_v``,
 ``linear_out`` (``.weight`` ``(D, D)``, ``.bias`` ``(D,)``). Ours:
 ``linear_qkv`` (``.weight`` ``(3D, D)`` with rows q, k, v; ``.bias`` ``(3D,)``)
 and the same ``linear_out``. Fusing is a concatenation, so the round trip is
 bit-exact.
+
+The pre-hook registered on every ``FlashMultiHeadedAttention`` makes a plain
+strict ``model.load_state_dict(stock_state_dict)`` work for a whole ESPnet
+model. Whole state dicts (wrapper prefixes, export to the stock layout, files)
+are handled in :mod:`espnet_mha.checkpoint` and :mod:`espnet_mha.convert`.
 """
 
 import torch
@@ -96,5 +101,25 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
     ``load_state_dict`` of a whole model converts exactly the keys under our
     layers' prefixes and nothing else (a transformer encoder's ``linear_q``
     stays as it is).
+
+    ESPnet's ``--init_param`` (``load_pretrained_model``) loads
+    ``model.state_dict()`` updated with the file, so a stock file arrives with
+    our *current* fused tensors beside its stock ones. Fused entries that are
+    this layer's own parameters (same storage) are dropped so the file wins;
+    any other mix of layouts is refused by ``fuse_keys``.
+
+    Raises:
+        KeyError, ValueError: see ``fuse_keys``.
     """
+    own = {f"{prefix}{FUSED_PROJECTION}.{param}": getattr(module.linear_qkv, param) for param in PARAMS}
+    if any(key in state_dict for key in _stock_keys(prefix)) and all(
+        key in state_dict and _same_tensor(state_dict[key], param) for key, param in own.items()
+    ):
+        for key in own:
+            del state_dict[key]
     fuse_keys(state_dict, prefix, n_feat=module.n_feat)
+
+
+def _same_tensor(a, b):
+    return (isinstance(a, torch.Tensor) and a.device == b.device and a.shape == b.shape
+            and a.data_ptr() == b.data_ptr())

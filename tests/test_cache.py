@@ -189,3 +189,16 @@ def test_two_threads_share_one_module():
     for thread in threads:
         thread.join()
     assert concurrent == sequential
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-cache", "per-hypothesis-cache"])
+def test_step_keeps_the_stock_weights_when_asked(shared):
+    stock, ours = stock_and_flash(12, 3, keep_attn=True)
+    memory = seq(1, 7, 12).expand(4, -1, -1) if shared else seq(4, 7, 12)
+    query = seq(4, 12, seed=1)
+    mask = seq(4, 1, 7, seed=2) > 0
+    expected, _ = stock.step(query, None, memory=memory, mask=mask)
+    got, _ = ours.step(query, None, memory=memory, mask=mask)
+    torch.testing.assert_close(got, expected, **FP64)
+    torch.testing.assert_close(ours.attn, stock.attn, **FP64)
+    assert ours.last_backend == "math"

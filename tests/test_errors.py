@@ -53,7 +53,7 @@ def test_environment_overrides_are_checked(monkeypatch):
         (torch.randn(2, 3, 8), torch.randn(2, 8), None, ValueError, r"memory must be 3-D \(B, T2, D\), got shape \(2, 8\)"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 6), None, ValueError, r"memory has feature size 6"),
         (torch.randn(2, 3, 8), torch.randn(3, 5, 8), None, ValueError, r"memory batch 3 \(shape \(3, 5, 8\)\) != query batch 2"),
-        (torch.randn(2, 3, 8), torch.randn(2, 5, 8, dtype=torch.float64), None, TypeError, r"memory dtype torch.float64 != query dtype torch.float32"),
+        (torch.randn(2, 3, 8), torch.randn(2, 5, 8, dtype=torch.float64), None, TypeError, r"memory dtype torch.float64 != the layer.s parameter dtype torch.float32"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool), ValueError, r"mask must be 3-D, \(B, 1, T2\) or \(B, T1, T2\), got shape \(2, 5\)"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 1, 4, dtype=torch.bool), ValueError, r"mask of shape \(2, 1, 4\) does not broadcast to \(B, T1, T2\) = \(2, 3, 5\)"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(3, 1, 5, dtype=torch.bool), ValueError, r"mask of shape \(3, 1, 5\) does not broadcast"),
@@ -70,10 +70,24 @@ def test_forward_errors(layer, query, memory, mask, error, match):
 
 def test_memory_and_mask_devices_are_checked(layer):
     query = torch.randn(1, 2, 8)
-    with pytest.raises(ValueError, match=r"memory is on meta but query is on cpu"):
+    with pytest.raises(ValueError, match=r"memory is on meta but the layer's parameters are on cpu"):
         layer(query, torch.empty(1, 3, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"query is on meta but the layer's parameters are on cpu"):
+        layer(torch.empty(1, 3, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"query is on meta but the layer's parameters are on cpu"):
+        layer.step(torch.empty(1, 8, device="meta"), None, memory=torch.randn(1, 3, 8))
     with pytest.raises(ValueError, match=r"mask is on meta but query is on cpu"):
         layer(query, torch.randn(1, 3, 8), torch.ones(1, 1, 3, dtype=torch.bool, device="meta"))
+
+
+def test_query_dtype_must_match_the_parameters_outside_autocast(layer):
+    with pytest.raises(TypeError, match=r"query dtype torch.float64 != the layer's parameter dtype torch.float32"):
+        layer(torch.randn(1, 3, 8, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = layer(torch.randn(1, 3, 8), torch.randn(1, 4, 8, dtype=torch.bfloat16))
+        assert out.dtype == torch.bfloat16
+        with pytest.raises(TypeError, match=r"query dtype torch.float64 != .*torch.autocast casts float32/16 but never float64"):
+            layer(torch.randn(1, 3, 8, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(

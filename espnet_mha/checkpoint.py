@@ -1,0 +1,303 @@
+"""Whole-model state dicts: wrapper prefixes, our layers fused or exported to the stock layout.
+
+A model's state dict holds our layers among other modules, some with the same
+key names (a transformer encoder's ``linear_q/k/v``): these functions change
+only our layers' keys. They return new ordered dicts with every other key, the
+key order and ``_metadata`` (module versions) kept.
+
+Plain ``load_state_dict`` never strips the ``module.``/``_orig_mod.`` prefixes
+that DDP and ``torch.compile`` add (not for stock models either): call
+:func:`load_stock_or_fused`, or convert the file once with
+``espnet-mha-convert`` (:mod:`espnet_mha.convert`), which writes clean keys.
+Stock state dicts without prefixes need neither: our layer's
+``load_state_dict`` pre-hook fuses them.
+"""
+
+import re
+from collections import OrderedDict
+
+import torch
+
+from espnet_mha.state_dict import FUSED_PROJECTION, PARAMS, STOCK_PROJECTIONS, _stock_keys, fuse_keys, unfuse_keys
+
+# The key prefix of an attention layer inside ESPnet's SequenceModel (S4Decoder):
+# SequenceModel.layers[i] is a SequenceResidualBlock whose `layer` is the attention,
+# e.g. "decoder.decoder.layers.1.layer.". A transformer/conformer encoder's
+# attention ("encoder.encoders.0.self_attn.") does not match.
+DEFAULT_LAYER_PATTERN = r"(?:^|\.)layers\.\d+\.layer\.$"
+COMPILE_SEGMENT = "_orig_mod"  # torch.compile's OptimizedModule (pytorch #101107)
+PARALLEL_SEGMENT = "module"  # DistributedDataParallel / DataParallel
+_STOCK_KEY = re.compile(r"^((?:.*\.)?)(?:linear_q|linear_k|linear_v)\.(?:weight|bias)$")
+_FUSED_KEY = re.compile(r"^((?:.*\.)?)linear_qkv\.(?:weight|bias)$")
+
+
+def strip_wrapper_prefixes(state_dict):
+    """Remove the key prefixes that ``torch.compile``, DDP and DataParallel add.
+
+    ``_orig_mod.`` (``torch.compile``, pytorch #101107) is removed wherever it is
+    a whole path segment, so a compiled submodule (``decoder._orig_mod.``) is
+    covered too; ``module.`` (DDP, DataParallel) is removed from the front while
+    every key starts with it. Both repeat, in either order.
+
+    Args:
+        state_dict: a model's state dict.
+
+    Returns:
+        (state_dict, stripped): a new ``OrderedDict`` (same tensors and order,
+        ``_metadata`` renamed alike) and the prefixes removed, outermost first,
+        e.g. ``["module.", "_orig_mod."]``; empty when the keys were clean.
+
+    Raises:
+        ValueError: two keys become the same key (names both).
+    """
+    wrappers = (COMPILE_SEGMENT, PARALLEL_SEGMENT)
+    parts = [key.split(".") for key in state_dict]
+    peeled = []
+    while parts:
+        depth = len(peeled)
+        head = parts[0][depth] if len(parts[0]) > depth + 1 else None
+        if head not in wrappers or any(len(p) <= depth + 1 or p[depth] != head for p in parts):
+            break
+        peeled.append(head)
+
+    def clean(segments):
+        if segments[: len(peeled)] == peeled[: len(segments)]:
+            segments = segments[len(peeled):]
+        return ".".join(s for s in segments if s != COMPILE_SEGMENT)
+
+    stripped = [f"{segment}." for segment in dict.fromkeys(peeled)]
+    out, source = OrderedDict(), {}
+    for key, segments in zip(state_dict, parts):
+        new = clean(segments)
+        if new in source:
+            raise ValueError(f"keys {source[new]!r} and {key!r} both become {new!r} without wrapper prefixes")
+        if COMPILE_SEGMENT in segments[len(peeled):] and f"{COMPILE_SEGMENT}." not in stripped:
+            stripped.append(f"{COMPILE_SEGMENT}.")
+        source[new] = key
+        out[new] = state_dict[key]
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = OrderedDict((clean(name.split(".") if name else []), value) for name, value in metadata.items())
+    return out, stripped
+
+
+def _compile_pattern(layer_pattern):
+    if layer_pattern is None or isinstance(layer_pattern, re.Pattern):
+        return layer_pattern
+    try:
+        return re.compile(layer_pattern)
+    except (re.error, TypeError) as error:
+        raise ValueError(f"layer_pattern {layer_pattern!r} is not a valid regular expression: {error}") from None
+
+
+def _layer_prefixes(state_dict, key_re, layer_pattern=None):
+    pattern = _compile_pattern(layer_pattern)
+    prefixes = {}
+    for key in state_dict:
+        match = key_re.match(key)
+        if match and (pattern is None or pattern.search(match.group(1))):
+            prefixes[match.group(1)] = None
+    return list(prefixes)
+
+
+def stock_layers(state_dict, *, layer_pattern=DEFAULT_LAYER_PATTERN):
+    """Key prefixes of the layers with any stock ``linear_q/k/v`` key, in key order.
+
+    Args:
+        state_dict: a model's state dict.
+        layer_pattern: keep prefixes where this regular expression matches
+            (``re.search``); None keeps every layer (an encoder's attention too).
+
+    Returns:
+        list of prefixes such as ``"decoder.decoder.layers.1.layer."``.
+
+    Raises:
+        ValueError: ``layer_pattern`` is not a valid regular expression.
+    """
+    return _layer_prefixes(state_dict, _STOCK_KEY, layer_pattern)
+
+
+def fused_layers(state_dict):
+    """Key prefixes of the layers with a fused ``linear_qkv`` key (only our layer has one)."""
+    return _layer_prefixes(state_dict, _FUSED_KEY)
+
+
+def _unwrap(model):
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _our_layer_sizes(model):
+    from espnet_mha.layer import FlashMultiHeadedAttention  # lazy: the converter needs no layer
+
+    sizes = {}
+    for name, module in _unwrap(model).named_modules():
+        if isinstance(module, FlashMultiHeadedAttention):
+            name = ".".join(s for s in name.split(".") if s != COMPILE_SEGMENT)
+            sizes[f"{name}." if name else ""] = module.n_feat
+    return sizes
+
+
+def _stock_n_feat(state_dict, prefix):
+    # linear_out is the layer's reference size; q/k/v must match it.
+    for name in ("linear_out", *STOCK_PROJECTIONS):
+        if f"{prefix}{name}.weight" in state_dict:
+            return state_dict[f"{prefix}{name}.weight"].shape[0]
+    return None
+
+
+def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
+    """Our layers' stock ``linear_q/k/v`` keys -> the fused ``linear_qkv`` (every other key kept).
+
+    Which layers are ours: with ``model``, its ``FlashMultiHeadedAttention``
+    modules (sizes checked against them); without, the layers whose key prefix
+    matches ``layer_pattern``. Layers already fused stay as they are; other
+    modules with the same key names (a transformer encoder's) are untouched.
+
+    Args:
+        state_dict: a model's state dict without wrapper prefixes (see
+            :func:`strip_wrapper_prefixes`).
+        model: optional; the (flash) model the state dict is meant for.
+        layer_pattern: used without ``model``; see :func:`stock_layers`.
+
+    Returns:
+        OrderedDict with ``linear_qkv.weight`` ``(3D, D)`` and ``.bias`` ``(3D,)``
+        in place of the six stock keys of each converted layer.
+
+    Raises:
+        KeyError: a layer of ``model`` has neither layout in the state dict; a
+            layer is half-converted (names the missing keys) or has both layouts.
+        ValueError: a q/k/v tensor has the wrong shape (names the key, expected
+            and found shapes), or ``layer_pattern`` is not a valid expression.
+    """
+    if model is None:
+        layers = {p: _stock_n_feat(state_dict, p) for p in stock_layers(state_dict, layer_pattern=layer_pattern)}
+    else:
+        stock, fused = set(stock_layers(state_dict, layer_pattern=None)), set(fused_layers(state_dict))
+        layers = {}
+        for prefix, n_feat in _our_layer_sizes(model).items():
+            if prefix not in stock and prefix not in fused:
+                raise KeyError(
+                    f"the model's attention layer {prefix!r} has neither linear_q/k/v nor linear_qkv keys "
+                    "in the state dict (wrapper prefixes? see strip_wrapper_prefixes)"
+                )
+            if prefix in stock:
+                layers[prefix] = n_feat
+    return _convert(state_dict, layers, fuse=True)
+
+
+def to_stock(state_dict):
+    """Fused ``linear_qkv`` keys -> stock ``linear_q/k/v`` keys (every other key kept).
+
+    The result loads into a model built with ESPnet's stock ``mha`` with strict
+    ``load_state_dict``; ``to_stock(to_fused(sd))`` is bit-identical to ``sd``
+    (keys, order, tensors).
+
+    Args:
+        state_dict: a model's state dict.
+
+    Returns:
+        OrderedDict with ``linear_q/k/v.weight`` ``(D, D)`` and ``.bias`` ``(D,)``.
+
+    Raises:
+        KeyError: a layer has only one of ``linear_qkv.weight``/``.bias``, or
+            both layouts.
+        ValueError: a fused tensor is not ``(3D, D)``/``(3D,)`` (names the key,
+            expected and found shapes).
+    """
+    return _convert(state_dict, dict.fromkeys(fused_layers(state_dict)), fuse=False)
+
+
+def _unfuse_checked(layer, prefix):
+    both = [key for key in _stock_keys(prefix) if key in layer]
+    if both:
+        raise KeyError(f"attention layer at {prefix!r} has both fused keys and stock {both}")
+    weight, bias = (layer.get(f"{prefix}{FUSED_PROJECTION}.{param}") for param in PARAMS)
+    if weight is not None and bias is not None:
+        expected = (3 * weight.shape[-1], weight.shape[-1])
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"{prefix}{FUSED_PROJECTION}.weight: expected shape (3D, D) = {expected}, "
+                             f"found {tuple(weight.shape)}")
+        if tuple(bias.shape) != expected[:1]:
+            raise ValueError(f"{prefix}{FUSED_PROJECTION}.bias: expected shape {expected[:1]}, "
+                             f"found {tuple(bias.shape)}")
+    unfuse_keys(layer, prefix)
+
+
+def _convert(state_dict, layers, *, fuse):
+    """Rebuild ``state_dict`` with ``layers`` ({prefix: n_feat}) fused or unfused, in key order."""
+    old, new = (STOCK_PROJECTIONS, (FUSED_PROJECTION,)) if fuse else ((FUSED_PROJECTION,), STOCK_PROJECTIONS)
+    owner = {f"{p}{name}.{param}": p for p in layers for name in old for param in PARAMS}
+    out, done = OrderedDict(), set()
+    for key, value in state_dict.items():
+        prefix = owner.get(key)
+        if prefix is None:
+            out[key] = value
+            continue
+        if prefix in done:
+            continue
+        done.add(prefix)
+        names = [f"{prefix}{name}.{param}" for name in (*old, *new) for param in PARAMS]
+        layer = {name: state_dict[name] for name in names if name in state_dict}
+        if fuse:
+            fuse_keys(layer, prefix, n_feat=layers[prefix])
+        else:
+            _unfuse_checked(layer, prefix)
+        for name in new:
+            for param in PARAMS:
+                out[f"{prefix}{name}.{param}"] = layer[f"{prefix}{name}.{param}"]
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        first = {f"{p}{old[0]}": p for p in layers}
+        rest = {f"{p}{name}" for p in layers for name in old[1:]}
+        out._metadata = OrderedDict()
+        for name, value in metadata.items():
+            if name in first:
+                out._metadata.update((f"{first[name]}{n}", dict(value)) for n in new)
+            elif name not in rest:
+                out._metadata[name] = value
+    return out
+
+
+def load_stock_or_fused(model, state_dict, *, strict=True):
+    """Load a stock or fused state dict, saved from a plain, compiled or DDP-wrapped model.
+
+    Removes the wrapper prefixes (see :func:`strip_wrapper_prefixes`), unwraps
+    ``model`` if it is compiled or wrapped, unfuses the layers that ``model``
+    holds as stock ``MultiHeadedAttention`` (our layers take the stock layout
+    through their pre-hook), then calls ``model.load_state_dict``.
+
+    Args:
+        model: the model to load into (may be compiled, DDP or DataParallel).
+        state_dict: a flat state dict (``valid.acc.ave.pth`` style).
+        strict: as in ``torch.nn.Module.load_state_dict``.
+
+    Returns:
+        what ``load_state_dict`` returns (missing and unexpected keys).
+
+    Raises:
+        TypeError: ``state_dict`` is a training checkpoint (pass its ``"model"`` entry).
+        KeyError, ValueError: see :func:`fuse_keys` and :func:`to_stock`.
+        RuntimeError: from ``load_state_dict`` (missing/unexpected keys, other shapes).
+    """
+    if isinstance(state_dict.get("model"), dict):
+        raise TypeError("state_dict looks like an ESPnet training checkpoint (it has a 'model' entry): "
+                        "pass checkpoint['model']")
+    clean, _ = strip_wrapper_prefixes(state_dict)
+    target = _unwrap(model)
+    stock_targets = {}
+    for prefix in fused_layers(clean):
+        try:
+            module = target.get_submodule(prefix[:-1])
+        except AttributeError:
+            continue
+        if hasattr(module, "linear_q") and not hasattr(module, FUSED_PROJECTION):
+            stock_targets[prefix] = None
+    if stock_targets:
+        clean = _convert(clean, stock_targets, fuse=False)
+    return target.load_state_dict(clean, strict=strict)

@@ -1,0 +1,207 @@
+"""Reading and writing checkpoint files safely: weights-only loading, atomic saving.
+
+Used by :mod:`espnet_mha.convert`. ``load_weights_only`` never unpickles
+arbitrary objects: a file holding other classes is refused with the key where
+they are and the ``--allow-global`` flags that would admit them.
+"""
+
+import contextlib
+import importlib
+import os
+import pickle
+import stat
+import tempfile
+from pathlib import Path
+
+import torch
+
+MODEL_ENTRY = "model"
+FLAT = "flat state dict"
+TRAINING = "ESPnet training checkpoint"
+# How the weights-only unpickler words a refused class (as opposed to a damaged file).
+_CLASS_REFUSALS = ("Unsupported global", "allowlisted", "unrecognized function")
+
+
+class ConversionError(ValueError):
+    """A checkpoint file cannot be read or converted (the message says why and what to do)."""
+
+
+# ------------------------------------------------------------------ reading
+class _StandIn:
+    """Takes the place of a refused class so that we can say where it is without building it."""
+
+    global_name = ""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __setstate__(self, state):
+        pass
+
+
+def _resolve_global(name):
+    module_name, _, attr = name.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ConversionError(f"--allow-global {name!r}: cannot import it ({error})") from None
+    if name == "numpy.dtype":
+        # A numpy dtype is rebuilt as an instance of its concrete class (numpy.dtypes.Float64DType...).
+        dtypes = getattr(importlib.import_module("numpy"), "dtypes", None)  # numpy >= 1.25
+        return [obj, *(getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType"))]
+    return [obj]
+
+
+def _reason(error):
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    text = " ".join(text.split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _unreadable(path, error):
+    return ConversionError(f"{path}: cannot read it ({_reason(error)}); is it truncated, or not written by torch.save?")
+
+
+def _where(obj, path, found):
+    if isinstance(obj, _StandIn):
+        found.setdefault(obj.global_name, []).append(path or "the top level")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _where(value, f"{path}[{key!r}]", found)
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            _where(value, f"{path}[{index}]", found)
+    return found
+
+
+def _refusal(path, unsafe, allowed):
+    stand_ins = [(type("StandIn", (_StandIn,), {"global_name": name}), name) for name in unsafe]
+    try:
+        with torch.serialization.safe_globals(allowed + stand_ins):
+            found = _where(torch.load(path, map_location="cpu", weights_only=True), "", {})
+    except Exception:  # noqa: BLE001 (only the locations are missing from the message then)
+        found = {}
+    lines = [f"{path}: torch.load(weights_only=True) refuses {len(unsafe)} class(es) that are not tensors:"]
+    for name in unsafe:
+        where = found.get(name, [])
+        more = f" (and {len(where) - 1} more)" if len(where) > 1 else ""
+        lines.append(f"  {name}" + (f" at {where[0]}{more}" if where else ""))
+    lines.append("Weights-only loading never builds other classes, since building them runs their code. "
+                 "If you trust this file, allow exactly these with: "
+                 + " ".join(f"--allow-global {name}" for name in unsafe))
+    return ConversionError("\n".join(lines))
+
+
+def load_weights_only(path, *, allow_globals=()):
+    """Load a ``torch.save`` file with ``torch.load(weights_only=True)`` on the CPU.
+
+    Args:
+        path: the file.
+        allow_globals: names (``"datetime.timedelta"``) of classes or functions
+            to admit besides torch's weights-only set (``numpy.dtype`` admits
+            numpy's concrete dtype classes too).
+
+    Returns:
+        the loaded object.
+
+    Raises:
+        ConversionError: no such file; unreadable or truncated; it holds classes
+            outside the allowed set (names them, where they are, and the
+            ``--allow-global`` flags); an allowed name cannot be imported.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file")
+    allowed = [obj for name in allow_globals for obj in _resolve_global(name)]
+    with torch.serialization.safe_globals(allowed):
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+        if is_zip:  # torch.save's format; older pickles have no static check
+            try:
+                unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+            except Exception as error:  # noqa: BLE001 (miniz, zipfile and pickle errors alike)
+                raise _unreadable(path, error) from error
+            if unsafe:
+                raise _refusal(path, unsafe, allowed)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if any(sign in str(error) for sign in _CLASS_REFUSALS):
+                raise ConversionError(f"{path}: torch.load(weights_only=True) refused it ({_reason(error)}); "
+                                      "--allow-global NAME admits a class you trust") from error
+            raise _unreadable(path, error) from error
+        except Exception as error:  # noqa: BLE001 (torch.load raises OSError, RuntimeError, EOFError, KeyError...)
+            raise _unreadable(path, error) from error
+
+
+def model_state(obj, *, path="checkpoint"):
+    """The model's state dict inside a loaded file, and which of ESPnet's files it is.
+
+    Returns:
+        (kind, state_dict): kind is ``FLAT`` (the object is the state dict) or
+        ``TRAINING`` (``checkpoint.pth``: the state dict is ``obj["model"]``).
+
+    Raises:
+        ConversionError: the object is neither (names what it found).
+    """
+    if isinstance(obj, dict) and isinstance(obj.get(MODEL_ENTRY), dict):
+        return TRAINING, obj[MODEL_ENTRY]
+    if isinstance(obj, dict) and obj:
+        wrong = next(((k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+        if wrong is None:
+            return FLAT, obj
+        found = f"entry {wrong[0]!r} is a {type(wrong[1]).__name__}, not a tensor"
+    else:
+        found = f"it holds {'an empty dict' if isinstance(obj, dict) else 'a ' + type(obj).__name__}"
+    raise ConversionError(f"{path}: neither a state dict ({found}) nor an ESPnet training checkpoint "
+                          f"(a dict whose {MODEL_ENTRY!r} entry is the state dict)")
+
+
+# ------------------------------------------------------------------ writing
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_atomic(obj, path, *, force=False):
+    """``torch.save`` to a temporary file in ``path``'s folder, fsync, then rename onto ``path``.
+
+    Readers never see a partial file; on any error the temporary file is
+    removed and ``path`` is left as it was. A symlink at ``path`` is replaced by
+    the file (its target is left alone).
+
+    Raises:
+        FileExistsError: ``path`` exists and not ``force``.
+        FileNotFoundError: ``path``'s folder does not exist.
+        IsADirectoryError: ``path`` is a folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise FileExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such directory (for {path})")
+    mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable; not every filesystem allows it
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

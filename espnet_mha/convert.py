@@ -1,0 +1,190 @@
+"""``espnet-mha-convert``: checkpoint files between the stock and our fused attention layout.
+
+Usage::
+
+    espnet-mha-convert IN OUT --to stock|fused [--force] [--layer-pattern REGEX]
+                       [--allow-global NAME ...] [--drop-optimizer-state]
+    python -m espnet_mha.convert ...
+
+Reads the files ESPnet writes: a flat state dict (``valid.acc.ave.pth``) and a
+training checkpoint (``checkpoint.pth``: the state dict in its ``"model"``
+entry). Loads with ``torch.load(weights_only=True)`` only, on the CPU (so OUT
+holds CPU tensors): a file holding other classes is refused with the key where
+they are and the ``--allow-global`` flags that would admit them. Removes
+``module.``/``_orig_mod.`` prefixes, converts only our layers' keys (see
+:mod:`espnet_mha.checkpoint`), writes OUT atomically (temporary file, fsync, rename).
+
+An optimizer state indexes parameters by position, and fusing q/k/v changes the
+parameter list: a training checkpoint with optimizer state is refused unless
+``--drop-optimizer-state`` (ESPnet's resume then starts the optimizer afresh).
+"""
+
+import argparse
+import copy
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from espnet_mha.checkpoint import (
+    DEFAULT_LAYER_PATTERN,
+    fused_layers,
+    stock_layers,
+    strip_wrapper_prefixes,
+    to_fused,
+    to_stock,
+)
+from espnet_mha.checkpoint_io import (  # noqa: F401  (re-exported: the converter's public helpers)
+    FLAT,
+    MODEL_ENTRY,
+    TRAINING,
+    ConversionError,
+    load_weights_only,
+    model_state,
+    save_atomic,
+)
+
+PROG = "espnet-mha-convert"
+LAYOUTS = ("stock", "fused")
+OPTIMIZERS_ENTRY = "optimizers"
+
+
+# --------------------------------------------------------------- converting
+@dataclass
+class Report:
+    """What :func:`convert_file` did."""
+
+    src: Path
+    dst: Path
+    to: str
+    kind: str
+    n_keys: int
+    layers: list = field(default_factory=list)
+    stripped: list = field(default_factory=list)
+    left_alone: list = field(default_factory=list)
+    dropped_optimizers: int = 0
+
+    def lines(self):
+        where = f"state dict in entry {MODEL_ENTRY!r}, " if self.kind == TRAINING else ""
+        out = [f"read {self.src}: {self.kind} ({where}{self.n_keys} keys)",
+               f"stripped wrapper prefixes: {', '.join(self.stripped)}" if self.stripped else "no wrapper prefixes",
+               f"converted {len(self.layers)} attention layer(s) to {self.to}: {', '.join(self.layers) or '-'}"]
+        if self.left_alone:
+            out.append(f"left alone {len(self.left_alone)} other layer(s) with linear_q/k/v (outside --layer-pattern): "
+                       + ", ".join(self.left_alone))
+        if self.dropped_optimizers:
+            out.append(f"dropped the state of {self.dropped_optimizers} optimizer(s) (--drop-optimizer-state)")
+        out.append(f"wrote {self.dst}")
+        return out
+
+
+def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTERN, allow_globals=(),
+                 drop_optimizer_state=False):
+    """Convert a checkpoint file to the stock or our fused layout (see the module docs).
+
+    Args:
+        src, dst: input and output paths (``dst`` may equal ``src`` with ``force``).
+        to: ``"stock"`` or ``"fused"``.
+        force: overwrite ``dst``.
+        layer_pattern: which stock layers are ours, for ``to="fused"``; see
+            :func:`espnet_mha.checkpoint.stock_layers` (``""`` matches every layer).
+        allow_globals: see :func:`load_weights_only`.
+        drop_optimizer_state: write a training checkpoint without its optimizer state.
+
+    Returns:
+        Report.
+
+    Raises:
+        ValueError: ``to`` is not a layout.
+        FileExistsError: ``dst`` exists and not ``force`` (checked before reading).
+        ConversionError: see :func:`load_weights_only` and :func:`model_state`;
+            nothing to convert; optimizer state present without ``drop_optimizer_state``.
+        KeyError, ValueError: half-converted layers or wrong shapes (see
+            :mod:`espnet_mha.checkpoint`). Nothing is written on any error.
+    """
+    if to not in LAYOUTS:
+        raise ValueError(f"to must be one of {LAYOUTS}, got {to!r}")
+    src, dst = Path(src), Path(dst)
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise FileExistsError(f"{dst} exists; pass --force (force=True) to overwrite it")
+    obj = load_weights_only(src, allow_globals=allow_globals)
+    kind, state = model_state(obj, path=src)
+    clean, stripped = strip_wrapper_prefixes(state)
+    if to == "fused":
+        layers = stock_layers(clean, layer_pattern=layer_pattern)
+        converted = to_fused(clean, layer_pattern=layer_pattern)
+        left_alone = [p for p in stock_layers(clean, layer_pattern=None) if p not in layers]
+    else:
+        layers, converted, left_alone = fused_layers(clean), to_stock(clean), []
+    if not layers and not stripped:
+        raise ConversionError(_nothing_to_convert(src, to, clean, layer_pattern, left_alone))
+    report = Report(src, dst, to, kind, len(state), layers, stripped, left_alone)
+    if kind == TRAINING:
+        obj = copy.copy(obj)
+        obj[MODEL_ENTRY] = converted
+        optimizers = [o for o in obj.get(OPTIMIZERS_ENTRY) or [] if o]
+        if layers and optimizers:
+            if not drop_optimizer_state:
+                raise ConversionError(
+                    f"{src}: entry {OPTIMIZERS_ENTRY!r} holds the state of {len(optimizers)} optimizer(s), indexed "
+                    f"by parameter position; converting {len(layers)} layer(s) changes the parameter list, so it "
+                    "would not fit the converted model (ESPnet's resume fails in optimizer.load_state_dict). "
+                    "Pass --drop-optimizer-state to write the checkpoint without it")
+            obj[OPTIMIZERS_ENTRY] = []
+            report.dropped_optimizers = len(optimizers)
+    else:
+        obj = converted
+    save_atomic(obj, dst, force=force)
+    return report
+
+
+def _nothing_to_convert(src, to, state, layer_pattern, left_alone):
+    if to == "stock":
+        return f"{src}: nothing to convert to stock: no linear_qkv keys and no wrapper prefixes"
+    message = (f"{src}: nothing to convert to fused: no linear_q/k/v keys under a layer prefix matching "
+               f"--layer-pattern {layer_pattern!r} and no wrapper prefixes")
+    if fused_layers(state):
+        message += f"; {len(fused_layers(state))} layer(s) are fused already"
+    if left_alone:
+        message += f"; other layers with linear_q/k/v: {', '.join(left_alone)} (a --layer-pattern would include them)"
+    return message
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert an ESPnet checkpoint (flat state dict such as valid.acc.ave.pth, or training "
+                    "checkpoint.pth) between the stock MultiHeadedAttention layout (linear_q/k/v) and "
+                    "espnet_mha's fused layout (linear_qkv). Removes module./_orig_mod. prefixes.",
+    )
+    parser.add_argument("src", metavar="IN", help="file to read (torch.load with weights_only=True)")
+    parser.add_argument("dst", metavar="OUT", help="file to write atomically (may be IN with --force)")
+    parser.add_argument("--to", required=True, choices=LAYOUTS, help="layout to write")
+    parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    parser.add_argument("--layer-pattern", default=DEFAULT_LAYER_PATTERN, metavar="REGEX",
+                        help="--to fused: convert the layers whose key prefix matches (re.search); default "
+                             "%(default)s, the attention layers of ESPnet's S4 decoder; '' matches every layer "
+                             "with linear_q/k/v, a transformer encoder's too")
+    parser.add_argument("--allow-global", action="append", default=[], metavar="NAME",
+                        help="also admit this class when loading (repeatable), e.g. datetime.timedelta; "
+                             "only for files you trust; the error for a refused file lists the names it needs")
+    parser.add_argument("--drop-optimizer-state", action="store_true",
+                        help="write a training checkpoint without its optimizer state (which would not fit)")
+    return parser
+
+
+def main(argv=None):
+    """Run the converter; returns the exit status (0 done, 1 refused or failed, 2 bad usage)."""
+    args = _parser().parse_args(argv)
+    try:
+        report = convert_file(args.src, args.dst, to=args.to, force=args.force, layer_pattern=args.layer_pattern,
+                              allow_globals=args.allow_global, drop_optimizer_state=args.drop_optimizer_state)
+    except (ConversionError, KeyError, ValueError, OSError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+    print("\n".join(report.lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Whole ESPnet models: stock checkpoints load into flash_mha models, state dicts export back, wrapper prefixes.
+
+Every model here is built by ESPnet's ``ASRTask`` from a recipe config (see
+``espnet_asr.py``); the reference is the same model built with the stock ``mha``.
+"""
+
+import pytest
+import torch
+from espnet.nets.pytorch_backend.transformer.add_sos_eos import add_sos_eos
+
+import espnet_asr
+from espnet_mha.checkpoint import (
+    fused_layers,
+    load_stock_or_fused,
+    stock_layers,
+    strip_wrapper_prefixes,
+    to_fused,
+    to_stock,
+)
+from espnet_mha.layer import FlashMultiHeadedAttention
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def exp(tmp_path_factory):
+    return espnet_asr.Experiment(tmp_path_factory.mktemp("exp"))
+
+
+def outputs(model, seed=0):
+    """(loss, decoder logits) of an ASR model on a fixed batch, fp32, eval mode."""
+    b = espnet_asr.batch(seed)
+    with torch.no_grad():
+        loss, _, _ = model(**b)
+        enc, enc_lens = model.encode(b["speech"], b["speech_lengths"])
+        ys_in, _ = add_sos_eos(b["text"], model.sos, model.eos, model.ignore_id)
+        logits, _ = model.decoder(enc, enc_lens, ys_in, b["text_lengths"] + 1)
+    return loss, logits
+
+
+_REFERENCE = {}
+
+
+def assert_same_outputs(ours, reference):
+    """Loss and decoder logits within 1e-5 (fp32); the reference's outputs are computed once."""
+    if id(reference) not in _REFERENCE:
+        _REFERENCE[id(reference)] = (reference, outputs(reference))
+    for got, expected in zip(outputs(ours), _REFERENCE[id(reference)][1]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def assert_same_state(got, expected):
+    assert list(got) == list(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+# ---------------------------------------------------------------- loading whole models
+def test_stock_file_loads_strictly_and_gives_the_same_outputs(exp):
+    ours = exp.flash()
+    result = ours.load_state_dict(torch.load(exp.ave, weights_only=True), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert_same_outputs(ours, exp.model)
+    # The encoder's attention has the same key names and is not touched.
+    assert torch.equal(ours.encoder.encoders[0].self_attn.linear_q.weight,
+                       exp.model.encoder.encoders[0].self_attn.linear_q.weight)
+
+
+def test_training_checkpoint_model_entry_loads_strictly(exp):
+    checkpoint = espnet_asr.training_checkpoint(espnet_asr.build(exp.root, "mha", seed=3)[0].train())
+    stock, ours = espnet_asr.build(exp.root, "mha", seed=4)[0], exp.flash()
+    stock.load_state_dict(checkpoint["model"], strict=True)
+    ours.load_state_dict(checkpoint["model"], strict=True)
+    assert_same_outputs(ours, stock)
+
+
+def test_espnet_build_model_from_file_loads_stock_and_fused_files(exp, tmp_path):
+    from espnet2.tasks.asr import ASRTask
+
+    model, _ = ASRTask.build_model_from_file(exp.flash_config, exp.ave, "cpu")
+    assert isinstance(model.decoder.decoder.layers[1].layer, FlashMultiHeadedAttention)
+    assert_same_outputs(model.eval(), exp.model)
+    fused = tmp_path / "fused.pth"
+    torch.save(to_fused(exp.stock_state()), fused)
+    model, _ = ASRTask.build_model_from_file(exp.flash_config, fused, "cpu")
+    assert_same_outputs(model.eval(), exp.model)
+
+
+def test_asr_inference_beam_search_is_identical(exp):
+    from espnet2.bin.asr_inference import Speech2Text
+
+    speech = espnet_asr.batch()["speech"][0]
+    results = []
+    for config in (exp.stock_config, exp.flash_config):
+        speech2text = Speech2Text(asr_train_config=config, asr_model_file=exp.ave, device="cpu",
+                                  beam_size=4, ctc_weight=0.3, nbest=3)
+        results.append(speech2text(speech))
+    stock, ours = results
+    assert isinstance(speech2text.asr_model.decoder.decoder.layers[4].layer, FlashMultiHeadedAttention)
+    assert [r[2] for r in ours] == [r[2] for r in stock]
+    assert max(len(r[2]) for r in stock) > 2  # real hypotheses, not just <sos/eos>
+    for (*_, got), (*_, expected) in zip(ours, stock):
+        torch.testing.assert_close(got.score, expected.score, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("init_param", ["{path}", "{path}:decoder:decoder"])
+def test_espnet_init_param_loads_a_stock_file(exp, init_param):
+    from espnet2.torch_utils.load_pretrained_model import load_pretrained_model
+
+    ours = exp.flash()
+    load_pretrained_model(init_param.format(path=exp.ave), ours, ignore_init_mismatch=False)
+    got, expected = ours.state_dict(), to_fused(exp.stock_state())
+    for key in [key for key in expected if key.startswith("decoder.")]:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_espnet_init_param_with_ignore_init_mismatch_needs_a_fused_file(exp, tmp_path):
+    # ESPnet drops the file's keys that the model's state_dict() lacks (linear_q/k/v)
+    # before loading: our pre-hook never sees them. A converted file has our keys.
+    from espnet2.torch_utils.load_pretrained_model import load_pretrained_model
+
+    ours = exp.flash()
+    before = ours.decoder.decoder.layers[1].layer.linear_qkv.weight.clone()
+    load_pretrained_model(str(exp.ave), ours, ignore_init_mismatch=True)
+    assert torch.equal(ours.decoder.decoder.layers[1].layer.linear_qkv.weight, before)
+    fused = tmp_path / "fused.pth"
+    torch.save(to_fused(exp.stock_state()), fused)
+    load_pretrained_model(str(fused), ours, ignore_init_mismatch=True)
+    assert_same_outputs(ours, exp.model)
+
+
+# ------------------------------------------------------------------------- export
+def test_export_to_stock_loads_in_stock_espnet_and_gives_the_same_outputs(exp):
+    ours = exp.flash(seed=7)
+    stock = espnet_asr.build(exp.root, "mha", seed=8)[0]
+    exported = to_stock(ours.state_dict())
+    result = stock.load_state_dict(exported, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert_same_outputs(ours, stock)
+    assert list(exported) == list(stock.state_dict())
+
+
+def test_round_trip_is_bit_identical_and_touches_only_our_layers(exp):
+    original = exp.stock_state()
+    fused = to_fused(original)
+    assert fused_layers(fused) == espnet_asr.DECODER_ATTENTION
+    assert stock_layers(fused, layer_pattern=None) == [espnet_asr.ENCODER_ATTENTION]
+    assert list(fused) == list(exp.flash().state_dict())
+    for key, value in fused.items():
+        if "linear_qkv" not in key:
+            assert value is original[key], key
+    back = to_stock(fused)
+    assert_same_state(back, original)
+    assert back._metadata == original._metadata
+    assert list(back._metadata) == list(original._metadata)
+
+
+def test_to_fused_with_a_model_picks_its_layers(exp):
+    ours = exp.flash()
+    fused = to_fused(exp.stock_state(), model=ours, layer_pattern="no match")
+    ours.load_state_dict(fused, strict=True)
+    assert_same_outputs(ours, exp.model)
+    assert to_fused(fused, model=ours).keys() == fused.keys()  # already fused: unchanged
+
+
+def test_our_compiled_layer_saves_plain_keys(exp):
+    # The layer compiles module-level functions and never wraps itself (see compile_policy).
+    ours = exp.flash(compile=True)
+    assert ours.decoder.decoder.layers[1].layer.compile_setting is True
+    assert list(ours.state_dict()) == list(exp.flash().state_dict())
+    assert not [key for key in ours.state_dict() if "_orig_mod" in key]
+    ours.load_state_dict(torch.load(exp.ave, weights_only=True), strict=True)
+
+
+@pytest.mark.slow
+def test_our_compiled_layer_saves_plain_keys_after_running_compiled(exp):
+    ours = exp.flash(compile=True)
+    ours.load_state_dict(torch.load(exp.ave, weights_only=True), strict=True)
+    assert_same_outputs(ours, exp.model)
+    assert list(ours.state_dict()) == list(exp.flash().state_dict())
+
+
+# ------------------------------------------------------------------------ prefixes
+@pytest.fixture
+def process_group(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def ddp(model):
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+WRAPPERS = {
+    "compile": (torch.compile, ["_orig_mod."]),
+    "dataparallel": (torch.nn.DataParallel, ["module."]),
+    "ddp": (ddp, ["module."]),
+    "ddp-of-compiled": (lambda m: ddp(torch.compile(m)), ["module.", "_orig_mod."]),
+    "compiled-ddp": (lambda m: torch.compile(ddp(m)), ["_orig_mod.", "module."]),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_wrapped_state_dicts_load(exp, wrapper, process_group):
+    wrap, prefixes = WRAPPERS[wrapper]
+    saved = wrap(espnet_asr.build(exp.root, "mha", seed=1)[0]).state_dict()
+    assert next(iter(saved)).startswith("".join(prefixes))
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict"):
+        exp.flash().load_state_dict(saved)  # plain load_state_dict never strips prefixes
+    clean, stripped = strip_wrapper_prefixes(saved)
+    assert stripped == prefixes
+    assert_same_state(clean, exp.stock_state())
+    expected = to_fused(exp.stock_state())
+    ours = exp.flash()
+    load_stock_or_fused(ours, saved)
+    assert_same_state(ours.state_dict(), expected)
+    target = exp.flash()
+    load_stock_or_fused(wrap(target), to_fused(saved))  # into a wrapped model, from a fused file
+    assert_same_state(target.state_dict(), expected)
+
+
+def test_load_stock_or_fused_unfuses_for_a_stock_model(exp):
+    stock = espnet_asr.build(exp.root, "mha", seed=5)[0]
+    load_stock_or_fused(stock, {f"module.{k}": v for k, v in to_fused(exp.stock_state()).items()})
+    assert_same_state(stock.state_dict(), exp.stock_state())
+
+
+def test_strip_wrapper_prefixes_inner_compiled_module_and_metadata():
+    state = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    state.add_module("1", torch.compile(torch.nn.Linear(2, 2)))
+    saved = torch.nn.DataParallel(state).state_dict()
+    assert list(saved) == ["module.0.weight", "module.0.bias", "module.1._orig_mod.weight", "module.1._orig_mod.bias"]
+    clean, stripped = strip_wrapper_prefixes(saved)
+    assert list(clean) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert stripped == ["module.", "_orig_mod."]
+    assert set(clean._metadata) == {"", "0", "1"}
+    assert strip_wrapper_prefixes({"module": torch.zeros(1)})[1] == []  # a key, not a prefix
+    assert strip_wrapper_prefixes({"module.a": torch.zeros(1), "b": torch.zeros(1)})[1] == []
+
+
+# -------------------------------------------------------------------------- errors
+def test_wrong_attention_size_names_key_expected_and_found(exp, tmp_path):
+    ours = espnet_asr.build(tmp_path, "flash_mha", d_model=48)[0]
+    with pytest.raises(ValueError, match=r"decoder\.decoder\.layers\.1\.layer\.linear_q\.weight: "
+                                         r"expected shape \(48, 48\) for n_feat=48, found \(32, 32\)"):
+        ours.load_state_dict(torch.load(exp.ave, weights_only=True))
+    with pytest.raises(ValueError, match=r"layers\.1\.layer\.linear_q\.weight: expected shape \(48, 48\) "
+                                         r"for n_feat=48, found \(32, 32\)"):
+        to_fused(exp.stock_state(), model=ours)
+    with pytest.raises(RuntimeError, match=r"size mismatch for decoder\.decoder\.layers\.1\.layer\.linear_qkv\.weight: "
+                                           r"copying a param with shape torch\.Size\(\[96, 32\]\) from checkpoint, "
+                                           r"the shape in current model is torch\.Size\(\[144, 48\]\)"):
+        ours.load_state_dict(to_fused(exp.stock_state()))
+
+
+def test_inconsistent_stock_sizes_name_the_key(exp):
+    state = exp.stock_state()
+    state["decoder.decoder.layers.4.layer.linear_v.weight"] = torch.zeros(32, 16)
+    with pytest.raises(ValueError, match=r"layers\.4\.layer\.linear_v\.weight: expected shape \(32, 32\) "
+                                         r"for n_feat=32, found \(32, 16\)"):
+        to_fused(state)
+
+
+def test_half_converted_state_dict_names_the_missing_keys(exp):
+    state = exp.stock_state()
+    del state["decoder.decoder.layers.4.layer.linear_k.weight"]
+    missing = r"missing \['decoder\.decoder\.layers\.4\.layer\.linear_k\.weight'\]"
+    with pytest.raises(KeyError, match=missing):
+        exp.flash().load_state_dict(state)
+    with pytest.raises(KeyError, match=missing):
+        to_fused(state)
+    fused = to_fused(exp.stock_state())
+    del fused["decoder.decoder.layers.1.layer.linear_qkv.bias"]
+    with pytest.raises(KeyError, match=r"missing \['decoder\.decoder\.layers\.1\.layer\.linear_qkv\.bias'\]"):
+        to_stock(fused)
+
+
+def test_both_layouts_are_refused(exp):
+    state = to_fused(exp.stock_state())
+    state["decoder.decoder.layers.1.layer.linear_q.weight"] = torch.zeros(32, 32)
+    with pytest.raises(KeyError, match=r"at 'decoder\.decoder\.layers\.1\.layer\.' has both fused keys and stock "
+                                       r"\['decoder\.decoder\.layers\.1\.layer\.linear_q\.weight'\]"):
+        to_stock(state)
+    # Foreign fused tensors next to stock ones (not the --init_param pattern) stay refused.
+    mixed = dict(exp.stock_state(), **{"decoder.decoder.layers.1.layer.linear_qkv.weight": torch.zeros(96, 32),
+                                            "decoder.decoder.layers.1.layer.linear_qkv.bias": torch.zeros(96)})
+    with pytest.raises(KeyError, match=r"has both stock keys and fused"):
+        exp.flash().load_state_dict(mixed)
+
+
+@pytest.mark.parametrize("key, shape, message", [
+    ("weight", (96, 16), r"linear_qkv\.weight: expected shape \(3D, D\) = \(48, 16\), found \(96, 16\)"),
+    ("bias", (32,), r"linear_qkv\.bias: expected shape \(96,\), found \(32,\)"),
+])
+def test_fused_shapes_are_checked_on_export(exp, key, shape, message):
+    state = to_fused(exp.stock_state())
+    state[f"decoder.decoder.layers.1.layer.linear_qkv.{key}"] = torch.zeros(shape)
+    with pytest.raises(ValueError, match=message):
+        to_stock(state)
+
+
+def test_argument_errors(exp):
+    ours = exp.flash()
+    prefixed = {f"module.{k}": v for k, v in exp.stock_state().items()}
+    with pytest.raises(KeyError, match=r"the model's attention layer 'decoder\.decoder\.layers\.1\.layer\.' has "
+                                       r"neither linear_q/k/v nor linear_qkv keys .*strip_wrapper_prefixes"):
+        to_fused(prefixed, model=ours)
+    with pytest.raises(ValueError, match=r"layer_pattern '\(' is not a valid regular expression"):
+        to_fused(exp.stock_state(), layer_pattern="(")
+    with pytest.raises(TypeError, match=r"looks like an ESPnet training checkpoint .*pass checkpoint\['model'\]"):
+        load_stock_or_fused(ours, {"model": exp.stock_state(), "optimizers": []})
+    with pytest.raises(ValueError, match=r"keys 'x\._orig_mod\.w' and 'x\.w' both become 'x\.w' without wrapper"):
+        strip_wrapper_prefixes({"x._orig_mod.w": torch.zeros(1), "x.w": torch.zeros(1)})

@@ -1,0 +1,281 @@
+"""``espnet-mha-convert`` on the files ESPnet writes: refusals, errors, atomic writes, ESPnet reading the results."""
+
+import datetime
+import os
+import re
+import subprocess
+import sys
+
+import numpy
+import pytest
+import torch
+
+import espnet_asr
+from espnet_mha import checkpoint_io
+from espnet_mha.checkpoint import to_fused
+from espnet_mha.convert import ConversionError, convert_file, load_weights_only, main, save_atomic
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+ENCODER = espnet_asr.ENCODER_ATTENTION
+
+
+@pytest.fixture(scope="module")
+def exp(tmp_path_factory):
+    return espnet_asr.Experiment(tmp_path_factory.mktemp("exp"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_file(exp):
+    """``checkpoint.pth`` of a stock model after one training step (reporter, Adam, WarmupLR)."""
+    path = exp.root / "checkpoint.pth"
+    torch.save(espnet_asr.training_checkpoint(espnet_asr.build(exp.root, "mha", seed=3)[0].train()), path)
+    return path
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def assert_same_state(got, expected):
+    assert list(got) == list(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+# ------------------------------------------------------------------- conversions
+def test_flat_file_round_trip_is_bit_identical(exp, tmp_path, capsys):
+    fused, back = tmp_path / "fused.pth", tmp_path / "back.pth"
+    assert run(exp.ave, fused, "--to", "fused") == 0
+    out = capsys.readouterr().out
+    assert f"read {exp.ave}: flat state dict (" in out
+    assert ("converted 2 attention layer(s) to fused: decoder.decoder.layers.1.layer., "
+            "decoder.decoder.layers.4.layer.") in out
+    assert f"left alone 1 other layer(s) with linear_q/k/v (outside --layer-pattern): {ENCODER}" in out
+    assert "no wrapper prefixes" in out and f"wrote {fused}" in out
+    state = torch.load(fused, weights_only=True)
+    assert_same_state(state, to_fused(exp.stock_state()))
+    exp.flash().load_state_dict(state, strict=True)
+    assert run(fused, back, "--to", "stock") == 0
+    assert_same_state(torch.load(back, weights_only=True), exp.stock_state())
+
+
+def test_converted_file_works_with_stock_espnet_asr_inference(exp, tmp_path):
+    # A fused file exported back to stock runs in unmodified ESPnet (stock config).
+    from espnet2.bin.asr_inference import Speech2Text
+
+    ours = exp.flash(seed=9)
+    fused, stock = tmp_path / "ours.pth", tmp_path / "stock.pth"
+    torch.save(ours.state_dict(), fused)
+    assert run(fused, stock, "--to", "stock") == 0
+    speech = espnet_asr.batch()["speech"][0]
+    results = [Speech2Text(asr_train_config=config, asr_model_file=path, device="cpu", beam_size=3, nbest=2)(speech)
+               for config, path in ((exp.stock_config, stock), (exp.flash_config, fused))]
+    assert [r[2] for r in results[0]] == [r[2] for r in results[1]]
+
+
+def test_prefixed_file_is_written_clean(exp, tmp_path, capsys):
+    wrapped = torch.nn.DataParallel(torch.compile(espnet_asr.build(exp.root, "mha", seed=1)[0]))
+    src, dst = tmp_path / "wrapped.pth", tmp_path / "clean.pth"
+    torch.save(wrapped.state_dict(), src)
+    assert run(src, dst, "--to", "fused") == 0
+    assert "stripped wrapper prefixes: module., _orig_mod." in capsys.readouterr().out
+    assert_same_state(torch.load(dst, weights_only=True), to_fused(exp.stock_state()))
+
+
+def test_layer_pattern_selects_the_layers(exp, tmp_path, capsys):
+    dst = tmp_path / "all.pth"
+    assert run(exp.ave, dst, "--to", "fused", "--layer-pattern", "") == 0
+    assert "converted 3 attention layer(s)" in capsys.readouterr().out
+    assert f"{ENCODER}linear_qkv.weight" in torch.load(dst, weights_only=True)
+
+
+def test_python_dash_m_and_console_script(exp, tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "espnet-mha-convert")
+    for i, command in enumerate([[sys.executable, "-m", "espnet_mha.convert"], [script]]):
+        dst = tmp_path / f"out{i}.pth"
+        done = subprocess.run([*command, str(exp.ave), str(dst), "--to", "fused"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert "converted 2 attention layer(s) to fused" in done.stdout
+        assert_same_state(torch.load(dst, weights_only=True), to_fused(exp.stock_state()))
+
+
+# ---------------------------------------------------------- training checkpoints
+def test_training_checkpoint_needs_explicit_flags_then_resumes_in_espnet(exp, checkpoint_file, tmp_path, capsys):
+    from espnet2.schedulers.warmup_lr import WarmupLR
+    from espnet2.train.reporter import Reporter
+    from espnet2.train.trainer import Trainer
+
+    dst = tmp_path / "checkpoint.pth"
+    assert run(checkpoint_file, dst, "--to", "fused") == 1
+    err = capsys.readouterr().err
+    assert "refuses 1 class(es) that are not tensors:" in err
+    assert "datetime.timedelta at ['reporter']['stats'][1]['train']['time']" in err
+    assert "allow exactly these with: --allow-global datetime.timedelta" in err
+    assert run(checkpoint_file, dst, "--to", "fused", "--allow-global", "datetime.timedelta") == 1
+    err = capsys.readouterr().err
+    assert "entry 'optimizers' holds the state of 1 optimizer(s)" in err and "--drop-optimizer-state" in err
+    with pytest.raises(ConversionError, match=r"converting 2 layer\(s\) changes the parameter list.*"
+                                              r"Pass --drop-optimizer-state"):
+        convert_file(checkpoint_file, dst, to="fused", allow_globals=["datetime.timedelta"])
+    assert not dst.exists() and not leftovers(tmp_path)
+
+    assert run(checkpoint_file, dst, "--to", "fused", "--allow-global", "datetime.timedelta",
+               "--drop-optimizer-state") == 0
+    out = capsys.readouterr().out
+    assert "ESPnet training checkpoint (state dict in entry 'model'" in out
+    assert "dropped the state of 1 optimizer(s)" in out
+
+    def resume(path, model):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        reporter = Reporter()
+        Trainer.resume(checkpoint=path, model=model, reporter=reporter, optimizers=[optimizer],
+                       schedulers=[WarmupLR(optimizer, warmup_steps=10)], scaler=None)
+        return reporter
+
+    with pytest.raises(ValueError, match=r"doesn't match the size of optimizer's group"):
+        resume(checkpoint_file, exp.flash())  # why the flag exists: stock Adam state, fused parameters
+    ours = exp.flash()
+    reporter = resume(dst, ours)
+    assert reporter.get_epoch() == 1
+    original = torch.load(checkpoint_file, weights_only=False)
+    assert_same_state(ours.state_dict(), to_fused(original["model"]))
+    converted = torch.load(dst, weights_only=False)
+    assert repr(converted["reporter"]) == repr(original["reporter"])  # repr: the stats hold NaN
+    assert converted["schedulers"] == original["schedulers"]
+
+
+def test_numpy_values_name_their_globals(tmp_path):
+    src = tmp_path / "stats.pth"
+    torch.save({"model": {"layers.0.layer.linear_qkv.weight": torch.zeros(6, 2),
+                          "layers.0.layer.linear_qkv.bias": torch.zeros(6)},
+                "reporter": {"loss": numpy.float64(1.5), "time": datetime.timedelta(seconds=1)}}, src)
+    scalar = numpy.float64(0).__reduce__()[0]  # numpy._core.multiarray.scalar (numpy.core before numpy 2)
+    scalar = f"{scalar.__module__}.{scalar.__name__}"
+    with pytest.raises(ConversionError, match=rf"{re.escape(scalar)} at \['reporter'\]\['loss'\]"):
+        load_weights_only(src)
+    allowed = [scalar, "numpy.dtype", "datetime.timedelta"]
+    assert load_weights_only(src, allow_globals=allowed)["reporter"]["loss"] == 1.5
+    convert_file(src, tmp_path / "out.pth", to="stock", allow_globals=allowed)
+    assert sorted(torch.load(tmp_path / "out.pth", weights_only=False)["model"]) == [
+        f"layers.0.layer.linear_{n}.{p}" for n in "kqv" for p in ("bias", "weight")]
+
+
+# ---------------------------------------------------------------- refusals, errors
+def test_refuses_to_overwrite_unless_forced(exp, tmp_path, capsys):
+    dst = tmp_path / "out.pth"
+    dst.write_bytes(b"precious")
+    assert run(exp.ave, dst, "--to", "fused") == 1
+    assert f"{dst} exists; pass --force" in capsys.readouterr().err
+    assert dst.read_bytes() == b"precious"
+    with pytest.raises(FileExistsError, match=r"out\.pth exists; pass --force \(force=True\) to overwrite it"):
+        convert_file(exp.ave, dst, to="fused")
+    assert run(exp.ave, dst, "--to", "fused", "--force") == 0
+    in_place = tmp_path / "in_place.pth"
+    in_place.write_bytes(exp.ave.read_bytes())
+    assert run(in_place, in_place, "--to", "fused", "--force") == 0
+    assert_same_state(torch.load(in_place, weights_only=True), torch.load(dst, weights_only=True))
+    assert not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "tail", "empty", "garbage"])
+def test_unreadable_files_say_so_and_leave_nothing(exp, tmp_path, capsys, damage):
+    data = exp.ave.read_bytes()
+    content = {"truncated": data[: len(data) // 2], "tail": data[:100], "empty": b"", "garbage": b"hello" * 20}
+    src, dst = tmp_path / "bad.pth", tmp_path / "out.pth"
+    src.write_bytes(content[damage])
+    assert run(src, dst, "--to", "fused") == 1
+    assert "bad.pth: cannot read it (" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth"]
+    with pytest.raises(ConversionError, match=r"cannot read it \(.*\); is it truncated, or not written by torch"):
+        load_weights_only(src)
+
+
+def test_legacy_pickle_with_other_classes_is_refused(tmp_path):
+    src = tmp_path / "legacy.pth"
+    torch.save({"time": datetime.timedelta(1)}, src, _use_new_zipfile_serialization=False)
+    with pytest.raises(ConversionError, match=r"refused it \(UnpicklingError: Unsupported global: GLOBAL "
+                                              r"datetime\.timedelta.*\); --allow-global NAME admits a class"):
+        load_weights_only(src)
+
+
+def test_failed_write_leaves_nothing_and_keeps_the_old_file(exp, tmp_path, monkeypatch):
+    dst = tmp_path / "out.pth"
+    dst.write_bytes(b"old")
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        convert_file(exp.ave, dst, to="fused", force=True)
+    assert dst.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pth"]
+
+
+def test_nothing_to_convert(exp, tmp_path, capsys):
+    dst = tmp_path / "out.pth"
+    assert run(exp.ave, dst, "--to", "stock") == 1
+    assert "nothing to convert to stock: no linear_qkv keys and no wrapper prefixes" in capsys.readouterr().err
+    assert run(exp.ave, dst, "--to", "fused", "--layer-pattern", "nomatch") == 1
+    err = capsys.readouterr().err
+    assert ("nothing to convert to fused: no linear_q/k/v keys under a layer prefix matching "
+            "--layer-pattern 'nomatch'") in err
+    assert (f"other layers with linear_q/k/v: {ENCODER}, decoder.decoder.layers.1.layer., "
+            "decoder.decoder.layers.4.layer.") in err
+    fused = tmp_path / "fused.pth"
+    torch.save(to_fused(exp.stock_state()), fused)
+    assert run(fused, dst, "--to", "fused") == 1
+    assert "2 layer(s) are fused already" in capsys.readouterr().err
+    with pytest.raises(ConversionError, match=r"nothing to convert to stock: no linear_qkv keys"):
+        convert_file(exp.ave, dst, to="stock")
+    assert not dst.exists()
+
+
+def test_half_converted_file_names_missing_keys(exp, tmp_path, capsys):
+    state = exp.stock_state()
+    del state["decoder.decoder.layers.1.layer.linear_v.bias"]
+    src, dst = tmp_path / "half.pth", tmp_path / "out.pth"
+    torch.save(state, src)
+    assert run(src, dst, "--to", "fused") == 1
+    assert ("half-converted attention layer at 'decoder.decoder.layers.1.layer.': "
+            in capsys.readouterr().err)
+    with pytest.raises(KeyError, match=r"missing \['decoder\.decoder\.layers\.1\.layer\.linear_v\.bias'\]"):
+        convert_file(src, dst, to="fused")
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ([torch.zeros(1)], r"neither a state dict \(it holds a list\) nor an ESPnet training checkpoint"),
+    ({}, r"neither a state dict \(it holds an empty dict\)"),
+    ({"w": torch.zeros(1), "step": 3}, r"neither a state dict \(entry 'step' is a int, not a tensor\)"),
+])
+def test_not_a_checkpoint(tmp_path, content, message):
+    src = tmp_path / "odd.pth"
+    torch.save(content, src)
+    with pytest.raises(ConversionError, match=message):
+        convert_file(src, tmp_path / "out.pth", to="stock")
+
+
+def test_argument_errors(exp, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"to must be one of \('stock', 'fused'\), got 'both'"):
+        convert_file(exp.ave, tmp_path / "o.pth", to="both")
+    with pytest.raises(ConversionError, match=r"missing\.pth: no such file"):
+        convert_file(tmp_path / "missing.pth", tmp_path / "o.pth", to="stock")
+    with pytest.raises(ConversionError, match=r"--allow-global 'nosuchmodule\.Thing': cannot import it"):
+        load_weights_only(exp.ave, allow_globals=["nosuchmodule.Thing"])
+    with pytest.raises(FileNotFoundError, match=r"no-dir: no such directory"):
+        save_atomic({}, tmp_path / "no-dir" / "o.pth")
+    with pytest.raises(IsADirectoryError, match=r"is a directory"):
+        save_atomic({}, tmp_path)
+    with pytest.raises(FileExistsError, match=r"exists; pass --force \(force=True\)"):
+        save_atomic({}, exp.ave)
+    with pytest.raises(SystemExit):
+        run(exp.ave, tmp_path / "o.pth")  # --to is required
+    assert "the following arguments are required: --to" in capsys.readouterr().err
+    assert run(exp.ave, tmp_path / "o.pth", "--to", "fused", "--layer-pattern", "(") == 1
+    assert "layer_pattern '(' is not a valid regular expression" in capsys.readouterr().err
