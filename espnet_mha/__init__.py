@@ -19,6 +19,10 @@ _LAZY = {
     "BackendUnavailableError": "espnet_mha.dispatch",
     "fuse_keys": "espnet_mha.state_dict",
     "unfuse_keys": "espnet_mha.state_dict",
+    "load_stock_or_fused": "espnet_mha.checkpoint",
+    "strip_wrapper_prefixes": "espnet_mha.checkpoint",
+    "to_fused": "espnet_mha.checkpoint",
+    "to_stock": "espnet_mha.checkpoint",
 }
 
 __all__ = ["FLASH_MHA", "mha_is_ours", "register", "restore_mha", "use_for_mha", *_LAZY]
