@@ -15,7 +15,8 @@ Backends (names used everywhere, in options, ``last_backend`` and logs):
 =============  ==============================================================
 
 ``auto`` takes the first of flash_attn, sdpa that can serve a call, and math
-when weights are requested. Asking for a backend that cannot serve a call
+when weights are requested (or SDPA is known broken for the call: compiled
+float64 backward on CPU in torch <= 2.11, pytorch #185539). Asking for a backend that cannot serve a call
 raises :class:`BackendUnavailableError` with the reason; nothing is switched off
 permanently, and kernel errors propagate.
 """
@@ -38,6 +39,10 @@ SDPA = "sdpa"
 MATH = "math"
 BACKENDS = (AUTO, FLASH_ATTN, SDPA, MATH)
 ENV_BACKEND = "ESPNET_MHA_BACKEND"
+
+# pytorch #185539 (fixed by PR #185573, after 2.11): under torch.compile, the
+# CPU SDPA backward in float64 fails ("expected scalar type Double but found Float").
+_COMPILED_FP64_CPU_SDPA_BROKEN = tuple(int(x) for x in torch.__version__.split(".")[:2]) <= (2, 11)
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
@@ -123,6 +128,13 @@ def flash_attn_refusal(call):
     return ""
 
 
+def sdpa_refusal(call):
+    """Why ``auto`` should not use SDPA for ``call`` ("" if it can)."""
+    if _COMPILED_FP64_CPU_SDPA_BROKEN and call.compiled and call.device.type == "cpu" and call.dtype == torch.float64:
+        return f"compiled float64 SDPA backward fails on CPU in torch {torch.__version__} (pytorch #185539)"
+    return ""
+
+
 def select_backend(requested, call):
     """Choose the kernel for one call.
 
@@ -152,7 +164,10 @@ def select_backend(requested, call):
             f"backend='flash_attn' cannot serve this call: {refusal}. "
             f"Use backend='auto' (or {ENV_BACKEND}=auto) to fall back to SDPA."
         )
-    return (SDPA, refusal) if refusal else (FLASH_ATTN, "")
+    if not refusal:
+        return FLASH_ATTN, ""
+    sdpa = sdpa_refusal(call)
+    return (MATH, f"{refusal}; {sdpa}") if sdpa else (SDPA, refusal)
 
 
 def sdpa_attention(q, k, v, keep, *, causal, dropout_p):

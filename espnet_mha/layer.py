@@ -147,16 +147,13 @@ class FlashMultiHeadedAttention(SequenceModule):
             )
 
     def _check_memory(self, query, memory):
+        # Device and dtype: both tensors were checked against the parameters.
         self._check_features("memory", memory, "(B, T2, D)")
         if memory.size(0) != query.size(0):
             raise ValueError(
                 f"memory batch {memory.size(0)} (shape {tuple(memory.shape)}) != query batch "
                 f"{query.size(0)} (shape {tuple(query.shape)})"
             )
-        if memory.device != query.device:
-            raise ValueError(f"memory is on {memory.device} but query is on {query.device}")
-        if _compute_dtype(memory) != _compute_dtype(query):
-            raise TypeError(f"memory dtype {memory.dtype} != query dtype {query.dtype}")
 
     # ---------------------------------------------------------------- dispatch
     def _select(self, x, keep, *, causal, need_weights):

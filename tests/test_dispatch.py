@@ -181,3 +181,12 @@ def test_flash_step_with_a_shared_cache(flash_on_cpu):
     record = flash_on_cpu.calls[-1]
     # The beam is folded into the query time of one batch: q (1, B, H, d_k), k (1, T2, H, d_k).
     assert (record["fn"], record["q"], record["k"]) == ("flash_attn_func", (1, 5, 4, 4), (1, 9, 4, 4))
+
+
+def test_compiled_float64_on_cpu_avoids_the_broken_sdpa_backward(monkeypatch):
+    monkeypatch.setattr(dispatch, "_COMPILED_FP64_CPU_SDPA_BROKEN", True)
+    cpu64 = call(device=torch.device("cpu"), dtype=torch.float64, compiled=True)
+    backend, fallback = select_backend("auto", cpu64)
+    assert backend == "math" and "pytorch #185539" in fallback
+    assert select_backend("auto", dataclasses.replace(cpu64, compiled=False))[0] == "sdpa"
+    assert select_backend("sdpa", cpu64) == ("sdpa", "")
