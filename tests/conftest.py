@@ -71,6 +71,16 @@ def random_case(seed):
 CASE_SEEDS = list(range(40))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The tests use small tensors: one intra-op thread avoids OpenMP overhead
+    and oversubscription on a shared machine (the benchmarks keep the default)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=CASE_SEEDS, ids=lambda s: f"seed{s}")
 def case(request):
     return random_case(request.param)
