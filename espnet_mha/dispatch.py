@@ -174,42 +174,32 @@ def sdpa_attention(q, k, v, keep, *, causal, dropout_p):
     """Attention through PyTorch SDPA.
 
     Args:
-        q: ``(B, T1, H, d_k)``; k, v: ``(B, T2, H, d_k)``.
+        q: ``(B, H, T1, d_k)``; k, v: ``(B, H, T2, d_k)``.
         keep: None or bool ``(B or 1, T1 or 1, T2)`` with no empty rows.
         causal: top-left causal mask; only with ``keep=None``.
         dropout_p: dropout on the attention weights.
 
     Returns:
-        ``(B, T1, H, d_k)``.
+        ``(B, H, T1, d_k)``.
     """
     attn_mask = None if keep is None else keep.unsqueeze(1)  # (b, 1, m, T2)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=attn_mask,
-        dropout_p=dropout_p,
-        is_causal=causal,
-    )
-    return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
 
 
 def math_attention(q, k, v, keep, *, dropout_p, training):
     """The stock layer's explicit attention (``forward_attention``'s math).
 
     Args:
-        q: ``(B, T1, H, d_k)``; k, v: ``(B, T2, H, d_k)``.
+        q: ``(B, H, T1, d_k)``; k, v: ``(B, H, T2, d_k)``.
         keep: None or bool ``(b, m, T2)``; empty rows are allowed (zero weights).
         dropout_p, training: dropout on the weights, as ``nn.Dropout``.
 
     Returns:
-        (context ``(B, T1, H, d_k)``, weights ``(B, H, T1, T2)`` before dropout).
+        (context ``(B, H, T1, d_k)``, weights ``(B, H, T1, T2)`` before dropout).
     """
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))
     weights = stock_weights(scores, keep)
-    context = torch.matmul(F.dropout(weights, dropout_p, training), v)
-    return context.transpose(1, 2), weights
+    return torch.matmul(F.dropout(weights, dropout_p, training), v), weights
 
 
 def stock_weights(scores, keep):
@@ -230,7 +220,7 @@ def flash_attention(q, k, v, keep, *, causal, dropout_p, module):
     """Attention through the flash-attn package.
 
     Args:
-        q: ``(B, T1, H, d_k)``; k, v: ``(B, T2, H, d_k)``, last dim contiguous.
+        q: ``(B, H, T1, d_k)``; k, v: ``(B, H, T2, d_k)``, last dim contiguous.
         keep: None, or a bool key-padding mask ``(b, 1, T2)`` with no empty rows
             (flash-attn crashes on zero-length keys, #1537).
         causal: causal mask (self-attention, T1 == T2, ``keep=None`` only).
@@ -238,11 +228,13 @@ def flash_attention(q, k, v, keep, *, causal, dropout_p, module):
         module: the ``flash_attn`` module (or a stand-in with its signatures).
 
     Returns:
-        ``(B, T1, H, d_k)``.
+        ``(B, H, T1, d_k)``.
     """
     scale = q.size(-1) ** -0.5  # the stock 1/sqrt(d_k), passed explicitly
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # flash-attn's (B, T, H, d_k)
     if keep is None:
-        return module.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal)
+        out = module.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal)
+        return out.transpose(1, 2)
     batch, t1, heads, d_k = q.shape
     t2 = k.size(1)
     keep_k = keep[:, 0].expand(batch, t2)
@@ -268,7 +260,7 @@ def flash_attention(q, k, v, keep, *, causal, dropout_p, module):
         softmax_scale=scale,
         causal=False,
     )
-    return out.view(batch, t1, heads, d_k)
+    return out.view(batch, t1, heads, d_k).transpose(1, 2)
 
 
 def run(backend, q, k, v, keep, *, causal, dropout_p, training):
@@ -276,7 +268,7 @@ def run(backend, q, k, v, keep, *, causal, dropout_p, training):
 
     Args:
         backend: ``FLASH_ATTN``, ``SDPA`` or ``MATH`` (already selected).
-        q: ``(B, T1, H, d_k)``; k, v: ``(B, T2, H, d_k)``.
+        q: ``(B, H, T1, d_k)``; k, v: ``(B, H, T2, d_k)``.
         keep: None or bool ``(b, m, T2)``; may contain fully masked rows.
         causal: add a top-left causal mask (self-attention).
         dropout_p: dropout probability (0 in eval).
@@ -285,12 +277,12 @@ def run(backend, q, k, v, keep, *, causal, dropout_p, training):
     Returns:
         (context ``(B, T1, H * d_k)`` with fully masked rows zeroed, weights or None).
     """
-    batch, t1, heads, d_k = q.shape
+    t1, t2 = q.size(2), k.size(2)
     if causal and keep is not None:
-        keep = keep & masks.causal_keep(t1, k.size(1), q.device)
+        keep = keep & masks.causal_keep(t1, t2, q.device)
         causal = False
     if causal and backend == MATH:
-        keep = masks.causal_keep(t1, k.size(1), q.device)
+        keep = masks.causal_keep(t1, t2, q.device)
     weights, rows_ok = None, None
     if backend == MATH:
         context, weights = math_attention(q, k, v, keep, dropout_p=dropout_p, training=training)
@@ -304,5 +296,6 @@ def run(backend, q, k, v, keep, *, causal, dropout_p, training):
                 q, k, v, keep, causal=causal, dropout_p=dropout_p,
                 module=optional.flash_attn().module,
             )
-    context = masks.zero_empty_rows(context.reshape(batch, t1, heads * d_k), rows_ok)
+    # (B, H, T1, d_k) -> (B, T1, D)
+    context = masks.zero_empty_rows(context.transpose(1, 2).flatten(2), rows_ok)
     return context, weights

@@ -3,46 +3,47 @@
 Parameters come in as arguments, so one compiled graph serves every layer of a
 model with the same configuration. Shapes: B batch, T1 query time, T2 key
 time, D = n_feat, H = n_head, d_k = D / H. The fused projection ``w_qkv`` is
-``(3D, D)`` with rows ordered q, k, v.
+``(3D, D)`` with rows ordered q, k, v. Attention runs on heads-first tensors
+``(B, H, T, d_k)`` (SDPA's layout); decoding caches are stored that way,
+``(b, 2, H, T2, d_k)`` (keys, values), so a step reads them without copying.
 """
 
-import torch.nn.functional as F
 import torch
+import torch.nn.functional as F
 
 from espnet_mha import dispatch
 
 
-def split_heads(x, n_head):
-    """``(..., T, D)`` -> ``(..., T, H, d_k)`` (a view)."""
-    return x.unflatten(-1, (n_head, x.size(-1) // n_head))
+def heads(x, n_head):
+    """``(B, T, D)`` -> heads-first ``(B, H, T, d_k)`` (a view)."""
+    return x.unflatten(-1, (n_head, x.size(-1) // n_head)).transpose(-3, -2)
 
 
-def project_query(query, w_qkv, b_qkv):
-    """Query projection ``(..., D)`` -> ``(..., D)`` with the q rows of the fused weight."""
-    d = query.size(-1)
-    return F.linear(query, w_qkv[:d], b_qkv[:d])
+def merge_heads(x):
+    """Heads-first ``(B, H, T, d_k)`` -> ``(B, T, D)``."""
+    return x.transpose(-3, -2).flatten(-2)
 
 
-def project_memory(memory, w_qkv, b_qkv):
-    """Key/value projection of the memory in one GEMM.
+def kv_cache(kv, n_head):
+    """Projected keys/values ``(b, T, 2D)`` -> the cache layout ``(b, 2, H, T, d_k)``."""
+    b, t, two_d = kv.shape
+    return kv.view(b, t, 2, n_head, two_d // (2 * n_head)).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def project_memory(memory, w_qkv, b_qkv, n_head):
+    """Key/value projection of the memory in one GEMM, in the cache layout.
 
     Args:
         memory: ``(B, T2, D)``. A memory expanded over the batch with stride 0
             (how ``BatchBeamSearch`` passes the encoder output) is projected once.
 
     Returns:
-        ``(b, T2, 2D)``, keys then values, with ``b = 1`` for a stride-0 memory.
+        ``(b, 2, H, T2, d_k)`` with ``b = 1`` for a stride-0 memory, else B.
     """
     d = memory.size(-1)
     if memory.size(0) > 1 and memory.stride(0) == 0:
         memory = memory[:1]
-    return F.linear(memory, w_qkv[d:], b_qkv[d:])
-
-
-def split_kv(kv, n_head):
-    """``(b, T2, 2D)`` -> keys, values ``(b, T2, H, d_k)`` (views)."""
-    k, v = kv.chunk(2, dim=-1)
-    return split_heads(k, n_head), split_heads(v, n_head)
+    return kv_cache(F.linear(memory, w_qkv[d:], b_qkv[d:]), n_head)
 
 
 def attend(query, memory, keep, w_qkv, b_qkv, w_out, b_out, *,
@@ -64,11 +65,15 @@ def attend(query, memory, keep, w_qkv, b_qkv, w_out, b_out, *,
     Returns:
         (output ``(B, T1, D)``, attention weights ``(B, H, T1, T2)`` or None).
     """
+    d = query.size(-1)
+    # Split the projection along features before making heads: the backward then
+    # concatenates the gradients straight into the projection's layout (one pass
+    # instead of a concatenation plus a copy).
     if memory is None:
-        q, k, v = split_heads(F.linear(query, w_qkv, b_qkv), 3 * n_head).chunk(3, dim=-2)
+        q, k, v = (heads(x, n_head) for x in F.linear(query, w_qkv, b_qkv).chunk(3, dim=-1))
     else:
-        q = split_heads(project_query(query, w_qkv, b_qkv), n_head)
-        k, v = split_kv(F.linear(memory, w_qkv[query.size(-1):], b_qkv[query.size(-1):]), n_head)
+        q = heads(F.linear(query, w_qkv[:d], b_qkv[:d]), n_head)
+        k, v = (heads(x, n_head) for x in F.linear(memory, w_qkv[d:], b_qkv[d:]).chunk(2, dim=-1))
     context, weights = dispatch.run(
         backend, q, k, v, keep, causal=causal, dropout_p=dropout_p, training=training
     )
@@ -80,7 +85,7 @@ def attend_cached(query, kv, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backen
 
     Args:
         query: ``(B, D)``.
-        kv: ``(b, T2, 2D)`` with ``b`` in ``{1, B}``.
+        kv: ``(b, 2, H, T2, d_k)`` with ``b`` in ``{1, B}``.
         keep: None or bool ``(b', 1, T2)`` with ``b'`` in ``{1, B}``.
 
     Returns:
@@ -90,18 +95,18 @@ def attend_cached(query, kv, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backen
     of a single batch, so the beam runs as one GEMM-shaped attention instead of
     B matrix-vector products; the mask follows as a per-query mask.
     """
-    batch = query.size(0)
-    q = split_heads(project_query(query, w_qkv, b_qkv), n_head)  # (B, H, d_k)
-    k, v = split_kv(kv, n_head)
+    batch, d = query.shape
+    q = F.linear(query, w_qkv[:d], b_qkv[:d])
     if kv.size(0) == 1:
-        q = q.unsqueeze(0)  # (1, B, H, d_k)
+        q = heads(q.unsqueeze(0), n_head)  # (1, H, B, d_k)
         keep = None if keep is None else keep.transpose(0, 1)  # (1, b', T2)
     else:
-        q = q.unsqueeze(1)  # (B, 1, H, d_k)
-    context, weights = dispatch.run(backend, q, k, v, keep, causal=False, dropout_p=0.0, training=False)
+        q = heads(q.unsqueeze(1), n_head)  # (B, H, 1, d_k)
+    context, weights = dispatch.run(backend, q, kv[:, 0], kv[:, 1], keep, causal=False,
+                                    dropout_p=0.0, training=False)
     if weights is not None and kv.size(0) == 1:
         weights = weights.transpose(0, 2)  # (1, H, B, T2) -> (B, H, 1, T2)
-    return F.linear(context.reshape(batch, -1), w_out, b_out), weights
+    return F.linear(context.reshape(batch, d), w_out, b_out), weights
 
 
 def step_self(query, cache, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backend):
@@ -109,19 +114,19 @@ def step_self(query, cache, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backend
 
     Args:
         query: ``(B, D)``, the newest position.
-        cache: None or ``(b, t, 2D)`` keys/values of the previous positions,
-            ``b`` in ``{1, B}``.
+        cache: None or ``(b, 2, H, t, d_k)`` keys/values of the previous
+            positions, ``b`` in ``{1, B}``.
         keep: None or bool ``(b', 1, t + 1)``.
 
     Returns:
-        (output ``(B, D)``, new cache ``(B, t + 1, 2D)``, weights ``(B, H, 1, t + 1)`` or None).
+        (output ``(B, D)``, new cache ``(B, 2, H, t + 1, d_k)``, weights ``(B, H, 1, t + 1)`` or None).
     """
     batch, d = query.shape
     qkv = F.linear(query, w_qkv, b_qkv)
-    new = qkv[:, None, d:]  # (B, 1, 2D)
+    new = kv_cache(qkv[:, None, d:], n_head)  # (B, 2, H, 1, d_k)
     if cache is not None:
-        new = torch.cat([cache.expand(batch, -1, -1), new], dim=1)
-    k, v = split_kv(new, n_head)
-    q = split_heads(qkv[:, None, :d], n_head)  # (B, 1, H, d_k)
-    context, weights = dispatch.run(backend, q, k, v, keep, causal=False, dropout_p=0.0, training=False)
+        new = torch.cat([cache.expand(batch, -1, -1, -1, -1), new], dim=3)
+    q = heads(qkv[:, None, :d], n_head)  # (B, H, 1, d_k)
+    context, weights = dispatch.run(backend, q, new[:, 0], new[:, 1], keep, causal=False,
+                                    dropout_p=0.0, training=False)
     return F.linear(context.reshape(batch, d), w_out, b_out), new, weights

@@ -105,9 +105,9 @@ class FlashMultiHeadedAttention(SequenceModule):
         self.linear_out = nn.Linear(n_feat, n_feat)
         self.dropout = nn.Dropout(p=dropout)
         self.attn = None
-        self.last_backend = None
-        self.last_fallback = ""
         self._decisions = {}
+        # A plain dict, updated in place: nn.Module.__setattr__ is slow on the hot path.
+        self._last = {"backend": None, "fallback": ""}
         self.register_load_state_dict_pre_hook(state_dict.load_state_dict_pre_hook)
 
     def _reset_qkv(self):
@@ -125,22 +125,21 @@ class FlashMultiHeadedAttention(SequenceModule):
                 f"backend={self.backend!r}, compile={self.compile_setting!r}")
 
     # ------------------------------------------------------------------ checks
-    def _check_features(self, name, x, layout):
+    def _check_features(self, name, x, ndim, layout):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        ndim = layout.count(",") + 1
         if x.dim() != ndim:
             raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
-        if x.size(-1) != self.n_feat:
+        if x.shape[-1] != self.n_feat:
             raise ValueError(
-                f"{name} has feature size {x.size(-1)} (shape {tuple(x.shape)}), expected n_feat={self.n_feat}"
+                f"{name} has feature size {x.shape[-1]} (shape {tuple(x.shape)}), expected n_feat={self.n_feat}"
             )
         if not x.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
-        weight = self.linear_out.weight
+        weight = self._params()[2]
         if x.device != weight.device:
             raise ValueError(f"{name} is on {x.device} but the layer's parameters are on {weight.device}")
-        if _compute_dtype(x) != _compute_dtype(weight):
+        if x.dtype != weight.dtype and _compute_dtype(x) != _compute_dtype(weight):
             raise TypeError(
                 f"{name} dtype {x.dtype} != the layer's parameter dtype {weight.dtype} "
                 f"(convert one of them; torch.autocast casts float32/16 but never float64)"
@@ -148,7 +147,7 @@ class FlashMultiHeadedAttention(SequenceModule):
 
     def _check_memory(self, query, memory):
         # Device and dtype: both tensors were checked against the parameters.
-        self._check_features("memory", memory, "(B, T2, D)")
+        self._check_features("memory", memory, 3, "(B, T2, D)")
         if memory.size(0) != query.size(0):
             raise ValueError(
                 f"memory batch {memory.size(0)} (shape {tuple(memory.shape)}) != query batch "
@@ -173,14 +172,27 @@ class FlashMultiHeadedAttention(SequenceModule):
             backend, fallback = decision
             if fallback and device.type == "cuda":
                 logger.info("espnet_mha: using %s instead of flash_attn: %s", backend, fallback)
-        self.last_backend, self.last_fallback = decision
+        self._last["backend"], self._last["fallback"] = decision
         return decision[0]
+
+    @property
+    def last_backend(self):
+        """The backend the last call ran on (None before the first call)."""
+        return self._last["backend"]
+
+    @property
+    def last_fallback(self):
+        """Why the last call did not run on flash-attn ("" if it did, or was not asked to)."""
+        return self._last["fallback"]
 
     def _fn(self, fn, x):
         return compile_policy.pick(fn, self.compile_setting, self.compile_mode, x.device.type)
 
     def _params(self):
-        return (self.linear_qkv.weight, self.linear_qkv.bias, self.linear_out.weight, self.linear_out.bias)
+        # Plain dict lookups: nn.Module.__getattr__ costs about a microsecond per
+        # hop, which adds up on the decoding hot path (one call per layer and step).
+        qkv, out = self._modules["linear_qkv"]._parameters, self._modules["linear_out"]._parameters
+        return qkv["weight"], qkv["bias"], out["weight"], out["bias"]
 
     # ------------------------------------------------------------------ public
     def forward(self, query, memory=None, mask=None, *args, **kwargs):
@@ -206,7 +218,7 @@ class FlashMultiHeadedAttention(SequenceModule):
         return (out.transpose(1, 2) if self.transposed else out), None
 
     def _sequence(self, query, memory, mask):
-        self._check_features("query", query, "(B, T1, D)")
+        self._check_features("query", query, 3, "(B, T1, D)")
         if self.causal and memory is not None:
             memory, mask = None, None
         if memory is not None:
@@ -236,32 +248,33 @@ class FlashMultiHeadedAttention(SequenceModule):
                 when ``causal``), nonzero = keep.
 
         Returns:
-            (output ``(B, D)``, state). With ``memory``: the projected memory
-            ``(B, T2, 2D)`` (a view of one ``(1, T2, 2D)`` projection when shared).
+            (output ``(B, D)``, state). With ``memory``: the memory projected to
+            keys and values, ``(B, 2, H, T2, d_k)`` (a view of one
+            ``(1, 2, H, T2, d_k)`` projection when the memory is shared).
             With ``causal``: the grown self-attention cache. Otherwise (stock
             behaviour: the token attends to itself only) ``state`` unchanged.
 
         Raises:
             TypeError, ValueError: bad shapes, or a state that does not fit (see :mod:`espnet_mha.cache`).
         """
-        self._check_features("query", query, "(B, D)")
+        self._check_features("query", query, 2, "(B, D)")
         batch = query.size(0)
         if self.causal:
             return self._step_self(query, state, mask)
         if memory is None:
             return self._sequence(query.unsqueeze(1), None, mask).squeeze(1), state
         self._check_memory(query, memory)
-        dtype = _compute_dtype(memory)
+        params = self._params()
         if state is None:
-            kv = functional.project_memory(memory, self.linear_qkv.weight, self.linear_qkv.bias)
+            kv = functional.project_memory(memory, params[0], params[1], self.h)
         else:
-            cache.check_cross_state(state, memory, batch=batch, n_feat=self.n_feat, dtype=dtype)
+            cache.check_cross_state(state, memory, batch=batch, n_head=self.h, dtype=_compute_dtype(memory))
             kv = state
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         keep_call = None if keep is None else (keep.transpose(0, 1) if kv.size(0) == 1 else keep)
         backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn)
         out, weights = self._fn(functional.attend_cached, query)(
-            query, kv, keep, *self._params(), n_head=self.h, backend=backend
+            query, kv, keep, *params, n_head=self.h, backend=backend
         )
         if self.keep_attn:
             self.attn = weights
@@ -270,9 +283,9 @@ class FlashMultiHeadedAttention(SequenceModule):
     def _step_self(self, query, state, mask):
         batch = query.size(0)
         if state is not None:
-            cache.check_self_cache(state, batch=batch, n_feat=self.n_feat,
+            cache.check_self_cache(state, batch=batch, n_head=self.h, d_k=self.d_k,
                                    dtype=_compute_dtype(query), device=query.device)
-        t2 = 1 if state is None else state.size(1) + 1
+        t2 = 1 if state is None else state.size(3) + 1
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
         backend = self._select(query, keep, causal=False, need_weights=self.keep_attn)
         out, new_state, weights = self._fn(functional.step_self, query)(

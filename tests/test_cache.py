@@ -31,7 +31,7 @@ def test_cross_attention_steps_equal_forward(seed, masked):
     for t in range(t1):
         out, state = ours.step(query[:, t], state, memory=memory, mask=mask)
         torch.testing.assert_close(out, expected[:, t], **FP64)
-    assert state.shape == (batch, t2, 2 * n_head * d_k)
+    assert state.shape == (batch, 2, n_head, t2, d_k)
 
 
 @pytest.mark.parametrize("seed", range(4), ids=lambda s: f"seed{s}")
@@ -58,7 +58,7 @@ def test_stride0_memory_is_projected_once_and_state_is_shared():
         _, state = ours.step(seq(10, 32), None, memory=memory)
     projection = 2 * 50 * 32 * 64  # one (T2, D) x (D, 2D) GEMM, not ten
     assert counter.get_total_flops() < 2 * projection
-    assert state.shape == (10, 50, 64) and state.stride(0) == 0
+    assert state.shape == (10, 2, 4, 50, 8) and state.stride(0) == 0
     # A later step reuses it: only the query and output projections and attention.
     with FlopCounterMode(display=False) as counter:
         ours.step(seq(10, 32, seed=1), state[0].unsqueeze(0), memory=memory)
@@ -79,18 +79,19 @@ def test_batch1_state_serves_a_batch_b_query_without_copying():
 @pytest.mark.parametrize(
     "state,match",
     [
-        (seq(1, 8, 24), r"shape \(1, 8, 24\) does not fit memory \(2, 9, 12\) \(expected \(1 or 2, 9, 24\)\)"),
-        (seq(1, 9, 20), r"shape \(1, 9, 20\) does not fit memory"),
-        (seq(3, 9, 24), r"batch 3 is neither 1 nor the query batch 2"),
-        (seq(1, 9, 24, dtype=torch.float32), r"dtype torch.float32 != torch.float64"),
-        (torch.empty(1, 9, 24, dtype=torch.float64, device="meta"), r"device meta != memory device cpu"),
+        (seq(1, 2, 3, 8, 4), r"shape \(1, 2, 3, 8, 4\) is not \(1 or 2, 2, 3, 9, 4\)"),
+        (seq(1, 2, 3, 9, 5), r"shape \(1, 2, 3, 9, 5\) is not"),
+        (seq(1, 9, 24), r"shape \(1, 9, 24\) is not"),
+        (seq(3, 2, 3, 9, 4), r"batch 3 is neither 1 nor the query batch 2"),
+        (seq(1, 2, 3, 9, 4, dtype=torch.float32), r"dtype torch.float32 != torch.float64"),
+        (torch.empty(1, 2, 3, 9, 4, dtype=torch.float64, device="meta"), r"device meta != memory device cpu"),
     ],
 )
 def test_a_state_that_does_not_belong_to_the_memory_raises(state, match):
     _, ours = stock_and_flash(12, 3)
-    with pytest.raises(ValueError, match=r"state does not belong to this memory: " + match):
+    with pytest.raises(ValueError, match=r"state does not belong to this memory \(2, 9, 12\): " + match):
         ours.step(seq(2, 12), state, memory=seq(2, 9, 12))
-    with pytest.raises(TypeError, match=r"state must be None or the \(b, T2, 2\*n_feat\) tensor"):
+    with pytest.raises(TypeError, match=r"state must be None or the \(b, 2, n_head, T, d_k\) cache"):
         ours.step(seq(2, 12), [state], memory=seq(2, 9, 12))
 
 
@@ -133,20 +134,20 @@ def test_causal_forward_equals_stock_with_a_causal_mask_and_steps(masked):
     for i in range(t):
         out, state = ours.step(query[:, i], state, mask=keep[..., : i + 1] if masked else None)
         torch.testing.assert_close(out, expected[:, i], **FP64)
-    assert state.shape == (batch, t, 30)
+    assert state.shape == (batch, 2, 3, t, 5)
 
 
 def test_causal_cache_errors():
     _, ours = stock_and_flash(12, 3, causal=True)
-    with pytest.raises(ValueError, match=r"not a self-attention cache for this query: shape \(2, 3, 20\) is not \(b, t, 24\)"):
-        ours.step(seq(2, 12), seq(2, 3, 20))
+    with pytest.raises(ValueError, match=r"not a self-attention cache for this query: shape \(2, 2, 3, 3, 5\) is not \(1 or 2, 2, 3, t, 4\)"):
+        ours.step(seq(2, 12), seq(2, 2, 3, 3, 5))
     with pytest.raises(ValueError, match=r"batch 3 is neither 1 nor the query batch 2"):
-        ours.step(seq(2, 12), seq(3, 3, 24))
+        ours.step(seq(2, 12), seq(3, 2, 3, 3, 4))
     with pytest.raises(ValueError, match=r"dtype torch.float32 != torch.float64"):
-        ours.step(seq(2, 12), seq(1, 3, 24, dtype=torch.float32))
+        ours.step(seq(2, 12), seq(1, 2, 3, 3, 4, dtype=torch.float32))
     with pytest.raises(ValueError, match=r"device meta != query device cpu"):
-        ours.step(seq(2, 12), torch.empty(1, 3, 24, dtype=torch.float64, device="meta"))
-    with pytest.raises(TypeError, match=r"state must be None or the \(b, t, 2\*n_feat\) cache"):
+        ours.step(seq(2, 12), torch.empty(1, 2, 3, 3, 4, dtype=torch.float64, device="meta"))
+    with pytest.raises(TypeError, match=r"state must be None or the \(b, 2, n_head, T, d_k\) cache"):
         ours.step(seq(2, 12), "cache")
 
 

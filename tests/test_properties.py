@@ -291,7 +291,7 @@ def test_steps_match_the_stock_step(case):
         if case.keep_attn:
             assert_close(ours.attn, stock.attn, case.scale, f"attention weights of step {t}")
         if memory is not None:
-            assert state.shape == (case.batch, case.t2, 2 * case.n_feat)
+            assert state.shape == (case.batch, 2, case.n_head, case.t2, case.n_feat // case.n_head)
             if shared and case.split_state:
                 state = state[0].unsqueeze(0)  # S4Decoder.batch_score + BatchBeamSearch
     expected, got = torch.stack(expected, 1), torch.stack(got, 1)
@@ -324,4 +324,4 @@ def test_causal_forward_and_steps_match_stock_with_a_causal_mask(case):
         out, state = ours.step(query[:, i], state, mask=mask_i)
         steps.append(out)
     assert_close(torch.stack(steps, 1), expected, case.scale, "causal steps")
-    assert state.shape == (case.batch, t, 2 * case.n_feat)
+    assert state.shape == (case.batch, 2, case.n_head, t, case.n_feat // case.n_head)
