@@ -25,7 +25,6 @@ Checks:
 
 import argparse
 import json
-import math
 import sys
 import time
 
