@@ -96,13 +96,14 @@ def attend_cached(query, kv, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backen
     B matrix-vector products; the mask follows as a per-query mask.
     """
     batch, d = query.shape
-    q = F.linear(query, w_qkv[:d], b_qkv[:d])
+    # narrow/select rather than indexing: a few microseconds less per step.
+    q = F.linear(query, w_qkv.narrow(0, 0, d), b_qkv.narrow(0, 0, d))
     if kv.size(0) == 1:
         q = heads(q.unsqueeze(0), n_head)  # (1, H, B, d_k)
         keep = None if keep is None else keep.transpose(0, 1)  # (1, b', T2)
     else:
         q = heads(q.unsqueeze(1), n_head)  # (B, H, 1, d_k)
-    context, weights = dispatch.run(backend, q, kv[:, 0], kv[:, 1], keep, causal=False,
+    context, weights = dispatch.run(backend, q, kv.select(1, 0), kv.select(1, 1), keep, causal=False,
                                     dropout_p=0.0, training=False)
     if weights is not None and kv.size(0) == 1:
         weights = weights.transpose(0, 2)  # (1, H, B, T2) -> (B, H, 1, T2)
