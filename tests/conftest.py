@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import espnet_mha  # noqa: F401  (registers flash_mha)
+from espnet_mha.testing import beam_search, prepare_for_decoding
 
 
 @dataclass
@@ -84,3 +85,16 @@ def one_thread():
 @pytest.fixture(params=CASE_SEEDS, ids=lambda s: f"seed{s}")
 def case(request):
     return random_case(request.param)
+
+
+def assert_same_nbest(stock, ours, x, *, beam, maxlenratio, score_tol):
+    """ESPnet's BatchBeamSearch over both decoders gives the same n-best (tokens, scores)."""
+    results = []
+    for model in (stock, ours):
+        search = beam_search(prepare_for_decoding(model), beam_size=beam)
+        with torch.no_grad():
+            results.append(search(x, maxlenratio=maxlenratio, minlenratio=0.0))
+    assert len(results[0]) == len(results[1]) > 0
+    for a, b in zip(*results):
+        assert a.yseq.tolist() == b.yseq.tolist()
+        assert abs(float(a.score) - float(b.score)) <= score_tol

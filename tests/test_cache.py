@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import assert_same_nbest
 from espnet_mha.testing import beam_search, prepare_for_decoding, s4_decoder_pair, stock_and_flash
 
 FP64 = dict(rtol=1e-10, atol=1e-10)
@@ -156,16 +157,8 @@ def test_causal_cache_errors():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_cached_beam_search_gives_the_stock_nbest(seed, beam, dtype, score_tol):
     stock, ours = s4_decoder_pair(vocab_size=20, d_model=32, n_layers=2, n_head=4, seed=seed, dtype=dtype)
-    x = seq(23, 32, seed=seed, dtype=dtype)
-    results = []
-    for model in (stock, ours):
-        search = beam_search(prepare_for_decoding(model), beam_size=beam)
-        with torch.no_grad():
-            results.append(search(x, maxlenratio=0.6, minlenratio=0.0))
-    assert len(results[0]) == len(results[1]) > 0
-    for a, b in zip(*results):
-        assert a.yseq.tolist() == b.yseq.tolist()
-        assert abs(float(a.score) - float(b.score)) <= score_tol
+    assert_same_nbest(stock, ours, seq(23, 32, seed=seed, dtype=dtype), beam=beam, maxlenratio=0.6,
+                      score_tol=score_tol)
 
 
 def test_two_threads_share_one_module():

@@ -18,15 +18,6 @@ from espnet_mha.testing import beam_search, build_s4_decoder, prepare_for_decodi
 ROUNDS = 3
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops: intra-op threads only add wake-up latency on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def seq(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 

@@ -29,15 +29,6 @@ T2, D_MODEL, N_LAYERS = 200, 32, 2
 RSS_BOUND = 16 * 2**20
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops: intra-op threads only add wake-up latency (seconds per utterance on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def live_tensors():
     gc.collect()
     # type() rather than isinstance(): isinstance() on some lazy torch module proxies warns.

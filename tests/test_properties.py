@@ -25,7 +25,6 @@ subfolder, or let hypothesis drop it once it passes.
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
@@ -48,15 +47,6 @@ LARGE_REL = 1e-6
 LARGE = 1e4
 
 LAYOUTS = ("contiguous", "transposed_storage", "sliced", "expanded")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency, badly so on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _settings(max_examples):

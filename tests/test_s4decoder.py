@@ -5,7 +5,8 @@ import torch
 from espnet2.asr.state_spaces import registry
 from espnet2.asr.state_spaces.attention import MultiHeadedAttention
 
-from espnet_mha.testing import beam_search, build_s4_decoder, prepare_for_decoding, s4_decoder_pair
+from conftest import assert_same_nbest
+from espnet_mha.testing import build_s4_decoder, s4_decoder_pair
 
 
 class TransposedStock(MultiHeadedAttention):
@@ -103,15 +104,7 @@ def test_beam_search_hypotheses_match_stock(cfg, dtype, score_tol, transposed_st
     reference = transposed_stock_name if cfg.get("transposed") else "mha"
     stock, ours = make_pair(cfg, reference, dtype=dtype)
     x = torch.randn(17, 24, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    results = []
-    for model in (stock, ours):
-        search = beam_search(prepare_for_decoding(model), beam_size=4)
-        with torch.no_grad():
-            results.append(search(x, maxlenratio=0.5, minlenratio=0.0))
-    assert len(results[0]) == len(results[1]) > 0
-    for a, b in zip(*results):
-        assert a.yseq.tolist() == b.yseq.tolist()
-        assert abs(float(a.score) - float(b.score)) <= score_tol
+    assert_same_nbest(stock, ours, x, beam=4, maxlenratio=0.5, score_tol=score_tol)
 
 
 def test_pair_helper_loads_stock_weights_strictly():
