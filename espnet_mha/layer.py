@@ -100,7 +100,8 @@ class FlashMultiHeadedAttention(SequenceModule):
         self.keep_attn = bool(keep_attn)
         self.backend = dispatch.resolve_backend(backend)
         self.compile_setting, self.compile_mode = compile_policy.resolve_compile(compile, compile_mode)
-        self.linear_qkv = torch.nn.utils.skip_init(nn.Linear, n_feat, 3 * n_feat)
+        # skip_init: no random draws here, _reset_qkv draws them in the stock order.
+        self.linear_qkv = torch.nn.utils.skip_init(nn.Linear, n_feat, 3 * n_feat, device=torch.get_default_device())
         self._reset_qkv()
         self.linear_out = nn.Linear(n_feat, n_feat)
         self.dropout = nn.Dropout(p=dropout)
