@@ -35,9 +35,24 @@ class FlashAttn:
         return self.module is not None and not self.reason
 
 
-@functools.lru_cache(maxsize=None)
+_FLASH_ATTN = []  # the cached probe; a plain list so torch.compile can read it (see flash_attn)
+
+
 def flash_attn():
-    """Import ``flash_attn`` once and describe it (see :class:`FlashAttn`)."""
+    """Import ``flash_attn`` once and describe it (see :class:`FlashAttn`).
+
+    The cache is a plain module global rather than ``functools.lru_cache``:
+    dynamo cannot trace a call through ``lru_cache`` (it breaks the graph), and
+    the flash-attn kernel call inside a compiled function reads this probe.
+    The first call (always eager: backend selection probes before any
+    compiled call) does the import.
+    """
+    if not _FLASH_ATTN:
+        _FLASH_ATTN.append(_probe_flash_attn())
+    return _FLASH_ATTN[0]
+
+
+def _probe_flash_attn():
     try:
         module = importlib.import_module("flash_attn")
     except Exception as exc:  # ImportError, or a broken CUDA build raising OSError
@@ -75,7 +90,7 @@ def device_capability(device):
 
 def reset():
     """Forget cached probes (tests install a stand-in ``flash_attn`` module)."""
-    flash_attn.cache_clear()
+    _FLASH_ATTN.clear()
     cuda_capability.cache_clear()
 
 

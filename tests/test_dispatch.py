@@ -190,3 +190,15 @@ def test_compiled_float64_on_cpu_avoids_the_broken_sdpa_backward(monkeypatch):
     assert backend == "math" and "pytorch #185539" in fallback
     assert select_backend("auto", dataclasses.replace(cpu64, compiled=False))[0] == "sdpa"
     assert select_backend("sdpa", cpu64) == ("sdpa", "")
+
+
+def test_the_flash_attn_lookup_traces_without_a_graph_break(standin):
+    """The flash-attn call inside a compiled function reads the probe: no graph break."""
+    optional.flash_attn()  # selection always probes eagerly first
+
+    def uses_probe(x):
+        module = optional.flash_attn().module
+        return x * 2 if module is flash_attn_standin else x
+
+    compiled = torch.compile(uses_probe, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
