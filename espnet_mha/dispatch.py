@@ -183,7 +183,22 @@ def sdpa_attention(q, k, v, keep, *, causal, dropout_p):
         ``(B, H, T1, d_k)``.
     """
     attn_mask = None if keep is None else keep.unsqueeze(1)  # (b, 1, m, T2)
+    if attn_mask is not None and attn_mask.is_cuda:
+        attn_mask = aligned_mask(attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
+
+
+def aligned_mask(mask, multiple=8):
+    """A copy of ``mask`` whose last dimension is contiguous and whose rows start at
+    multiples of ``multiple`` elements (a view into a padded buffer).
+
+    The fused GPU kernels need the mask's last dimension contiguous (PR #158424),
+    and under Inductor the memory-efficient kernel wants it aligned to 8 (PR #114173).
+    """
+    t2 = mask.size(-1)
+    padded = mask.new_zeros(*mask.shape[:-1], -(-t2 // multiple) * multiple)
+    padded[..., :t2] = mask
+    return padded[..., :t2]
 
 
 def math_attention(q, k, v, keep, *, dropout_p, training):

@@ -202,3 +202,10 @@ def test_the_flash_attn_lookup_traces_without_a_graph_break(standin):
 
     compiled = torch.compile(uses_probe, fullgraph=True, backend="eager")
     assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
+
+
+def test_gpu_masks_are_copied_contiguous_and_aligned():
+    mask = (torch.rand(3, 1, 5, 13) > 0.5)[..., :11]  # a view: rows 13 apart, 11 long
+    aligned = dispatch.aligned_mask(mask)
+    assert torch.equal(aligned, mask)
+    assert aligned.stride(-1) == 1 and aligned.stride(-2) % 8 == 0
