@@ -172,7 +172,6 @@ def timings(device, quick):
     for amp in (None, torch.float16):
         if amp is not None and device.type != "cuda":
             continue
-        impls = {}
         stock, ours = stock_and_flash(size["n_feat"], 4, dtype=torch.float32, device=device)
         _, compiled = stock_and_flash(size["n_feat"], 4, dtype=torch.float32, device=device, compile=True)
         impls = {"stock": stock, "flash_mha": ours, "flash_mha-compiled": compiled}

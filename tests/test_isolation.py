@@ -115,7 +115,7 @@ def test_interleaved_steps_on_one_layer_do_not_cross_talk(causal, one_thread):
 
     def decode(queries, memory, mask):
         state, outs = None, []
-        for t, query in enumerate(queries):
+        for query in queries:
             out, state = layer.step(query, state, memory=memory, mask=None if causal else mask)
             if state is not None and not causal:
                 state = state[0].unsqueeze(0)  # the beam-search state protocol
