@@ -12,6 +12,10 @@ from espnet_mha import cache, compile_policy, dispatch, functional, masks, state
 
 logger = logging.getLogger(__name__)
 
+# Call signatures of cached decoding steps remembered per layer (one per memory
+# length and beam size in practice); the memo is emptied when it reaches this.
+_MAX_CHECKED_STEPS = 256
+
 
 def _autocast_dtype(device_type):
     """The autocast dtype active for ``device_type``, or None."""
@@ -107,6 +111,8 @@ class FlashMultiHeadedAttention(SequenceModule):
         self.dropout = nn.Dropout(p=dropout)
         self.attn = None
         self._decisions = {}
+        self._checked_steps = {}
+        self._query_views = None
         # A plain dict, updated in place: nn.Module.__setattr__ is slow on the hot path.
         self._last = {"backend": None, "fallback": ""}
         self.register_load_state_dict_pre_hook(state_dict.load_state_dict_pre_hook)
@@ -258,6 +264,10 @@ class FlashMultiHeadedAttention(SequenceModule):
         Raises:
             TypeError, ValueError: bad shapes, or a state that does not fit (see :mod:`espnet_mha.cache`).
         """
+        if mask is None and state is not None and memory is not None:
+            fast = self._checked_cached_step(query, state, memory)
+            if fast is not None:
+                return fast
         self._check_features("query", query, 2, "(B, D)")
         batch = query.size(0)
         if self.causal:
@@ -274,12 +284,65 @@ class FlashMultiHeadedAttention(SequenceModule):
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         keep_call = None if keep is None else (keep.transpose(0, 1) if kv.size(0) == 1 else keep)
         backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn)
+        d = self.n_feat
         out, weights = self._fn(functional.attend_cached, query)(
-            query, kv, keep, *params, n_head=self.h, backend=backend
+            query, kv, keep, params[0][:d], params[1][:d], params[2], params[3], n_head=self.h, backend=backend
         )
         if self.keep_attn:
             self.attn = weights
+        elif state is not None and keep is None:
+            key = self._cached_step_key(query, state, memory)
+            if key is not None:
+                if len(self._checked_steps) >= _MAX_CHECKED_STEPS:
+                    self._checked_steps.clear()
+                self._checked_steps[key] = (self._last["backend"], self._last["fallback"])
         return out, cache.batch_state(kv, batch)
+
+    def _cached_step_key(self, query, state, memory):
+        """What the checks of a cached cross-attention step depend on (None where the
+        fast path does not apply: subclassed tensors, autocast, compile)."""
+        if (type(query) is not torch.Tensor or type(state) is not torch.Tensor or type(memory) is not torch.Tensor
+                or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
+                or self.causal or self.keep_attn
+                or compile_policy.wants_compile(self.compile_setting, query.device.type)):
+            return None
+        return (query.shape, memory.shape, state.shape, query.dtype, memory.dtype, state.dtype,
+                query.device, memory.device, state.device, self.backend, self.compile_setting)
+
+    def _checked_cached_step(self, query, state, memory):
+        """The decoding hot path: a cached cross-attention step (no mask) whose shapes,
+        dtypes and devices already passed every check of ``step`` once on this layer.
+        Those checks depend on nothing else, so they are skipped; the step computes
+        exactly what the checked path computes. Returns None when the call has not
+        been seen (it then takes the checked path, which records it)."""
+        key = self._cached_step_key(query, state, memory)
+        decision = None if key is None else self._checked_steps.get(key)
+        if decision is None:
+            return None
+        self._last["backend"], self._last["fallback"] = decision
+        out, _ = functional.attend_cached(query, state, None, *self._decoding_params(), n_head=self.h,
+                                          backend=decision[0])
+        return out, cache.batch_state(state, query.size(0))
+
+    def _decoding_params(self):
+        """(w_q, b_q, w_out, b_out) for steps run without gradients.
+
+        The query rows of the fused projection are views, remembered while the
+        parameters are the same tensors on the same storage (in-place updates
+        such as ``load_state_dict`` or an optimizer step show through a view;
+        ``.to()`` or ``param.data = ...`` make new storage and new views).
+        Made and used only with gradients off, so no view can cut a gradient
+        path."""
+        w_qkv, b_qkv, w_out, b_out = self._params()
+        if torch.is_grad_enabled():
+            d = self.n_feat
+            return w_qkv[:d], b_qkv[:d], w_out, b_out
+        views = self._query_views
+        if views is None or views[0] is not w_qkv or views[1] is not b_qkv or views[2] != w_qkv.data_ptr() \
+                or views[3] != b_qkv.data_ptr():
+            d = self.n_feat
+            views = self._query_views = (w_qkv, b_qkv, w_qkv.data_ptr(), b_qkv.data_ptr(), w_qkv[:d], b_qkv[:d])
+        return views[4], views[5], w_out, b_out
 
     def _step_self(self, query, state, mask):
         batch = query.size(0)

@@ -96,6 +96,68 @@ def test_a_state_that_does_not_belong_to_the_memory_raises(state, match):
         ours.step(seq(2, 12), [state], memory=seq(2, 9, 12))
 
 
+@pytest.mark.parametrize(
+    "state,match",
+    [
+        (seq(1, 2, 3, 8, 4), r"shape \(1, 2, 3, 8, 4\) is not"),
+        (seq(3, 2, 3, 9, 4), r"batch 3 is neither 1 nor the query batch 2"),
+        (seq(1, 2, 3, 9, 4, dtype=torch.float32), r"dtype torch.float32 != torch.float64"),
+    ],
+)
+def test_checks_still_apply_once_a_step_signature_was_seen(state, match):
+    """Steps skip their checks only for a signature (shapes, dtypes, devices) that
+    passed them on this layer; anything else goes through them again."""
+    _, ours = stock_and_flash(12, 3)
+    memory = seq(2, 9, 12)
+    _, good = ours.step(seq(2, 12), None, memory=memory)
+    with torch.no_grad():
+        for _ in range(2):  # the second call takes the remembered signature
+            ours.step(seq(2, 12), good, memory=memory)
+    assert ours._checked_steps
+    with pytest.raises(ValueError, match=match):
+        ours.step(seq(2, 12), state, memory=memory)
+    with pytest.raises(ValueError, match=r"memory batch 3"):
+        ours.step(seq(2, 12), good, memory=seq(3, 9, 12))
+    with pytest.raises(TypeError, match=r"memory dtype torch.float32"):
+        ours.step(seq(2, 12), good, memory=memory.float())
+
+
+def test_remembered_steps_follow_the_parameters():
+    """In-place weight changes, dtype conversion and gradients after remembered steps."""
+    stock, ours = stock_and_flash(16, 4)
+    memory = seq(1, 11, 16).expand(3, -1, -1)
+    query = seq(3, 16, seed=1)
+
+    def decode(module, grad=False):
+        dtype = module.linear_out.weight.dtype
+        q, mem = query.to(dtype), memory.to(dtype)
+        with torch.set_grad_enabled(grad):
+            _, state = module.step(q[:1], None, memory=mem[:1])
+            state = None if state is None else state[:1]  # the stock layer keeps no state
+            return [module.step(q, state, memory=mem)[0] for _ in range(3)]
+
+    def check(grad=False):
+        for got in decode(ours, grad):
+            torch.testing.assert_close(got, decode(stock)[0], **FP64)
+
+    check()
+    with torch.no_grad():  # an optimizer-like in-place update of the stock weights...
+        for p in stock.parameters():
+            p.add_(0.5)
+    ours.load_state_dict(stock.state_dict())  # ...copied in place into ours
+    check()
+    stock.float(), ours.float()
+    for got in decode(ours):
+        torch.testing.assert_close(got, decode(stock)[0], rtol=1e-5, atol=1e-5)
+        assert got.dtype == torch.float32
+    stock.double(), ours.double()
+    check(grad=True)
+    decode(ours, grad=True)[-1].sum().backward()
+    decode(stock, grad=True)[-1].sum().backward()
+    torch.testing.assert_close(ours.linear_out.weight.grad, stock.linear_out.weight.grad, **FP64)
+    torch.testing.assert_close(ours.linear_qkv.weight.grad[:16], stock.linear_q.weight.grad, **FP64)
+
+
 def test_state_none_always_recomputes():
     _, ours = stock_and_flash(12, 3)
     query = seq(2, 12)
