@@ -11,7 +11,7 @@ time, D = n_feat, H = n_head, d_k = D / H. The fused projection ``w_qkv`` is
 import torch
 import torch.nn.functional as F
 
-from espnet_mha import dispatch
+from espnet_mha import dispatch, packing
 
 
 def heads(x, n_head):
@@ -47,7 +47,7 @@ def project_memory(memory, w_qkv, b_qkv, n_head):
 
 
 def attend(query, memory, keep, w_qkv, b_qkv, w_out, b_out, *,
-           n_head, causal, dropout_p, training, backend):
+           n_head, causal, dropout_p, training, backend, key_lengths=None):
     """Multi-head attention over whole sequences (the layer's ``forward``).
 
     Args:
@@ -61,6 +61,9 @@ def attend(query, memory, keep, w_qkv, b_qkv, w_out, b_out, *,
         dropout_p: dropout on the attention weights.
         training: training flag (dropout of the math path).
         backend: a selected backend (``dispatch.FLASH_ATTN/SDPA/MATH``).
+        key_lengths: None, or per-item key counts from :func:`packing.plan`
+            (eager CPU only): keys and attention are then computed per item
+            over its leading keys.
 
     Returns:
         (output ``(B, T1, D)``, attention weights ``(B, H, T1, T2)`` or None).
@@ -69,6 +72,13 @@ def attend(query, memory, keep, w_qkv, b_qkv, w_out, b_out, *,
     # Split the projection along features before making heads: the backward then
     # concatenates the gradients straight into the projection's layout (one pass
     # instead of a concatenation plus a copy).
+    if key_lengths is not None:
+        q = heads(F.linear(query, w_qkv[:d], b_qkv[:d]), n_head)
+        context = packing.attend_per_item(
+            backend, q, query if memory is None else memory, keep, w_qkv[d:], b_qkv[d:], key_lengths,
+            n_head=n_head, dropout_p=dropout_p, training=training,
+        )
+        return F.linear(context, w_out, b_out), None
     if memory is None:
         q, k, v = (heads(x, n_head) for x in F.linear(query, w_qkv, b_qkv).chunk(3, dim=-1))
     else:

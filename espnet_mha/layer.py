@@ -8,7 +8,7 @@ from torch import nn
 
 from espnet2.asr.state_spaces.base import SequenceModule
 
-from espnet_mha import cache, compile_policy, dispatch, functional, masks, state_dict
+from espnet_mha import cache, compile_policy, dispatch, functional, masks, packing, state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class FlashMultiHeadedAttention(SequenceModule):
         self._checked_steps = {}
         self._query_views = None
         # A plain dict, updated in place: nn.Module.__setattr__ is slow on the hot path.
-        self._last = {"backend": None, "fallback": ""}
+        self._last = {"backend": None, "fallback": "", "skipped_keys": 0.0}
         self.register_load_state_dict_pre_hook(state_dict.load_state_dict_pre_hook)
 
     def _reset_qkv(self):
@@ -192,6 +192,12 @@ class FlashMultiHeadedAttention(SequenceModule):
         """Why the last call did not run on flash-attn ("" if it did, or was not asked to)."""
         return self._last["fallback"]
 
+    @property
+    def last_skipped_keys(self):
+        """Share of the key rows the last ``forward`` skipped as padding (0.0 if
+        none; see :mod:`espnet_mha.packing`)."""
+        return self._last["skipped_keys"]
+
     def _fn(self, fn, x):
         return compile_policy.pick(fn, self.compile_setting, self.compile_mode, x.device.type)
 
@@ -234,9 +240,16 @@ class FlashMultiHeadedAttention(SequenceModule):
         t2 = t1 if memory is None else memory.size(1)
         keep = masks.keep_mask(mask, batch=batch, t1=t1, t2=t2, device=query.device)
         backend = self._select(query, keep, causal=self.causal, need_weights=self.keep_attn)
-        out, weights = self._fn(functional.attend, query)(
+        fn = self._fn(functional.attend, query)
+        key_lengths = None
+        if (backend == dispatch.SDPA and not self.causal and query.device.type == "cpu"
+                and fn is functional.attend and not torch.compiler.is_compiling()):
+            key_lengths = packing.plan(keep, batch=batch, t1=t1, t2=t2, d=self.n_feat)
+        self._last["skipped_keys"] = 0.0 if key_lengths is None else 1.0 - sum(key_lengths) / (batch * t2)
+        out, weights = fn(
             query, memory, keep, *self._params(), n_head=self.h, causal=self.causal,
             dropout_p=self.dropout.p if self.training else 0.0, training=self.training, backend=backend,
+            key_lengths=key_lengths,
         )
         if self.keep_attn:
             self.attn = weights

@@ -1,0 +1,97 @@
+"""Skip padded keys on CPU: project and attend to the key rows some query can see.
+
+ESPnet pads every batch to its longest utterance and masks the padding with
+``(B, 1, T2)`` key-padding masks. The stock layer projects every padded row to
+keys and values, scores it, and then zeroes its weight. When a good share of
+the rows is padding, we instead (CPU, eager only):
+
+run the key/value projection and attention per batch item, over its keys up
+to the last one any query may see, so padded tails cost nothing (flash-attn's
+"varlen" idea, done with one GEMM and one SDPA call per item; masked keys
+inside that range stay masked). Items are split only when the skipped work
+outweighs the extra calls (:func:`plan`).
+
+Both compute the same function as the full call: a masked key's weight is
+exactly zero either way, and so are its gradients. One difference: a NaN or
+inf *in a masked row of the memory* no longer reaches the output (the stock
+layer propagates it through ``0 * NaN``).
+
+Not used on CUDA (choosing the rows needs the mask's values on the host, a
+synchronisation; flash-attn's varlen path and SDPA's kernels handle padding
+there), under ``torch.compile`` (data-dependent shapes), when the attention
+weights are requested, or for causal layers. ``$ESPNET_MHA_SKIP_PADDED_KEYS=0``
+turns it off.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from espnet_mha import dispatch
+
+ENV_SKIP = "ESPNET_MHA_SKIP_PADDED_KEYS"
+# Measured on a 2-core CPU (benchmarks/): a per-item call costs about as much as
+# this many multiply-adds, so items are split only when the skipped keys save
+# more than that per item.
+ITEM_COST_MACS = 4 << 20
+
+
+def enabled():
+    """Whether padded keys are skipped (``$ESPNET_MHA_SKIP_PADDED_KEYS`` is not 0)."""
+    return os.environ.get(ENV_SKIP, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def plan(keep, *, batch, t1, t2, d):
+    """Per-item key lengths for one CPU attention call, or None to run it batched.
+
+    Args:
+        keep: None or bool ``(b, m, T2)`` on the CPU, True = attend.
+        batch, t1, t2, d: B, T1, T2 and D of the call.
+
+    Returns:
+        None, or B key counts: for each item, the keys up to its last visible
+        one (at least 1), when skipping the rest saves more than the per-item
+        calls cost.
+    """
+    if keep is None or not enabled():
+        return None
+    visible = keep.any(dim=1)  # (b, T2): some query may see the key
+    positions = torch.arange(1, t2 + 1, device=keep.device)
+    ends = torch.where(visible, positions, 0).amax(dim=1).clamp_(min=1).expand(batch)
+    skipped_rows = batch * t2 - int(ends.sum())
+    # A skipped key row saves its key/value projection and its scores and context.
+    if skipped_rows * (2 * d * d + 2 * t1 * d) < batch * ITEM_COST_MACS:
+        return None
+    return tuple(ends.tolist())
+
+
+def attend_per_item(backend, q, source, keep, w_kv, b_kv, lengths, *, n_head, dropout_p, training):
+    """Keys/values and attention of each batch item over its leading keys only.
+
+    Args:
+        backend: a selected backend (SDPA on CPU).
+        q: projected queries ``(B, H, T1, d_k)``.
+        source: what keys and values are projected from, ``(B, T2, D)``.
+        keep: None or bool ``(b, m, T2)`` (empty rows allowed).
+        w_kv, b_kv: the key and value rows of the fused projection, ``(2D, D)``, ``(2D,)``.
+        lengths: B key counts from :func:`plan`; keys past them are masked.
+
+    Returns:
+        Context ``(B, T1, D)`` with fully masked rows zeroed, as :func:`dispatch.run`.
+    """
+    contexts = []
+    d_k = q.size(-1)
+    # unbind, not indexing: the backward of B slices would zero-fill B full-size gradients.
+    for i, (q_i, source_i, n) in enumerate(zip(q.unbind(0), source.unbind(0), lengths)):
+        kv = F.linear(source_i[:n], w_kv, b_kv)  # (n, 2D)
+        k, v = (x.view(1, n, n_head, d_k).transpose(1, 2) for x in kv.chunk(2, dim=-1))
+        keep_i = None
+        if keep is not None:
+            keep_i = (keep[i:i + 1] if keep.size(0) > 1 else keep)[..., :n]
+            if bool(keep_i.all()):  # plain key padding: every remaining key is visible
+                keep_i = None
+        context, _ = dispatch.run(backend, q_i.unsqueeze(0), k, v, keep_i, causal=False,
+                                  dropout_p=dropout_p, training=training)
+        contexts.append(context)
+    return torch.cat(contexts)

@@ -1,0 +1,110 @@
+"""Skipping padded keys on CPU (espnet_mha.packing) against the stock layer."""
+
+import pytest
+import torch
+
+from espnet_mha import packing
+from espnet_mha.testing import stock_and_flash
+
+FP64 = dict(rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture
+def always_per_item(monkeypatch):
+    """Make every masked CPU call run per item, whatever its size."""
+    monkeypatch.setattr(packing, "ITEM_COST_MACS", 0)
+
+
+def padding_mask(lengths, t2):
+    """ESPnet's key padding ``(B, 1, T2)``: True for the first ``lengths[i]`` frames."""
+    return (torch.arange(t2)[None, :] < torch.tensor(lengths)[:, None]).unsqueeze(1)
+
+
+def forward_backward(layer, query, memory, mask):
+    query = query.clone().requires_grad_(True)
+    memory = None if memory is None else memory.clone().requires_grad_(True)
+    out, _ = layer(query, memory, mask)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    (out * weight).sum().backward()
+    params = {name: p.grad for name, p in layer.named_parameters()}
+    return out, query.grad, None if memory is None else memory.grad, params
+
+
+def assert_matches_stock(stock, ours, query, memory, mask):
+    expected = forward_backward(stock, query, memory, mask)
+    got = forward_backward(ours, query, memory, mask)
+    for e, g in zip(expected[:3], got[:3]):
+        if e is not None:
+            torch.testing.assert_close(g, e, **FP64)
+    stock_params, our_params = expected[3], got[3]
+    w = torch.cat([stock_params[f"linear_{x}.weight"] for x in "qkv"])
+    b = torch.cat([stock_params[f"linear_{x}.bias"] for x in "qkv"])
+    torch.testing.assert_close(our_params["linear_qkv.weight"], w, **FP64)
+    torch.testing.assert_close(our_params["linear_qkv.bias"], b, **FP64)
+    torch.testing.assert_close(our_params["linear_out.weight"], stock_params["linear_out.weight"], **FP64)
+
+
+def test_random_cases_per_item_match_stock(case, always_per_item):
+    """Every mask layout of the random cases (holes, per-query masks, batch-1 masks,
+    fully masked rows and items), forward and all gradients."""
+    stock, ours = stock_and_flash(case.n_feat, case.n_head, seed=case.seed)
+    query, memory, mask = case.tensors()
+    assert_matches_stock(stock, ours, query, memory, mask)
+    if mask is not None:
+        assert ours.last_backend == "sdpa"
+
+
+@pytest.mark.parametrize("self_attention", [False, True], ids=["cross", "self"])
+@pytest.mark.parametrize("lengths", [(13, 5, 9, 1), (13, 0, 13, 7), (4, 4, 4, 4)])
+def test_padded_batches_match_stock_and_report_the_skipped_share(self_attention, lengths, always_per_item):
+    stock, ours = stock_and_flash(24, 4)
+    gen = torch.Generator().manual_seed(len(lengths))
+    t2 = 13
+    t1 = t2 if self_attention else 6
+    query = torch.randn(4, t1, 24, generator=gen, dtype=torch.float64)
+    memory = None if self_attention else torch.randn(4, t2, 24, generator=gen, dtype=torch.float64)
+    mask = padding_mask(lengths, t2)
+    assert_matches_stock(stock, ours, query, memory, mask)
+    computed = sum(max(n, 1) for n in lengths)  # an empty item still makes one (masked) key
+    assert ours.last_skipped_keys == pytest.approx(1 - computed / (4 * t2))
+
+
+def test_plan_splits_only_when_the_skipped_work_pays():
+    lengths = [300, 168, 150, 295, 168, 210, 197, 155]  # the cross_train benchmark's padding
+    keep = padding_mask(lengths, 300)
+    assert packing.plan(keep, batch=8, t1=60, t2=300, d=256) == tuple(lengths)
+    assert packing.plan(keep, batch=8, t1=60, t2=300, d=8) is None  # too little work skipped
+    assert packing.plan(padding_mask([300] * 8, 300), batch=8, t1=60, t2=300, d=256) is None
+    assert packing.plan(None, batch=8, t1=60, t2=300, d=256) is None
+    # A mask shared by the batch (b = 1) gives every item the same length.
+    assert packing.plan(padding_mask([100], 200), batch=3, t1=500, t2=200, d=256) == (100, 100, 100)
+
+
+def test_environment_variable_turns_it_off(monkeypatch, always_per_item):
+    _, ours = stock_and_flash(24, 4)
+    query = torch.randn(4, 6, 24, dtype=torch.float64)
+    memory = torch.randn(4, 13, 24, dtype=torch.float64)
+    mask = padding_mask((13, 5, 9, 1), 13)
+    ours(query, memory, mask)
+    assert ours.last_skipped_keys > 0
+    monkeypatch.setenv(packing.ENV_SKIP, "0")
+    ours(query, memory, mask)
+    assert ours.last_skipped_keys == 0.0
+
+
+@pytest.mark.parametrize("options", [dict(keep_attn=True), dict(causal=True), dict(backend="math")],
+                         ids=["keep_attn", "causal", "math"])
+def test_not_used_where_the_full_call_is_needed(options, always_per_item):
+    _, ours = stock_and_flash(24, 4, **options)
+    query = torch.randn(4, 13, 24, dtype=torch.float64)
+    ours(query, None, padding_mask((13, 5, 9, 1), 13))
+    assert ours.last_skipped_keys == 0.0
+
+
+def test_dropout_in_training_runs_per_item(always_per_item):
+    _, ours = stock_and_flash(24, 4, dropout=0.5)
+    ours.train()
+    query = torch.randn(4, 6, 24, dtype=torch.float64, requires_grad=True)
+    out, _ = ours(query, torch.randn(4, 13, 24, dtype=torch.float64), padding_mask((13, 5, 9, 1), 13))
+    out.sum().backward()
+    assert ours.last_skipped_keys > 0 and query.grad.isfinite().all()
