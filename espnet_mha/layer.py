@@ -8,7 +8,8 @@ from torch import nn
 
 from espnet2.asr.state_spaces.base import SequenceModule
 
-from espnet_mha import cache, compile_policy, dispatch, functional, masks, packing, state_dict
+from espnet_mha import cache, checks, compile_policy, dispatch, functional, masks, packing, state_dict
+from espnet_mha.stock_helpers import StockHelpers
 
 logger = logging.getLogger(__name__)
 
@@ -17,31 +18,7 @@ logger = logging.getLogger(__name__)
 _MAX_CHECKED_STEPS = 256
 
 
-def _autocast_dtype(device_type):
-    """The autocast dtype active for ``device_type``, or None."""
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-    except RuntimeError:  # a device type autocast does not know (meta...)
-        pass
-    return None
-
-
-def _compute_dtype(x):
-    """The dtype a linear layer computes in for ``x``: the autocast dtype under
-    autocast, except for float64, which autocast never casts."""
-    autocast = _autocast_dtype(x.device.type)
-    return x.dtype if autocast is None or x.dtype == torch.float64 else autocast
-
-
-def _check_size(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-
-
-class FlashMultiHeadedAttention(SequenceModule):
+class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
     """Multi-head attention with the stock ESPnet interface, fused and cached.
 
     Computes what ``espnet2.asr.state_spaces.attention.MultiHeadedAttention``
@@ -86,8 +63,8 @@ class FlashMultiHeadedAttention(SequenceModule):
     def __init__(self, n_feat, n_head, dropout=0.0, transposed=False, *, causal=False,
                  keep_attn=False, backend=None, compile=None, compile_mode=None, **kwargs):
         super().__init__()
-        _check_size("n_feat", n_feat)
-        _check_size("n_head", n_head)
+        checks.check_size("n_feat", n_feat)
+        checks.check_size("n_head", n_head)
         if n_feat % n_head:
             raise ValueError(f"n_feat ({n_feat}) must be divisible by n_head ({n_head})")
         if not 0.0 <= float(dropout) <= 1.0:
@@ -133,39 +110,18 @@ class FlashMultiHeadedAttention(SequenceModule):
 
     # ------------------------------------------------------------------ checks
     def _check_features(self, name, x, ndim, layout):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != ndim:
-            raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
-        if x.shape[-1] != self.n_feat:
-            raise ValueError(
-                f"{name} has feature size {x.shape[-1]} (shape {tuple(x.shape)}), expected n_feat={self.n_feat}"
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {x.dtype}")
-        weight = self._params()[2]
-        if x.device != weight.device:
-            raise ValueError(f"{name} is on {x.device} but the layer's parameters are on {weight.device}")
-        if x.dtype != weight.dtype and _compute_dtype(x) != _compute_dtype(weight):
-            raise TypeError(
-                f"{name} dtype {x.dtype} != the layer's parameter dtype {weight.dtype} "
-                f"(convert one of them; torch.autocast casts float32/16 but never float64)"
-            )
+        checks.check_features(name, x, ndim, layout, n_feat=self.n_feat, weight=self._params()[2])
 
     def _check_memory(self, query, memory):
         # Device and dtype: both tensors were checked against the parameters.
         self._check_features("memory", memory, 3, "(B, T2, D)")
-        if memory.size(0) != query.size(0):
-            raise ValueError(
-                f"memory batch {memory.size(0)} (shape {tuple(memory.shape)}) != query batch "
-                f"{query.size(0)} (shape {tuple(query.shape)})"
-            )
+        checks.check_same_batch(query, memory)
 
     # ---------------------------------------------------------------- dispatch
     def _select(self, x, keep, *, causal, need_weights):
         # The decision depends only on static properties of the call, so it is
         # memoised per layer: decoding steps pay a dict lookup, not the rules.
-        key = (x.device, _compute_dtype(x), masks.mask_kind(keep), causal, need_weights,
+        key = (x.device, checks.compute_dtype(x), masks.mask_kind(keep), causal, need_weights,
                self.backend, self.compile_setting)
         decision = self._decisions.get(key)
         if decision is None:
@@ -292,7 +248,7 @@ class FlashMultiHeadedAttention(SequenceModule):
         if state is None:
             kv = functional.project_memory(memory, params[0], params[1], self.h)
         else:
-            cache.check_cross_state(state, memory, batch=batch, n_head=self.h, dtype=_compute_dtype(memory))
+            cache.check_cross_state(state, memory, batch=batch, n_head=self.h, dtype=checks.compute_dtype(memory))
             kv = state
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         keep_call = None if keep is None else (keep.transpose(0, 1) if kv.size(0) == 1 else keep)
@@ -361,7 +317,7 @@ class FlashMultiHeadedAttention(SequenceModule):
         batch = query.size(0)
         if state is not None:
             cache.check_self_cache(state, batch=batch, n_head=self.h, d_k=self.d_k,
-                                   dtype=_compute_dtype(query), device=query.device)
+                                   dtype=checks.compute_dtype(query), device=query.device)
         t2 = 1 if state is None else state.size(3) + 1
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
         backend = self._select(query, keep, causal=False, need_weights=self.keep_attn)
@@ -375,41 +331,3 @@ class FlashMultiHeadedAttention(SequenceModule):
     def default_state(self, *batch_shape, device=None):
         """The state at the start of an utterance: None (the cache is made on the first step)."""
         return None
-
-    # ------------------------------------------------------ stock helpers
-    def forward_qkv(self, query, key, value):
-        """Project and split heads, as the stock layer does.
-
-        Args:
-            query: ``(B, T1, D)``; key, value: ``(B, T2, D)``.
-
-        Returns:
-            q ``(B, H, T1, d_k)``, k ``(B, H, T2, d_k)``, v ``(B, H, T2, d_k)``.
-        """
-        w_q, w_k, w_v = self.linear_qkv.weight.chunk(3)
-        b_q, b_k, b_v = self.linear_qkv.bias.chunk(3)
-        n_batch = query.size(0)
-
-        def heads(x, w, b):
-            return nn.functional.linear(x, w, b).view(n_batch, -1, self.h, self.d_k).transpose(1, 2)
-
-        return heads(query, w_q, b_q), heads(key, w_k, b_k), heads(value, w_v, b_v)
-
-    def forward_attention(self, value, scores, mask):
-        """Attention context from scores, as the stock layer computes it.
-
-        Stores the weights in ``self.attn`` (as the stock helper does).
-
-        Args:
-            value: ``(B, H, T2, d_k)``.
-            scores: ``(B, H, T1, T2)``.
-            mask: None, ``(B, 1, T2)`` or ``(B, T1, T2)``, nonzero = keep.
-
-        Returns:
-            ``(B, T1, D)``.
-        """
-        keep = None if mask is None else mask.ne(0)
-        self.attn = dispatch.stock_weights(scores, keep)
-        x = torch.matmul(self.dropout(self.attn), value)
-        x = x.transpose(1, 2).reshape(value.size(0), -1, self.h * self.d_k)
-        return self.linear_out(x)
