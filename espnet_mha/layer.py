@@ -253,9 +253,9 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         keep_call = None if keep is None else (keep.transpose(0, 1) if kv.size(0) == 1 else keep)
         backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn)
-        d = self.n_feat
         out, weights = self._fn(functional.attend_cached, query)(
-            query, kv, keep, params[0][:d], params[1][:d], params[2], params[3], n_head=self.h, backend=backend
+            query, kv, keep, *functional.query_head_weights(params[0], params[1], self.h), params[2], params[3],
+            backend=backend,
         )
         if self.keep_attn:
             self.attn = weights
@@ -289,14 +289,14 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         if decision is None:
             return None
         self._last["backend"], self._last["fallback"] = decision
-        out, _ = functional.attend_cached(query, state, None, *self._decoding_params(), n_head=self.h,
-                                          backend=decision[0])
+        out, _ = functional.attend_cached(query, state, None, *self._decoding_params(), backend=decision[0])
         return out, cache.batch_state(state, query.size(0))
 
     def _decoding_params(self):
-        """(w_q, b_q, w_out, b_out) for steps run without gradients.
+        """(w_q_heads, b_q_heads, w_out, b_out) for cached steps (see
+        :func:`functional.query_head_weights`).
 
-        The query rows of the fused projection are views, remembered while the
+        Without gradients the per-head query views are remembered while the
         parameters are the same tensors on the same storage (in-place updates
         such as ``load_state_dict`` or an optimizer step show through a view;
         ``.to()`` or ``param.data = ...`` make new storage and new views).
@@ -304,13 +304,12 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         path."""
         w_qkv, b_qkv, w_out, b_out = self._params()
         if torch.is_grad_enabled():
-            d = self.n_feat
-            return w_qkv[:d], b_qkv[:d], w_out, b_out
+            return (*functional.query_head_weights(w_qkv, b_qkv, self.h), w_out, b_out)
         views = self._query_views
         if views is None or views[0] is not w_qkv or views[1] is not b_qkv or views[2] != w_qkv.data_ptr() \
                 or views[3] != b_qkv.data_ptr():
-            d = self.n_feat
-            views = self._query_views = (w_qkv, b_qkv, w_qkv.data_ptr(), b_qkv.data_ptr(), w_qkv[:d], b_qkv[:d])
+            views = self._query_views = (w_qkv, b_qkv, w_qkv.data_ptr(), b_qkv.data_ptr(),
+                                         *functional.query_head_weights(w_qkv, b_qkv, self.h))
         return views[4], views[5], w_out, b_out
 
     def _step_self(self, query, state, mask):
