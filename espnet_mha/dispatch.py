@@ -15,8 +15,9 @@ Backends (names used everywhere, in options, ``last_backend`` and logs):
 =============  ==============================================================
 
 ``auto`` takes the first of flash_attn, sdpa that can serve a call, and math
-when weights are requested (or SDPA is known broken for the call: compiled
-float64 backward on CPU in torch <= 2.11, pytorch #185539). Asking for a backend that cannot serve a call
+when weights are requested, for unmasked decoding steps on CPU (no mask needed
+to keep NaN there, pytorch #141128), or when SDPA is known broken for the call
+(compiled float64 backward on CPU in torch <= 2.11, pytorch #185539). Asking for a backend that cannot serve a call
 raises :class:`BackendUnavailableError` with the reason; nothing is switched off
 permanently, and kernel errors propagate.
 """
@@ -88,6 +89,7 @@ class AttentionCall:
         causal: a causal mask applies.
         need_weights: the attention weights must be returned.
         compiled: the call runs under ``torch.compile``.
+        decode_step: a decoding step (one query row per hypothesis).
     """
 
     device: torch.device
@@ -97,6 +99,7 @@ class AttentionCall:
     causal: bool = False
     need_weights: bool = False
     compiled: bool = False
+    decode_step: bool = False
 
 
 def flash_attn_refusal(call):
@@ -166,6 +169,10 @@ def select_backend(requested, call):
         )
     if not refusal:
         return FLASH_ATTN, ""
+    if requested == AUTO and call.decode_step and call.device.type == "cpu" and call.mask_kind == masks.NO_MASK:
+        # SDPA's CPU kernel needs an explicit mask to keep NaN (see sdpa_attention),
+        # which costs a beam step ~20 us; the explicit math keeps it for ~10 us (measured).
+        return MATH, refusal
     sdpa = sdpa_refusal(call)
     return (MATH, f"{refusal}; {sdpa}") if sdpa else (SDPA, refusal)
 
@@ -185,6 +192,16 @@ def sdpa_attention(q, k, v, keep, *, causal, dropout_p):
     attn_mask = None if keep is None else keep.unsqueeze(1)  # (b, 1, m, T2)
     if attn_mask is not None and attn_mask.is_cuda:
         attn_mask = aligned_mask(attn_mask)
+    if attn_mask is None and q.device.type == "cpu":
+        # Without a mask (also with is_causal), SDPA's CPU kernel returns zeros for a
+        # query row whose scores are all NaN (a NaN in the query, or in a key column),
+        # where the stock layer gives NaN (pytorch #141128, since torch 2.5, still in
+        # 2.11). With a mask it propagates the NaN; an explicit one costs 1-5% on
+        # sequences (decoding steps take the math path instead, see select_backend).
+        if causal:
+            attn_mask, causal = masks.causal_keep(q.size(-2), k.size(-2), q.device).unsqueeze(1), False
+        else:
+            attn_mask = torch.ones(1, 1, 1, k.size(-2), dtype=torch.bool, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
 
 
@@ -215,6 +232,24 @@ def math_attention(q, k, v, keep, *, dropout_p, training):
     scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))
     weights = stock_weights(scores, keep)
     return torch.matmul(F.dropout(weights, dropout_p, training), v), weights
+
+
+def math_step(q, k, v):
+    """:func:`math_attention` without a mask or dropout, lean for decoding steps:
+    batched 3-D products when the batch is 1 (a shared beam cache).
+
+    Args:
+        q: ``(b, H, T1, d_k)``; k, v: ``(b, H, T2, d_k)``.
+
+    Returns:
+        (context ``(b, H, T1, d_k)``, weights ``(b, H, T1, T2)``).
+    """
+    if q.size(0) == 1:
+        scores = torch.bmm(q[0], k[0].transpose(-2, -1)).div_(math.sqrt(q.size(-1)))
+        weights = torch.softmax(scores, dim=-1)
+        return torch.bmm(weights, v[0]).unsqueeze(0), weights.unsqueeze(0)
+    weights = torch.softmax(torch.matmul(q, k.transpose(-2, -1)).div_(math.sqrt(q.size(-1))), dim=-1)
+    return torch.matmul(weights, v), weights
 
 
 def stock_weights(scores, keep):

@@ -134,10 +134,13 @@ def attend_cached(query, kv, keep, w_q_heads, b_q_heads, w_out, b_out, *, backen
         q = q.transpose(0, 1).unsqueeze(2)  # (B, H, 1, d_k)
     k, v = kv.unbind(1)
     if keep is None and backend == dispatch.SDPA:
-        context, weights = F.scaled_dot_product_attention(q, k, v), None
+        context, weights = dispatch.sdpa_attention(q, k, v, None, causal=False, dropout_p=0.0), None
     else:
-        context, weights = dispatch.run(backend, q, k, v, keep, causal=False, dropout_p=0.0, training=False)
-        context = context.view(-1, batch if shared else 1, n_head, d // n_head).transpose(1, 2)
+        if keep is None and backend == dispatch.MATH:
+            context, weights = dispatch.math_step(q, k, v)
+        else:
+            context, weights = dispatch.run(backend, q, k, v, keep, causal=False, dropout_p=0.0, training=False)
+            context = context.view(-1, batch if shared else 1, n_head, d // n_head).transpose(1, 2)
         if weights is not None and shared:
             weights = weights.transpose(0, 2)  # (1, H, B, T2) -> (B, H, 1, T2)
     # context: (b, H, B or 1, d_k) -> (B, D)

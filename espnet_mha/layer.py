@@ -118,17 +118,17 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         checks.check_same_batch(query, memory)
 
     # ---------------------------------------------------------------- dispatch
-    def _select(self, x, keep, *, causal, need_weights):
+    def _select(self, x, keep, *, causal, need_weights, decode_step=False):
         # The decision depends only on static properties of the call, so it is
         # memoised per layer: decoding steps pay a dict lookup, not the rules.
-        key = (x.device, checks.compute_dtype(x), masks.mask_kind(keep), causal, need_weights,
+        key = (x.device, checks.compute_dtype(x), masks.mask_kind(keep), causal, need_weights, decode_step,
                self.backend, self.compile_setting)
         decision = self._decisions.get(key)
         if decision is None:
             device, dtype, mask_kind = key[:3]
             call = dispatch.AttentionCall(
                 device=device, dtype=dtype, d_k=self.d_k, mask_kind=mask_kind, causal=causal,
-                need_weights=need_weights,
+                need_weights=need_weights, decode_step=decode_step,
                 compiled=compile_policy.wants_compile(self.compile_setting, device.type),
             )
             decision = self._decisions[key] = dispatch.select_backend(self.backend, call)
@@ -252,7 +252,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
             kv = state
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         keep_call = None if keep is None else (keep.transpose(0, 1) if kv.size(0) == 1 else keep)
-        backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn)
+        backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn, decode_step=True)
         out, weights = self._fn(functional.attend_cached, query)(
             query, kv, keep, *functional.query_head_weights(params[0], params[1], self.h), params[2], params[3],
             backend=backend,
@@ -319,7 +319,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
                                    dtype=checks.compute_dtype(query), device=query.device)
         t2 = 1 if state is None else state.size(3) + 1
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
-        backend = self._select(query, keep, causal=False, need_weights=self.keep_attn)
+        backend = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True)
         out, new_state, weights = self._fn(functional.step_self, query)(
             query, state, keep, *self._params(), n_head=self.h, backend=backend
         )

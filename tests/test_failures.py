@@ -182,3 +182,42 @@ def test_inputs_on_another_device_raise_a_clear_error(moved, call, device):
             ours(query, memory, mask)
         else:
             ours.step(query[:, 0], None, memory=memory, mask=mask)
+
+
+@pytest.mark.parametrize("step", [False, True], ids=["forward", "step"])
+@pytest.mark.parametrize("where", ["query", "key_weight"])
+def test_nan_is_not_hidden_without_a_mask(where, step):
+    """SDPA's CPU kernel returns zeros for a query row whose scores are all NaN when
+    no mask is given (pytorch #141128); ours must give NaN there like the stock layer."""
+    stock, ours = stock_and_flash(D, H)
+    if where == "key_weight":
+        with torch.no_grad():
+            stock.linear_k.weight[2, :] = float("nan")  # a NaN key column: every score of head 0 is NaN
+        ours.load_state_dict(stock.state_dict())
+    query, memory, _ = inputs()
+    if where == "query":
+        query[1, 1, 4] = float("nan")
+    if step:
+        expected, _ = stock.step(query[:, 1], None, memory=memory)
+        _, state = ours.step(query[:, 0], None, memory=memory)
+        got, _ = ours.step(query[:, 1], state, memory=memory)
+        got, _ = ours.step(query[:, 1], state, memory=memory)  # the remembered-signature path
+    else:
+        expected, _ = stock(query, memory, None)
+        got, _ = ours(query, memory, None)
+    assert not expected.isfinite().all()
+    assert_same_non_finite(got, expected, "output")
+
+
+def test_nan_is_not_hidden_in_a_causal_layer():
+    """The same SDPA behaviour with is_causal: a causal layer must still give NaN rows."""
+    stock, ours = stock_and_flash(D, H, causal=True)
+    with torch.no_grad():
+        stock.linear_k.weight[2, :] = float("nan")  # a NaN key column; values stay finite
+    ours.load_state_dict(stock.state_dict())
+    query, _, _ = inputs()
+    causal = torch.ones(T1, T1, dtype=torch.bool).tril().unsqueeze(0)
+    expected, _ = stock(query, None, causal)
+    got, _ = ours(query, None, None)
+    assert not expected.isfinite().all()
+    assert_same_non_finite(got, expected, "output")

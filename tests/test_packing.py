@@ -108,3 +108,25 @@ def test_dropout_in_training_runs_per_item(always_per_item):
     out, _ = ours(query, torch.randn(4, 13, 24, dtype=torch.float64), padding_mask((13, 5, 9, 1), 13))
     out.sum().backward()
     assert ours.last_skipped_keys > 0 and query.grad.isfinite().all()
+
+
+def test_non_finite_values_with_skipped_keys(always_per_item):
+    """A NaN weight: the output is non-finite exactly where the stock one is; gradients
+    are non-finite wherever the stock ones are, except the skipped (masked, padded)
+    memory frames, which get exactly zero where the stock layer gets 0 * NaN."""
+    stock, ours = stock_and_flash(24, 4)
+    with torch.no_grad():
+        stock.linear_out.weight[2, 3] = float("nan")
+    ours.load_state_dict(stock.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(4, 6, 24, generator=gen, dtype=torch.float64)
+    memory = torch.randn(4, 13, 24, generator=gen, dtype=torch.float64)
+    lengths = (13, 5, 9, 1)
+    mask = padding_mask(lengths, 13)
+    expected, got = forward_backward(stock, query, memory, mask), forward_backward(ours, query, memory, mask)
+    assert torch.equal(got[0].isfinite(), expected[0].isfinite())
+    padded = ~mask[:, 0, :, None].expand(4, 13, 24)
+    assert not expected[2][padded].isfinite().all()  # the stock layer: 0 * NaN
+    assert (got[2][padded] == 0).all()
+    assert torch.equal(got[2][~padded].isfinite(), expected[2][~padded].isfinite())
+    assert torch.equal(got[1].isfinite(), expected[1].isfinite())
