@@ -18,6 +18,10 @@ Checks:
 - lengths upstream trackers report as fragile: T2 % 128 == 64 with a mask and
   gradients (cuDNN attention NaN, pytorch #196678), kv length % 32 == 1 with
   a beam-expanded (stride-0) memory (memory-efficient kernel, #191937);
+- NaN is never hidden: a NaN query row or a NaN key column (from a NaN
+  weight), unmasked, gives NaN wherever the stock layer does, per backend, in
+  ``forward`` and ``step`` (SDPA's CPU kernel returns zeros there without a
+  mask, pytorch #141128; whether CUDA kernels do is what this checks);
 - torch.compile(fullgraph=True) of every path, no graph breaks;
 - timings of stock vs ours: cross-attention training step (fp32 and fp16
   autocast) and 50 decoding steps with a beam of 10.
@@ -125,6 +129,38 @@ def check_expanded_memory_steps(device, quick):
                    backend=ours.last_backend, err=f"{err:.2e}")
 
 
+def check_nan_rows(device, quick):
+    """Unmasked calls with a NaN query row or a NaN key column: NaN wherever the stock layer has it."""
+    n_feat, n_head = 32, 4
+    dtypes = (torch.float32,) if device.type == "cpu" else (torch.float32, torch.float16)
+    for backend in backends(device):
+        for dtype in dtypes:
+            for where in ("query", "key_weight"):
+                stock, ours = stock_and_flash(n_feat, n_head, dtype=torch.float32, device=device, backend=backend)
+                if where == "key_weight":
+                    with torch.no_grad():
+                        stock.linear_k.weight[2, :] = float("nan")
+                    ours.load_state_dict(stock.state_dict())
+                query = rand(3, 5, n_feat, seed=7, device=device)
+                memory = rand(3, 11, n_feat, seed=8, device=device)
+                if where == "query":
+                    query[1, 2, 3] = float("nan")
+                expected = stock(query, memory)[0].isfinite()
+                expected_step = stock.step(query[:, 2], None, memory=memory)[0].isfinite()
+                ours.to(dtype)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    try:
+                        got = ours(query.to(dtype), memory.to(dtype))[0].isfinite()
+                        _, state = ours.step(query[:, 1].to(dtype), None, memory=memory.to(dtype))
+                        got_step = ours.step(query[:, 2].to(dtype), state, memory=memory.to(dtype))[0].isfinite()
+                    except dispatch.BackendUnavailableError as exc:
+                        record("nan_rows", True, backend=backend, dtype=str(dtype), skipped=str(exc)[:60])
+                        continue
+                hidden = int((got & ~expected).sum()) + int((got_step & ~expected_step).sum())
+                record("nan_rows", hidden == 0, backend=ours.last_backend, dtype=str(dtype).replace("torch.", ""),
+                       where=where, hidden=hidden)
+
+
 def check_compile(device, quick):
     counters.clear()
     _, ours = stock_and_flash(64, 4, dtype=torch.float32, device=device, compile=True)
@@ -224,7 +260,8 @@ def main(argv=None):
         info["gpu"] = torch.cuda.get_device_name(device)
         info["capability"] = optional.capability_str(optional.device_capability(device))
     print(json.dumps(info, indent=1))
-    for check in (check_equivalence, check_masked_rows_and_gradients, check_expanded_memory_steps, check_compile):
+    for check in (check_equivalence, check_masked_rows_and_gradients, check_expanded_memory_steps, check_nan_rows,
+                  check_compile):
         check(device, args.quick)
     rows = timings(device, args.quick)
     print("\n| scenario | impl | median | speed-up |\n|---|---|---|---|")
