@@ -14,5 +14,5 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["failed"] == 0
     assert {c["check"] for c in report["checks"]} == {
-        "equivalence", "masked_rows_and_grads", "expanded_memory_step", "compile_fullgraph"}
+        "equivalence", "masked_rows_and_grads", "expanded_memory_step", "nan_rows", "compile_fullgraph"}
     assert {r["impl"] for r in report["timings"]} >= {"stock", "flash_mha"}
