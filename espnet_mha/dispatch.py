@@ -229,27 +229,18 @@ def math_attention(q, k, v, keep, *, dropout_p, training):
     Returns:
         (context ``(B, H, T1, d_k)``, weights ``(B, H, T1, T2)`` before dropout).
     """
-    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-    weights = stock_weights(scores, keep)
-    return torch.matmul(F.dropout(weights, dropout_p, training), v), weights
-
-
-def math_step(q, k, v):
-    """:func:`math_attention` without a mask or dropout, lean for decoding steps:
-    batched 3-D products when the batch is 1 (a shared beam cache).
-
-    Args:
-        q: ``(b, H, T1, d_k)``; k, v: ``(b, H, T2, d_k)``.
-
-    Returns:
-        (context ``(b, H, T1, d_k)``, weights ``(b, H, T1, T2)``).
-    """
-    if q.size(0) == 1:
-        scores = torch.bmm(q[0], k[0].transpose(-2, -1)).div_(math.sqrt(q.size(-1)))
-        weights = torch.softmax(scores, dim=-1)
-        return torch.bmm(weights, v[0]).unsqueeze(0), weights.unsqueeze(0)
-    weights = torch.softmax(torch.matmul(q, k.transpose(-2, -1)).div_(math.sqrt(q.size(-1))), dim=-1)
-    return torch.matmul(weights, v), weights
+    # A single batch (a decoding step against a shared beam cache) takes 3-D products,
+    # and dividing in place and skipping an inactive dropout save a few microseconds
+    # of a ~100 us step (same values).
+    single = q.size(0) == 1
+    if single:
+        scores = torch.bmm(q[0], k[0].transpose(-2, -1)).unsqueeze(0)
+    else:
+        scores = torch.matmul(q, k.transpose(-2, -1))
+    weights = stock_weights(scores.div_(math.sqrt(q.size(-1))), keep)
+    dropped = F.dropout(weights, dropout_p, training) if training and dropout_p > 0 else weights
+    context = torch.bmm(dropped[0], v[0]).unsqueeze(0) if single else torch.matmul(dropped, v)
+    return context, weights
 
 
 def stock_weights(scores, keep):

@@ -69,9 +69,6 @@ def attend(query, memory, keep, w_qkv, b_qkv, w_out, b_out, *,
         (output ``(B, T1, D)``, attention weights ``(B, H, T1, T2)`` or None).
     """
     d = query.size(-1)
-    # Split the projection along features before making heads: the backward then
-    # concatenates the gradients straight into the projection's layout (one pass
-    # instead of a concatenation plus a copy).
     if key_lengths is not None:
         q = heads(F.linear(query, w_qkv[:d], b_qkv[:d]), n_head)
         context = packing.attend_per_item(
@@ -79,6 +76,9 @@ def attend(query, memory, keep, w_qkv, b_qkv, w_out, b_out, *,
             n_head=n_head, dropout_p=dropout_p, training=training,
         )
         return F.linear(context, w_out, b_out), None
+    # Split the projection along features before making heads: the backward then
+    # concatenates the gradients straight into the projection's layout (one pass
+    # instead of a concatenation plus a copy).
     if memory is None:
         q, k, v = (heads(x, n_head) for x in F.linear(query, w_qkv, b_qkv).chunk(3, dim=-1))
     else:
@@ -133,18 +133,18 @@ def attend_cached(query, kv, keep, w_q_heads, b_q_heads, w_out, b_out, *, backen
     else:
         q = q.transpose(0, 1).unsqueeze(2)  # (B, H, 1, d_k)
     k, v = kv.unbind(1)
+    # Unmasked steps skip dispatch.run's mask handling.
     if keep is None and backend == dispatch.SDPA:
         context, weights = dispatch.sdpa_attention(q, k, v, None, causal=False, dropout_p=0.0), None
+        context = context.transpose(1, 2)  # (b, B or 1, H, d_k)
+    elif keep is None and backend == dispatch.MATH:
+        context, weights = dispatch.math_attention(q, k, v, None, dropout_p=0.0, training=False)
+        context = context.transpose(1, 2)
     else:
-        if keep is None and backend == dispatch.MATH:
-            context, weights = dispatch.math_step(q, k, v)
-        else:
-            context, weights = dispatch.run(backend, q, k, v, keep, causal=False, dropout_p=0.0, training=False)
-            context = context.view(-1, batch if shared else 1, n_head, d // n_head).transpose(1, 2)
-        if weights is not None and shared:
-            weights = weights.transpose(0, 2)  # (1, H, B, T2) -> (B, H, 1, T2)
-    # context: (b, H, B or 1, d_k) -> (B, D)
-    return F.linear(context.transpose(1, 2).reshape(batch, d), w_out, b_out), weights
+        context, weights = dispatch.run(backend, q, k, v, keep, causal=False, dropout_p=0.0, training=False)
+    if weights is not None and shared:
+        weights = weights.transpose(0, 2)  # (1, H, B, T2) -> (B, H, 1, T2)
+    return F.linear(context.reshape(batch, d), w_out, b_out), weights
 
 
 def step_self(query, cache, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backend):

@@ -58,12 +58,12 @@ def plan(keep, *, batch, t1, t2, d):
         return None
     visible = keep.any(dim=1)  # (b, T2): some query may see the key
     positions = torch.arange(1, t2 + 1, device=keep.device)
-    ends = torch.where(visible, positions, 0).amax(dim=1).clamp_(min=1).expand(batch)
-    skipped_rows = batch * t2 - int(ends.sum())
+    ends = torch.where(visible, positions, 0).amax(dim=1).clamp_(min=1).expand(batch).tolist()
+    skipped_rows = batch * t2 - sum(ends)
     # A skipped key row saves its key/value projection and its scores and context.
     if skipped_rows * (2 * d * d + 2 * t1 * d) < batch * ITEM_COST_MACS:
         return None
-    return tuple(ends.tolist())
+    return tuple(ends)
 
 
 def attend_per_item(backend, q, source, keep, w_kv, b_kv, lengths, *, n_head, dropout_p, training):
