@@ -54,8 +54,8 @@ def plan(keep, *, batch, t1, t2, d):
         one (at least 1), when skipping the rest saves more than the per-item
         calls cost.
     """
-    if keep is None or not enabled():
-        return None
+    if keep is None or not enabled() or keep.numel() == 0 or batch * t1 * t2 == 0:
+        return None  # nothing to skip, or an empty call
     visible = keep.any(dim=1)  # (b, T2): some query may see the key
     positions = torch.arange(1, t2 + 1, device=keep.device)
     ends = torch.where(visible, positions, 0).amax(dim=1).clamp_(min=1).expand(batch).tolist()

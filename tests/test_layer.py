@@ -75,6 +75,33 @@ def test_fully_masked_rows_give_the_output_bias():
     torch.testing.assert_close(got[0, 1], bias[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "math"])
+@pytest.mark.parametrize("mask_rows", [None, 1, "t1"], ids=["no_mask", "key_mask", "query_mask"])
+@pytest.mark.parametrize("t1,t2", [(4, 0), (0, 5), (0, 0)], ids=["no_keys", "no_queries", "both_empty"])
+def test_empty_time_axes_match_stock(t1, t2, mask_rows, backend):
+    """No memory frames: the stock output is the output bias (an empty softmax
+    gives zero context); no query frames: an empty output. Masked calls once
+    failed in the padded-key planner here."""
+    stock, ours = stock_and_flash(8, 2, backend=backend)
+    query = torch.randn(2, t1, 8, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(2, t2, 8, dtype=torch.float64)
+    mask = None if mask_rows is None else torch.ones(2, t1 if mask_rows == "t1" else 1, t2, dtype=torch.bool)
+    expected, _ = stock(query, memory, mask)
+    got, _ = ours(query, memory, mask)
+    torch.testing.assert_close(got, expected, **FP64)
+    (grad,) = torch.autograd.grad(got.sum(), query)
+    torch.testing.assert_close(grad, torch.zeros_like(query), rtol=0, atol=0)
+
+
+def test_empty_batch_gives_an_empty_output():
+    """B = 0 (the stock layer fails to reshape it): an empty output, masked or not."""
+    ours = FlashMultiHeadedAttention(8, 2)
+    query, memory = torch.randn(0, 3, 8), torch.randn(0, 5, 8)
+    for mask in (None, torch.ones(0, 1, 5, dtype=torch.bool)):
+        assert ours(query, memory, mask)[0].shape == (0, 3, 8)
+    assert ours.step(query[:, 0], None, memory=memory)[0].shape == (0, 8)
+
+
 @pytest.mark.parametrize("self_attention", [False, True], ids=["cross", "self"])
 def test_transposed_layout(self_attention):
     """transposed=True: query and output (B, D, T1); memory stays (B, T2, D)."""
