@@ -104,7 +104,7 @@ def query_head_weights(w_qkv, b_qkv, n_head):
     return w_qkv[:d].view(n_head, d_k, d).transpose(1, 2), b_qkv[:d].view(n_head, 1, d_k)
 
 
-def attend_cached(query, kv, keep, w_q_heads, b_q_heads, w_out, b_out, *, backend):
+def attend_cached(query, kv, keep, w_q_heads, b_q_heads, w_out, b_out, *, backend, dropout_p=0.0):
     """One decoding step of cross-attention against cached keys/values.
 
     Args:
@@ -113,6 +113,8 @@ def attend_cached(query, kv, keep, w_q_heads, b_q_heads, w_out, b_out, *, backen
         keep: None or bool ``(b', 1, T2)`` with ``b'`` in ``{1, B}``.
         w_q_heads, b_q_heads: the query projection per head, from :func:`query_head_weights`.
         w_out, b_out: output projection.
+        dropout_p: dropout on the attention weights (the layer's ``p`` in
+            training, as the stock ``step``, which runs ``forward``; else 0).
 
     Returns:
         (output ``(B, D)``, weights ``(B, H, 1, T2)`` from the math backend or None).
@@ -134,7 +136,9 @@ def attend_cached(query, kv, keep, w_q_heads, b_q_heads, w_out, b_out, *, backen
         q = q.transpose(0, 1).unsqueeze(2)  # (B, H, 1, d_k)
     k, v = kv.unbind(1)
     # Unmasked steps skip dispatch.run's mask handling.
-    if keep is None and backend == dispatch.SDPA:
+    if dropout_p > 0:
+        context, weights = dispatch.run(backend, q, k, v, keep, causal=False, dropout_p=dropout_p, training=True)
+    elif keep is None and backend == dispatch.SDPA:
         context, weights = dispatch.sdpa_attention(q, k, v, None, causal=False, dropout_p=0.0), None
         context = context.transpose(1, 2)  # (b, B or 1, H, d_k)
     elif keep is None and backend == dispatch.MATH:
@@ -147,7 +151,7 @@ def attend_cached(query, kv, keep, w_q_heads, b_q_heads, w_out, b_out, *, backen
     return F.linear(context.reshape(batch, d), w_out, b_out), weights
 
 
-def step_self(query, cache, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backend):
+def step_self(query, cache, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backend, dropout_p=0.0):
     """One step of causal self-attention with a growing key/value cache.
 
     Args:
@@ -155,6 +159,7 @@ def step_self(query, cache, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backend
         cache: None or ``(b, 2, H, t, d_k)`` keys/values of the previous
             positions, ``b`` in ``{1, B}``.
         keep: None or bool ``(b', 1, t + 1)``.
+        dropout_p: dropout on the attention weights (training only, else 0).
 
     Returns:
         (output ``(B, D)``, new cache ``(B, 2, H, t + 1, d_k)``, weights ``(B, H, 1, t + 1)`` or None).
@@ -166,5 +171,5 @@ def step_self(query, cache, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backend
         new = torch.cat([cache.expand(batch, -1, -1, -1, -1), new], dim=3)
     q = heads(qkv[:, None, :d], n_head)  # (B, H, 1, d_k)
     context, weights = dispatch.run(backend, q, new[:, 0], new[:, 1], keep, causal=False,
-                                    dropout_p=0.0, training=False)
+                                    dropout_p=dropout_p, training=dropout_p > 0)
     return F.linear(context.reshape(batch, d), w_out, b_out), new, weights

@@ -255,7 +255,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn, decode_step=True)
         out, weights = self._fn(functional.attend_cached, query)(
             query, kv, keep, *functional.query_head_weights(params[0], params[1], self.h), params[2], params[3],
-            backend=backend,
+            backend=backend, dropout_p=self._step_dropout(),
         )
         if self.keep_attn:
             self.attn = weights
@@ -267,12 +267,17 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
                 self._checked_steps[key] = (self._last["backend"], self._last["fallback"])
         return out, cache.batch_state(kv, batch)
 
+    def _step_dropout(self):
+        """Dropout of a decoding step: the layer's ``p`` in training, as the stock
+        ``step`` (which runs ``forward``) applies it; 0 in eval."""
+        return self.dropout.p if self.training else 0.0
+
     def _cached_step_key(self, query, state, memory):
         """What the checks of a cached cross-attention step depend on (None where the
-        fast path does not apply: subclassed tensors, autocast, compile)."""
+        fast path does not apply: subclassed tensors, autocast, compile, dropout)."""
         if (type(query) is not torch.Tensor or type(state) is not torch.Tensor or type(memory) is not torch.Tensor
                 or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
-                or self.causal or self.keep_attn
+                or self.causal or self.keep_attn or (self.training and self.dropout.p > 0)
                 or compile_policy.wants_compile(self.compile_setting, query.device.type)):
             return None
         return (query.shape, memory.shape, state.shape, query.dtype, memory.dtype, state.dtype,
@@ -321,7 +326,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
         backend = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True)
         out, new_state, weights = self._fn(functional.step_self, query)(
-            query, state, keep, *self._params(), n_head=self.h, backend=backend
+            query, state, keep, *self._params(), n_head=self.h, backend=backend, dropout_p=self._step_dropout(),
         )
         if self.keep_attn:
             self.attn = weights
