@@ -16,11 +16,33 @@ reads without a copy):
 batch size. A step returns a state with the query's batch size (an expanded
 view when ``b = 1``). Because the cache lives in the state, a new utterance,
 ``load_state_dict`` or a new model never see a stale one (the bug class of the
-closed ESPnet PR #6624). A state that cannot belong to the memory it arrives
-with raises ``ValueError``; it is never silently reused or recomputed. A state
-made from another memory of identical shape, dtype and device cannot be told
-apart: start each utterance with ``default_state()`` (``state=None``).
+closed ESPnet PR #6624).
+
+A cross-attention state is reused only for the memory it was projected from.
+The stock layer attends to whatever memory a step gets, and ESPnet's streaming
+search (``BatchBeamSearchOnline``) keeps the decoder states while the encoder
+output grows block by block (or slides, with ``encoded_feat_length_limit``).
+So a state that is well formed but was made from another memory is
+*recomputed* from the memory given (the layer's ``last_cache`` says so):
+
+- its length, dtype or device differs from the memory's;
+- the layer made it from a different memory: each layer remembers, per cache
+  storage, :func:`memory_key` of the memory it projected (where the rows live,
+  their layout, the in-place write counter), for up to 64 caches (then it
+  starts over). Only addresses and sizes, no tensors: this can force a
+  recomputation, never change a result;
+- it has batch 1 and the memory holds B > 1 distinct items (not stride 0).
+
+A malformed state (not a tensor, wrong rank, heads, head size, or a batch that
+is neither 1 nor the query's) raises ``TypeError``/``ValueError``. A state the
+layer did not make itself (a copy, a loaded one) and another memory of the same
+shape at the same address (memory freed and reused) cannot be told apart from
+the right one: start each utterance with ``default_state()`` (``state=None``),
+as ESPnet does.
 """
+
+# Per layer: the memory keys of up to this many caches are remembered (then forgotten at once).
+MAX_SOURCES = 64
 
 import torch
 
@@ -29,46 +51,74 @@ def _shape(x):
     return tuple(x.shape)
 
 
-def _check_cache(state, what, *, length, batch, n_head, d_k, dtype, device, device_name):
+def _check_cache(state, what, *, batch, n_head, d_k, dtype=None, device=None, device_name=""):
+    """Raise unless ``state`` is a ``(1 or batch, 2, n_head, t, d_k)`` tensor (and, where
+    given, of ``dtype`` on ``device``)."""
     if not isinstance(state, torch.Tensor):
         raise TypeError(
             f"state must be None or the (b, 2, n_head, T, d_k) cache a previous step returned, "
             f"got {type(state).__name__}"
         )
-    expected = (2, n_head, length if length is not None else "t", d_k)
     problems = []
-    if (state.dim() != 5 or state.size(1) != 2 or state.size(2) != n_head or state.size(4) != d_k
-            or (length is not None and state.size(3) != length)):
-        problems.append(f"shape {_shape(state)} is not (1 or {batch}, {', '.join(map(str, expected))})")
+    if state.dim() != 5 or state.size(1) != 2 or state.size(2) != n_head or state.size(4) != d_k:
+        problems.append(f"shape {_shape(state)} is not (1 or {batch}, 2, {n_head}, t, {d_k})")
     elif state.size(0) not in (1, batch):
         problems.append(f"batch {state.size(0)} is neither 1 nor the query batch {batch}")
-    if state.dtype != dtype:
+    if dtype is not None and state.dtype != dtype:
         problems.append(f"dtype {state.dtype} != {dtype}")
-    if state.device != device:
+    if device is not None and state.device != device:
         problems.append(f"device {state.device} != {device_name} {device}")
     if problems:
-        what = what() if callable(what) else what
-        raise ValueError(f"state {what}: " + "; ".join(problems) + (
-            ". Pass state=None (default_state()) at the start of each utterance." if length is not None else ""))
+        raise ValueError(f"state {what}: " + "; ".join(problems))
 
 
-def check_cross_state(state, memory, *, batch, n_head, dtype):
-    """Check that a cross-attention cache ``(b, 2, H, T2, d_k)`` fits ``memory``.
+def memory_key(memory):
+    """What identifies the memory ``(B, T2, D)`` a cross-attention cache is projected from.
+
+    Its address, row layout, shape and in-place write counter; the batch stride
+    only for B > 1 distinct items (batch 1 and stride 0 both mean one memory
+    shared by the batch, as ``BatchBeamSearch`` passes it).
+    """
+    shared = memory.size(0) == 1 or memory.stride(0) == 0
+    version = -1 if memory.is_inference() else memory._version  # inference tensors have no counter
+    return (memory.data_ptr(), 0 if shared else memory.stride(0), memory.stride()[1:], memory.shape[1:], version,
+            memory.dtype, memory.device)
+
+
+def source_slot(state):
+    """The key under which a layer remembers a cache's memory: its storage (views share it)."""
+    return state.untyped_storage().data_ptr()
+
+
+def stale_reason(state, memory, source, *, batch, n_head, dtype):
+    """Check a cross-attention state ``(b, 2, H, T2, d_k)`` against ``memory``.
 
     Args:
-        state: the cache.
+        state: the state a previous step returned.
         memory: ``(B, T2, D)``.
+        source: :func:`memory_key` of the memory the layer made ``state`` from, or None if unknown.
         batch: the query's batch size B.
         n_head: H.
         dtype: dtype the projection of ``memory`` would have.
 
+    Returns:
+        "" if ``state`` is the cache of ``memory``, else why not (it is then recomputed).
+
     Raises:
         TypeError: state is not a tensor.
-        ValueError: its batch, length, heads, head size, dtype or device does not match.
+        ValueError: state is malformed: its rank, heads, head size or batch does not fit.
     """
-    _check_cache(state, lambda: f"does not belong to this memory {_shape(memory)}", length=memory.size(1), batch=batch,
-                 n_head=n_head, d_k=memory.size(2) // n_head, dtype=dtype, device=memory.device,
-                 device_name="memory device")
+    _check_cache(state, "is not a cross-attention cache for this query", batch=batch, n_head=n_head,
+                 d_k=memory.size(2) // n_head)
+    if state.size(3) != memory.size(1):
+        return f"state length {state.size(3)} != memory length {memory.size(1)}"
+    if state.dtype != dtype or state.device != memory.device:
+        return f"state {state.dtype} on {state.device} != memory {dtype} on {memory.device}"
+    if state.size(0) == 1 and memory.size(0) > 1 and memory.stride(0) != 0:
+        return f"a batch-1 state cannot serve {memory.size(0)} distinct memories"
+    if source is not None and source != memory_key(memory):
+        return "the state was made from another memory"
+    return ""
 
 
 def check_self_cache(state, *, batch, n_head, d_k, dtype, device):
@@ -78,7 +128,7 @@ def check_self_cache(state, *, batch, n_head, d_k, dtype, device):
         TypeError: state is not a tensor.
         ValueError: its shape, batch, dtype or device does not match the query.
     """
-    _check_cache(state, "is not a self-attention cache for this query", length=None, batch=batch,
+    _check_cache(state, "is not a self-attention cache for this query", batch=batch,
                  n_head=n_head, d_k=d_k, dtype=dtype, device=device, device_name="query device")
 
 

@@ -55,6 +55,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         last_backend: the backend the last call ran on.
         last_fallback: why the last call did not use flash-attn ("" if it did
             or it was not asked to).
+        last_cache: what the last cross-attention ``step`` did with its state.
 
     Raises:
         TypeError, ValueError: bad sizes or options (see messages).
@@ -90,8 +91,9 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         self._decisions = {}
         self._checked_steps = {}
         self._query_views = None
+        self._cache_sources = {}  # cache storage -> cache.memory_key of the memory it holds
         # A plain dict, updated in place: nn.Module.__setattr__ is slow on the hot path.
-        self._last = {"backend": None, "fallback": "", "skipped_keys": 0.0}
+        self._last = {"backend": None, "fallback": "", "skipped_keys": 0.0, "cache": None}
         self.register_load_state_dict_pre_hook(state_dict.load_state_dict_pre_hook)
 
     def _reset_qkv(self):
@@ -147,6 +149,13 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
     def last_fallback(self):
         """Why the last call did not run on flash-attn ("" if it did, or was not asked to)."""
         return self._last["fallback"]
+
+    @property
+    def last_cache(self):
+        """What the last cross-attention ``step`` did with the key/value cache: "filled"
+        (``state=None``), "reused", or "recomputed: <why>" (the state was made from
+        another memory, see :mod:`espnet_mha.cache`); None before the first."""
+        return self._last["cache"]
 
     @property
     def last_skipped_keys(self):
@@ -217,7 +226,10 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         Args:
             query: ``(B, D)``, the newest position of every hypothesis.
             state: None (start of an utterance) or what the previous step returned
-                (possibly split per hypothesis and given back with batch 1).
+                (possibly split per hypothesis and given back with batch 1). A
+                cross-attention state made from another memory (a streaming
+                search's grown or moved encoder output) is recomputed from
+                ``memory``; ``last_cache`` says so.
             memory: ``(B, T2, D)`` encoder output, possibly expanded with stride 0
                 over the beam; None for self-attention.
             mask: ``(B or 1, 1, T2)`` over the memory (or over the cached positions
@@ -231,7 +243,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
             behaviour: the token attends to itself only) ``state`` unchanged.
 
         Raises:
-            TypeError, ValueError: bad shapes, or a state that does not fit (see :mod:`espnet_mha.cache`).
+            TypeError, ValueError: bad shapes, or a malformed state (see :mod:`espnet_mha.cache`).
         """
         if mask is None and state is not None and memory is not None:
             fast = self._checked_cached_step(query, state, memory)
@@ -245,11 +257,17 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
             return self._sequence(query.unsqueeze(1), None, mask).squeeze(1), state
         self._check_memory(query, memory)
         params = self._params()
-        if state is None:
+        stale = "" if state is None else cache.stale_reason(
+            state, memory, self._cache_source(state), batch=batch, n_head=self.h, dtype=checks.compute_dtype(memory))
+        if state is None or stale:
             kv = functional.project_memory(memory, params[0], params[1], self.h)
+            self._last["cache"] = f"recomputed: {stale}" if stale else "filled"
+            if stale:
+                logger.debug("espnet_mha: cross-attention cache recomputed: %s", stale)
         else:
-            cache.check_cross_state(state, memory, batch=batch, n_head=self.h, dtype=checks.compute_dtype(memory))
             kv = state
+            self._last["cache"] = "reused"
+        self._remember_source(kv, memory)
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         keep_call = None if keep is None else (keep.transpose(0, 1) if kv.size(0) == 1 else keep)
         backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn, decode_step=True)
@@ -259,7 +277,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         )
         if self.keep_attn:
             self.attn = weights
-        elif state is not None and keep is None:
+        elif state is kv and keep is None:
             key = self._cached_step_key(query, state, memory)
             if key is not None:
                 if len(self._checked_steps) >= _MAX_CHECKED_STEPS:
@@ -293,9 +311,29 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         decision = None if key is None else self._checked_steps.get(key)
         if decision is None:
             return None
+        if self._cache_sources.get(cache.source_slot(state)) != cache.memory_key(memory):
+            return None  # made from another memory, or unknown: the checked path decides
         self._last["backend"], self._last["fallback"] = decision
+        self._last["cache"] = "reused"
         out, _ = functional.attend_cached(query, state, None, *self._decoding_params(), backend=decision[0])
         return out, cache.batch_state(state, query.size(0))
+
+    def _cache_source(self, state):
+        """The memory key remembered for ``state``'s storage (None if unknown or compiling)."""
+        if not isinstance(state, torch.Tensor) or torch.compiler.is_compiling():
+            return None
+        return self._cache_sources.get(cache.source_slot(state))
+
+    def _remember_source(self, kv, memory):
+        """Remember which memory the cache ``kv`` holds (up to ``cache.MAX_SOURCES`` caches)."""
+        if torch.compiler.is_compiling():
+            return
+        slot = cache.source_slot(kv)
+        if slot not in self._cache_sources and len(self._cache_sources) >= cache.MAX_SOURCES:
+            # clear(), not evicting the oldest: atomic when threads share the layer. Caches
+            # forgotten here are trusted once more and remembered again on their next step.
+            self._cache_sources.clear()
+        self._cache_sources[slot] = cache.memory_key(memory)
 
     def _decoding_params(self):
         """(w_q_heads, b_q_heads, w_out, b_out) for cached steps (see

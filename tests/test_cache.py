@@ -80,46 +80,100 @@ def test_batch1_state_serves_a_batch_b_query_without_copying():
 @pytest.mark.parametrize(
     "state,match",
     [
-        (seq(1, 2, 3, 8, 4), r"shape \(1, 2, 3, 8, 4\) is not \(1 or 2, 2, 3, 9, 4\)"),
-        (seq(1, 2, 3, 9, 5), r"shape \(1, 2, 3, 9, 5\) is not"),
+        (seq(1, 2, 3, 9, 5), r"shape \(1, 2, 3, 9, 5\) is not \(1 or 2, 2, 3, t, 4\)"),
+        (seq(1, 2, 4, 9, 3), r"shape \(1, 2, 4, 9, 3\) is not"),
         (seq(1, 9, 24), r"shape \(1, 9, 24\) is not"),
         (seq(3, 2, 3, 9, 4), r"batch 3 is neither 1 nor the query batch 2"),
-        (seq(1, 2, 3, 9, 4, dtype=torch.float32), r"dtype torch.float32 != torch.float64"),
-        (torch.empty(1, 2, 3, 9, 4, dtype=torch.float64, device="meta"), r"device meta != memory device cpu"),
     ],
 )
-def test_a_state_that_does_not_belong_to_the_memory_raises(state, match):
+def test_a_malformed_state_raises(state, match):
     _, ours = stock_and_flash(12, 3)
-    with pytest.raises(ValueError, match=r"state does not belong to this memory \(2, 9, 12\): " + match):
+    with pytest.raises(ValueError, match=r"state is not a cross-attention cache for this query: " + match):
         ours.step(seq(2, 12), state, memory=seq(2, 9, 12))
     with pytest.raises(TypeError, match=r"state must be None or the \(b, 2, n_head, T, d_k\) cache"):
         ours.step(seq(2, 12), [state], memory=seq(2, 9, 12))
 
 
 @pytest.mark.parametrize(
+    "state,why",
+    [
+        (seq(1, 2, 3, 8, 4), "state length 8 != memory length 9"),
+        (seq(1, 2, 3, 9, 4, dtype=torch.float32), "state torch.float32 on cpu != memory torch.float64 on cpu"),
+        (torch.empty(1, 2, 3, 9, 4, dtype=torch.float64, device="meta"),
+         "state torch.float64 on meta != memory torch.float64 on cpu"),
+        (seq(1, 2, 3, 9, 4), "a batch-1 state cannot serve 2 distinct memories"),
+    ],
+)
+def test_a_state_that_does_not_belong_to_the_memory_is_recomputed(state, why):
+    """The stock layer attends to the memory it is given, so a well-formed state that
+    cannot hold that memory's keys is recomputed from it (never reused), visibly."""
+    stock, ours = stock_and_flash(12, 3)
+    query, memory = seq(2, 12), seq(2, 9, 12, seed=1)
+    got, new_state = ours.step(query, state, memory=memory)
+    assert ours.last_cache == f"recomputed: {why}"
+    torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
+    assert new_state.shape == (2, 2, 3, 9, 4) and new_state.dtype == torch.float64
+    ours.step(query, new_state, memory=memory)
+    assert ours.last_cache == "reused"
+
+
+@pytest.mark.parametrize(
     "state,match",
     [
-        (seq(1, 2, 3, 8, 4), r"shape \(1, 2, 3, 8, 4\) is not"),
+        (seq(1, 2, 3, 9, 5), r"shape \(1, 2, 3, 9, 5\) is not"),
         (seq(3, 2, 3, 9, 4), r"batch 3 is neither 1 nor the query batch 2"),
-        (seq(1, 2, 3, 9, 4, dtype=torch.float32), r"dtype torch.float32 != torch.float64"),
     ],
 )
 def test_checks_still_apply_once_a_step_signature_was_seen(state, match):
     """Steps skip their checks only for a signature (shapes, dtypes, devices) that
-    passed them on this layer; anything else goes through them again."""
-    _, ours = stock_and_flash(12, 3)
+    passed them on this layer, with a state made from that very memory; anything
+    else goes through them again."""
+    stock, ours = stock_and_flash(12, 3)
     memory = seq(2, 9, 12)
     _, good = ours.step(seq(2, 12), None, memory=memory)
     with torch.no_grad():
         for _ in range(2):  # the second call takes the remembered signature
             ours.step(seq(2, 12), good, memory=memory)
-    assert ours._checked_steps
+    assert ours._checked_steps and ours.last_cache == "reused"
     with pytest.raises(ValueError, match=match):
         ours.step(seq(2, 12), state, memory=memory)
     with pytest.raises(ValueError, match=r"memory batch 3"):
         ours.step(seq(2, 12), good, memory=seq(3, 9, 12))
     with pytest.raises(TypeError, match=r"memory dtype torch.float32"):
         ours.step(seq(2, 12), good, memory=memory.float())
+    # Same shapes (the remembered signature), another memory: recomputed, not reused.
+    other = seq(2, 9, 12, seed=5)
+    with torch.no_grad():
+        got, _ = ours.step(seq(2, 12), good, memory=other)
+    assert ours.last_cache == "recomputed: the state was made from another memory"
+    torch.testing.assert_close(got, stock.step(seq(2, 12), None, memory=other)[0], **FP64)
+    with torch.no_grad():  # written in place: the in-place counter moved
+        memory.add_(1.0)
+        got, _ = ours.step(seq(2, 12), good, memory=memory)
+    assert ours.last_cache == "recomputed: the state was made from another memory"
+    torch.testing.assert_close(got, stock.step(seq(2, 12), None, memory=memory)[0], **FP64)
+
+
+@pytest.mark.parametrize("window", [None, 6], ids=["growing", "sliding"])
+def test_streaming_memory_keeps_matching_the_stock_step(window):
+    """ESPnet's BatchBeamSearchOnline keeps decoder states across blocks while the
+    encoder output grows (or slides, encoded_feat_length_limit): every step must
+    attend to the memory it is given, as the stock step does."""
+    stock, ours = stock_and_flash(16, 4)
+    encoded = seq(20, 16, seed=3)
+    state = None
+    with torch.no_grad():
+        for step, end in enumerate([6, 6, 10, 10, 14, 14, 20, 20]):
+            h = encoded[:end] if window is None else encoded[end - window:end]
+            batch = 1 if step == 0 else 3
+            memory = h.expand(batch, -1, -1)
+            query = seq(batch, 16, seed=step)
+            got, new_state = ours.step(query, state, memory=memory)
+            torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
+            state = new_state[0].unsqueeze(0)
+            assert ours.last_cache == ("filled" if step == 0 else "reused" if step % 2 else ours.last_cache)
+            if step and not step % 2:
+                assert ours.last_cache.startswith("recomputed: ")
 
 
 def test_remembered_steps_follow_the_parameters():

@@ -1,5 +1,6 @@
 """No shared mutable state between utterances: the layer keeps nothing of a call on ``self``
-(attention weights only with ``keep_attn=True``), so threads that decode different
+(attention weights only with ``keep_attn=True``; which memory each decoding cache
+holds, as addresses, see espnet_mha.cache), so threads that decode different
 utterances with one module get what they get one after the other, the module is
 unchanged afterwards, and new weights take effect on the next utterance.
 (tests/test_cache.py::test_two_threads_share_one_module is the basic version; this one
@@ -32,7 +33,9 @@ def snapshot(model):
         if not isinstance(module, FlashMultiHeadedAttention):
             continue
         for name, value in vars(module).items():
-            if name in ("_parameters", "_buffers"):
+            # _cache_sources: which memory each cache was projected from (addresses, no
+            # tensors); new caches add entries, and an entry can only force a recomputation.
+            if name in ("_parameters", "_buffers", "_cache_sources"):
                 continue
             if name == "_modules":
                 value = sorted(value)

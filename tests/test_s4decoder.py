@@ -112,3 +112,34 @@ def test_pair_helper_loads_stock_weights_strictly():
     keys = set(ours.state_dict())
     assert "decoder.layers.1.layer.linear_qkv.weight" in keys
     assert "decoder.layers.1.layer.linear_q.weight" in set(stock.state_dict())
+
+
+@pytest.mark.parametrize("dtype,score_tol", [(torch.float32, 1e-4), (torch.float64, 1e-9)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("length_limit", [0, 12], ids=["growing", "sliding"])
+def test_streaming_beam_search_matches_stock(length_limit, dtype, score_tol):
+    """ESPnet's blockwise streaming search (BatchBeamSearchOnline, asr_inference
+    --streaming true) keeps the decoder states while the encoder output grows
+    block by block, or slides with encoded_feat_length_limit: the cached layer
+    must recompute its keys for each new memory (it raised before)."""
+    from espnet.nets.batch_beam_search_online import BatchBeamSearchOnline
+
+    from espnet_mha.testing import prepare_for_decoding
+
+    stock, ours = s4_decoder_pair(vocab_size=20, d_model=32, n_layers=2, n_head=4, seed=0, dtype=dtype)
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    results = []
+    for model in (stock, ours):
+        search = BatchBeamSearchOnline(
+            scorers={"decoder": prepare_for_decoding(model)}, weights={"decoder": 1.0}, beam_size=3, vocab_size=20,
+            sos=19, eos=19, pre_beam_score_key=None, block_size=16, hop_size=8, look_ahead=4,
+            encoded_feat_length_limit=length_limit, disable_repetition_detection=True,
+        ).eval()
+        search.reset()
+        with torch.no_grad():
+            for start in range(0, 40, 8):  # feed the encoder output in chunks, as asr_inference_streaming does
+                hyps = search(x[start:start + 8], maxlenratio=0.0, minlenratio=0.0, is_final=start + 8 >= 40)
+        results.append(hyps)
+    assert len(results[0]) == len(results[1]) > 0
+    for a, b in zip(*results):
+        assert a.yseq.tolist() == b.yseq.tolist()
+        assert abs(float(a.score) - float(b.score)) <= score_tol
