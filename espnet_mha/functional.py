@@ -128,6 +128,17 @@ def attend_cached(query, kv, keep, w_q_heads, b_q_heads, w_out, b_out, *, backen
     # As few tensor ops as possible: each costs a microsecond or two, and a
     # decoding step is only ~100 us of kernels.
     q = torch.baddbmm(b_q_heads, query.expand(n_head, batch, d), w_q_heads)  # (H, B, d_k)
+    context, weights = cached_context(q, kv, keep, backend=backend, dropout_p=dropout_p)
+    return F.linear(context, w_out, b_out), weights
+
+
+def cached_context(q, kv, keep, *, backend, dropout_p=0.0):
+    """Attention of projected queries ``(H, B, d_k)`` over a cache ``(b, 2, H, T2, d_k)``.
+
+    Returns:
+        (context ``(B, D)``, weights ``(B, H, 1, T2)`` from the math backend or None).
+    """
+    n_head, batch, d_k = q.shape
     shared = kv.size(0) == 1
     if shared:
         q = q.unsqueeze(0)  # (1, H, B, d_k)
@@ -148,7 +159,7 @@ def attend_cached(query, kv, keep, w_q_heads, b_q_heads, w_out, b_out, *, backen
         context, weights = dispatch.run(backend, q, k, v, keep, causal=False, dropout_p=0.0, training=False)
     if weights is not None and shared:
         weights = weights.transpose(0, 2)  # (1, H, B, T2) -> (B, H, 1, T2)
-    return F.linear(context.reshape(batch, d), w_out, b_out), weights
+    return context.reshape(batch, n_head * d_k), weights
 
 
 def step_self(query, cache, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backend, dropout_p=0.0):

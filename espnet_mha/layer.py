@@ -8,7 +8,7 @@ from torch import nn
 
 from espnet2.asr.state_spaces.base import SequenceModule
 
-from espnet_mha import cache, checks, compile_policy, dispatch, functional, masks, packing, state_dict
+from espnet_mha import cache, checks, compile_policy, dispatch, functional, masks, packing, quantized, state_dict
 from espnet_mha.stock_helpers import StockHelpers
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,9 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         # skip_init: no random draws here, _reset_qkv draws them in the stock order.
         self.linear_qkv = torch.nn.utils.skip_init(nn.Linear, n_feat, 3 * n_feat, device=torch.get_default_device())
         self._reset_qkv()
+        # Unregistered: after quantize_dynamic swaps linear_qkv, its float weights
+        # re-quantize q, k and v separately, as the stock layer's (see espnet_mha.quantized).
+        object.__setattr__(self, "_float_linear_qkv", self.linear_qkv)
         self.linear_out = nn.Linear(n_feat, n_feat)
         self.dropout = nn.Dropout(p=dropout)
         self.attn = None
@@ -112,7 +115,10 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
 
     # ------------------------------------------------------------------ checks
     def _check_features(self, name, x, ndim, layout):
-        checks.check_features(name, x, ndim, layout, n_feat=self.n_feat, weight=self._params()[2])
+        weight = self._modules["linear_out"]._parameters.get("weight")
+        if weight is None or not quantized.is_plain(self._modules["linear_qkv"]):
+            weight = quantized.projections(self).reference
+        checks.check_features(name, x, ndim, layout, n_feat=self.n_feat, weight=weight)
 
     def _check_memory(self, query, memory):
         # Device and dtype: both tensors were checked against the parameters.
@@ -205,6 +211,16 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         t2 = t1 if memory is None else memory.size(1)
         keep = masks.keep_mask(mask, batch=batch, t1=t1, t2=t2, device=query.device)
         backend = self._select(query, keep, causal=self.causal, need_weights=self.keep_attn)
+        proj = quantized.projections(self)
+        if proj is not None:  # quantized linears: called as modules, eager
+            out, weights = quantized.attend(
+                proj, query, memory, keep, n_head=self.h, causal=self.causal,
+                dropout_p=self.dropout.p if self.training else 0.0, training=self.training, backend=backend,
+            )
+            self._last["skipped_keys"] = 0.0
+            if self.keep_attn:
+                self.attn = weights
+            return out
         fn = self._fn(functional.attend, query)
         key_lengths = None
         if (backend == dispatch.SDPA and not self.causal and query.device.type == "cpu"
@@ -256,11 +272,13 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         if memory is None:
             return self._sequence(query.unsqueeze(1), None, mask).squeeze(1), state
         self._check_memory(query, memory)
-        params = self._params()
+        proj = quantized.projections(self)
+        params = self._params() if proj is None else None
         stale = "" if state is None else cache.stale_reason(
             state, memory, self._cache_source(state), batch=batch, n_head=self.h, dtype=checks.compute_dtype(memory))
         if state is None or stale:
-            kv = functional.project_memory(memory, params[0], params[1], self.h)
+            kv = (functional.project_memory(memory, params[0], params[1], self.h) if proj is None
+                  else quantized.project_memory(proj, memory, self.h))
             self._last["cache"] = f"recomputed: {stale}" if stale else "filled"
             if stale:
                 logger.debug("espnet_mha: cross-attention cache recomputed: %s", stale)
@@ -271,13 +289,17 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         keep_call = None if keep is None else (keep.transpose(0, 1) if kv.size(0) == 1 else keep)
         backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn, decode_step=True)
-        out, weights = self._fn(functional.attend_cached, query)(
-            query, kv, keep, *functional.query_head_weights(params[0], params[1], self.h), params[2], params[3],
-            backend=backend, dropout_p=self._step_dropout(),
-        )
+        if proj is not None:
+            out, weights = quantized.attend_cached(proj, query, kv, keep, backend=backend,
+                                                   dropout_p=self._step_dropout())
+        else:
+            out, weights = self._fn(functional.attend_cached, query)(
+                query, kv, keep, *functional.query_head_weights(params[0], params[1], self.h), params[2], params[3],
+                backend=backend, dropout_p=self._step_dropout(),
+            )
         if self.keep_attn:
             self.attn = weights
-        elif state is kv and keep is None:
+        elif state is kv and keep is None and proj is None:
             key = self._cached_step_key(query, state, memory)
             if key is not None:
                 if len(self._checked_steps) >= _MAX_CHECKED_STEPS:
@@ -314,8 +336,12 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         if self._cache_sources.get(cache.source_slot(state)) != cache.memory_key(memory):
             return None  # made from another memory, or unknown: the checked path decides
         self._last["backend"], self._last["fallback"] = decision
+        try:
+            params = self._decoding_params()
+        except KeyError:  # the linears were swapped (quantize_dynamic): the checked path handles it
+            return None
         self._last["cache"] = "reused"
-        out, _ = functional.attend_cached(query, state, None, *self._decoding_params(), backend=decision[0])
+        out, _ = functional.attend_cached(query, state, None, *params, backend=decision[0])
         return out, cache.batch_state(state, query.size(0))
 
     def _cache_source(self, state):
@@ -356,6 +382,9 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         return views[4], views[5], w_out, b_out
 
     def _step_self(self, query, state, mask):
+        if quantized.projections(self) is not None:
+            raise NotImplementedError(
+                "step() of a causal layer with quantized linears is not supported; forward() is")
         batch = query.size(0)
         if state is not None:
             cache.check_self_cache(state, batch=batch, n_head=self.h, d_k=self.d_k,

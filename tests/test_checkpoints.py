@@ -9,6 +9,7 @@ import torch
 from espnet.nets.pytorch_backend.transformer.add_sos_eos import add_sos_eos
 
 import espnet_asr
+from espnet_mha import quantized
 from espnet_mha.checkpoint import (
     fused_layers,
     load_stock_or_fused,
@@ -86,17 +87,24 @@ def test_espnet_build_model_from_file_loads_stock_and_fused_files(exp, tmp_path)
     assert_same_outputs(model.eval(), exp.model)
 
 
-def test_asr_inference_beam_search_is_identical(exp):
+@pytest.mark.parametrize("quantize", [None, "qint8", "float16"], ids=["float", "quantized_qint8", "quantized_float16"])
+def test_asr_inference_beam_search_is_identical(exp, quantize):
+    """asr_inference's Speech2Text, also with --quantize_asr_model true (quantize_dynamic
+    swaps every nn.Linear, our fused projection included; it raised KeyError before)."""
     from espnet2.bin.asr_inference import Speech2Text
 
     speech = espnet_asr.batch()["speech"][0]
+    options = {} if quantize is None else dict(quantize_asr_model=True, quantize_dtype=quantize)
     results = []
     for config in (exp.stock_config, exp.flash_config):
         speech2text = Speech2Text(asr_train_config=config, asr_model_file=exp.ave, device="cpu",
-                                  beam_size=4, ctc_weight=0.3, nbest=3)
+                                  beam_size=4, ctc_weight=0.3, nbest=3, **options)
         results.append(speech2text(speech))
     stock, ours = results
-    assert isinstance(speech2text.asr_model.decoder.decoder.layers[4].layer, FlashMultiHeadedAttention)
+    layer = speech2text.asr_model.decoder.decoder.layers[4].layer
+    assert isinstance(layer, FlashMultiHeadedAttention)
+    if quantize:  # the fused projection was swapped, and q, k, v re-quantized as the stock layer's
+        assert not quantized.is_plain(layer.linear_qkv) and quantized.projections(layer).exact
     assert [r[2] for r in ours] == [r[2] for r in stock]
     assert max(len(r[2]) for r in stock) > 2  # real hypotheses, not just <sos/eos>
     for (*_, got), (*_, expected) in zip(ours, stock):

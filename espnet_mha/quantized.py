@@ -1,0 +1,133 @@
+"""Dynamically quantized projections: ``asr_inference --quantize_asr_model true``.
+
+ESPnet can decode with ``torch.quantization.quantize_dynamic(model, {nn.Linear},
+dtype)``, which swaps every ``nn.Linear`` for a quantized module. In our layer
+that is the fused ``linear_qkv`` and ``linear_out``, whose parameters the fast
+path reads directly; after the swap the layer calls the modules instead
+(:class:`Projections`).
+
+One detail makes that differ from the stock layer: with per-tensor int8
+weights (ESPnet's default, ``qint8``), the stock layer's three ``nn.Linear``
+get three weight scales and our fused one gets one, so the rounding differs.
+The layer keeps a reference to its float ``linear_qkv`` (not registered, so
+``quantize_dynamic``'s copy keeps it too) and re-quantizes the q, k and v rows
+separately with the scheme of the swapped module, after checking that this
+scheme reproduces the fused module's weights exactly. Then it computes what the
+quantized stock layer computes. Where that check fails (another observer, an
+unknown module) the fused module is called as it is and a warning says that
+results are close to, not the same as, the quantized stock layer's. Per-channel
+int8 and float16 weights need no re-quantization: their rounding does not
+depend on the fusion.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from espnet_mha import dispatch, functional
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Projections:
+    """The layer's projections as modules (each ``(..., D) -> (..., D)``) and the
+    dtype/device its inputs must have."""
+
+    q: Callable
+    k: Callable
+    v: Callable
+    out: Callable
+    reference: torch.Tensor  # an empty tensor of the input dtype and device
+    exact: bool  # computes what the quantized stock layer computes
+
+
+def is_plain(module):
+    """Whether ``module`` holds its weight as a parameter (the layer's fast path)."""
+    return "weight" in module._parameters
+
+
+def _per_tensor_int8(module):
+    """A dynamic quantized linear with one int8 weight scale (ESPnet's default qint8)."""
+    return (module._packed_params.dtype == torch.qint8
+            and module.weight().qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric))
+
+
+def _rows(module, start, stop):
+    return lambda x: module(x)[..., start:stop]
+
+
+def _requantized_parts(quantized, source):
+    """The q, k, v rows of ``source`` (the float fused linear) quantized separately with
+    ``quantized``'s scheme, or None where that scheme cannot be reproduced exactly."""
+    if not isinstance(quantized, torch.ao.nn.quantized.dynamic.Linear) or not isinstance(source, nn.Linear):
+        return None
+    if source.weight.shape != (quantized.out_features, quantized.in_features) or source.weight.device.type != "cpu":
+        return None
+    if not _per_tensor_int8(quantized):
+        return None  # float16 and per-channel rounding is elementwise / per row: the fused module is exact
+    qconfig = torch.ao.quantization.default_dynamic_qconfig
+
+    def quantize(weight, bias):
+        linear = nn.Linear(weight.size(1), weight.size(0))
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            linear.bias.copy_(bias)
+        linear.qconfig = qconfig
+        return type(quantized).from_float(linear)
+
+    with torch.no_grad():
+        weight, bias = source.weight.detach().float(), source.bias.detach().float()
+        fused = quantize(weight, bias).weight()
+        expected = quantized.weight()
+        if fused.q_scale() != expected.q_scale() or not torch.equal(fused.int_repr(), expected.int_repr()):
+            return None  # another observer, or the float weights changed since the swap
+        return tuple(quantize(w, b) for w, b in zip(weight.chunk(3), bias.chunk(3)))
+
+
+def projections(layer):
+    """:class:`Projections` for a layer whose linears were swapped (None if they were not)."""
+    qkv, out = layer._modules["linear_qkv"], layer._modules["linear_out"]
+    if is_plain(qkv) and is_plain(out):
+        return None
+    cached = layer.__dict__.get("_projections")
+    if cached is not None and cached[0] is qkv and cached[1] is out:
+        return cached[2]
+    d = layer.n_feat
+    parts = None if is_plain(qkv) else _requantized_parts(qkv, layer.__dict__.get("_float_linear_qkv"))
+    exact = parts is not None or is_plain(qkv) or (
+        isinstance(qkv, torch.ao.nn.quantized.dynamic.Linear) and not _per_tensor_int8(qkv))
+    if parts is None:
+        parts = tuple(_rows(qkv, i * d, (i + 1) * d) for i in range(3))
+    if not exact:
+        logger.warning("espnet_mha: %s projections run fused: results are close to, not the same as, "
+                       "the quantized stock layer's (see espnet_mha.quantized)", type(qkv).__name__)
+    result = Projections(*parts, out, torch.empty(0), exact)
+    layer.__dict__["_projections"] = (qkv, out, result)
+    return result
+
+
+def attend(proj, query, memory, keep, *, n_head, causal, dropout_p, training, backend):
+    """:func:`functional.attend` with module projections."""
+    source = query if memory is None else memory
+    q, k, v = (functional.heads(f(x), n_head) for f, x in ((proj.q, query), (proj.k, source), (proj.v, source)))
+    context, weights = dispatch.run(backend, q, k, v, keep, causal=causal, dropout_p=dropout_p, training=training)
+    return proj.out(context), weights
+
+
+def project_memory(proj, memory, n_head):
+    """:func:`functional.project_memory` with module projections: ``(b, 2, H, T2, d_k)``."""
+    if memory.size(0) > 1 and memory.stride(0) == 0:
+        memory = memory[:1]
+    return functional.kv_cache(torch.cat([proj.k(memory), proj.v(memory)], dim=-1), n_head)
+
+
+def attend_cached(proj, query, kv, keep, *, backend, dropout_p):
+    """:func:`functional.attend_cached` with module projections."""
+    n_head = kv.size(2)
+    q = proj.q(query).view(query.size(0), n_head, -1).transpose(0, 1)  # (H, B, d_k)
+    context, weights = functional.cached_context(q, kv, keep, backend=backend, dropout_p=dropout_p)
+    return proj.out(context), weights
