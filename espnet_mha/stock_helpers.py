@@ -8,7 +8,7 @@ on our fused parameters. The layer's own ``forward`` does not use them.
 import torch
 from torch import nn
 
-from espnet_mha import dispatch
+from espnet_mha import dispatch, quantized
 
 
 class StockHelpers:
@@ -24,14 +24,18 @@ class StockHelpers:
         Returns:
             q ``(B, H, T1, d_k)``, k ``(B, H, T2, d_k)``, v ``(B, H, T2, d_k)``.
         """
-        w_q, w_k, w_v = self.linear_qkv.weight.chunk(3)
-        b_q, b_k, b_v = self.linear_qkv.bias.chunk(3)
         n_batch = query.size(0)
 
-        def heads(x, w, b):
-            return nn.functional.linear(x, w, b).view(n_batch, -1, self.h, self.d_k).transpose(1, 2)
+        def heads(x):
+            return x.view(n_batch, -1, self.h, self.d_k).transpose(1, 2)
 
-        return heads(query, w_q, b_q), heads(key, w_k, b_k), heads(value, w_v, b_v)
+        proj = quantized.projections(self)
+        if proj is not None:  # quantize_dynamic swapped the linears
+            return heads(proj.q(query)), heads(proj.k(key)), heads(proj.v(value))
+        w_q, w_k, w_v = self.linear_qkv.weight.chunk(3)
+        b_q, b_k, b_v = self.linear_qkv.bias.chunk(3)
+        linear = nn.functional.linear
+        return heads(linear(query, w_q, b_q)), heads(linear(key, w_k, b_k)), heads(linear(value, w_v, b_v))
 
     def forward_attention(self, value, scores, mask):
         """Attention context from scores, as the stock layer computes it.

@@ -57,6 +57,8 @@ def test_quantized_layer_matches_the_quantized_stock_layer(dtype):
         assert ours.last_cache == "reused"
     got, _ = ours.step(query[:, 0], None, memory=memory, mask=mask)
     torch.testing.assert_close(got, stock.step(query[:, 0], None, memory=memory, mask=mask)[0], **FP32)
+    for got, expected in zip(ours.forward_qkv(query, memory, memory), stock.forward_qkv(query, memory, memory)):
+        torch.testing.assert_close(got, expected, **FP32)
 
 
 def test_qint8_without_the_float_weights_runs_fused_and_says_so(caplog):
