@@ -12,11 +12,15 @@ model. Whole state dicts (wrapper prefixes, export to the stock layout, files)
 are handled in :mod:`espnet_mha.checkpoint` and :mod:`espnet_mha.convert`.
 """
 
+import logging
+
 import torch
 
 STOCK_PROJECTIONS = ("linear_q", "linear_k", "linear_v")
 FUSED_PROJECTION = "linear_qkv"
 PARAMS = ("weight", "bias")
+
+logger = logging.getLogger(__name__)
 
 
 def _stock_keys(prefix):
@@ -106,18 +110,28 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
     ``model.state_dict()`` updated with the file, so a stock file arrives with
     our *current* fused tensors beside its stock ones. Fused entries that are
     this layer's own parameters (same storage) are dropped so the file wins;
-    any other mix of layouts is refused by ``fuse_keys``.
+    any other mix of layouts (incomplete stock keys, stock and fused keys) is
+    logged as a warning with ``fuse_keys``'s explanation and left as it is, so
+    ``load_state_dict`` reports the keys as missing/unexpected: it raises under
+    ``strict=True`` and returns them under ``strict=False``, as for any other
+    module. (The hook cannot raise only when strict: ``load_state_dict`` gives
+    every hook ``strict=True`` whatever the caller asked.)
 
     Raises:
-        KeyError, ValueError: see ``fuse_keys``.
+        ValueError: a stock tensor has the wrong shape (see ``fuse_keys``).
     """
-    own = {f"{prefix}{FUSED_PROJECTION}.{param}": getattr(module.linear_qkv, param) for param in PARAMS}
+    params = module.linear_qkv._parameters  # empty after quantize_dynamic swapped it
+    own = {f"{prefix}{FUSED_PROJECTION}.{param}": params.get(param) for param in PARAMS}
     if any(key in state_dict for key in _stock_keys(prefix)) and all(
-        key in state_dict and _same_tensor(state_dict[key], param) for key, param in own.items()
+        key in state_dict and param is not None and _same_tensor(state_dict[key], param) for key, param in own.items()
     ):
         for key in own:
             del state_dict[key]
-    fuse_keys(state_dict, prefix, n_feat=module.n_feat)
+    try:
+        fuse_keys(state_dict, prefix, n_feat=module.n_feat)
+    except KeyError as error:
+        logger.warning("espnet_mha: %s; these keys are left as they are for load_state_dict to report",
+                       error.args[0])
 
 
 def _same_tensor(a, b):

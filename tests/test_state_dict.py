@@ -1,5 +1,7 @@
 """Layer-level state-dict adapter: stock checkpoints load with plain strict load_state_dict."""
 
+import logging
+
 import pytest
 import torch
 from espnet2.asr.state_spaces.attention import MultiHeadedAttention
@@ -36,11 +38,23 @@ def test_wrong_size_names_the_key_and_shapes():
         ours.load_state_dict(stock.state_dict())
 
 
-def test_half_converted_state_dict_lists_missing_keys():
+def test_half_converted_state_dict_lists_missing_keys(caplog):
+    """Incomplete stock keys: a warning names them, and load_state_dict reports them as
+    for any module (raises when strict, returns them when not)."""
     state = MultiHeadedAttention(8, 2).state_dict()
     del state["linear_v.weight"], state["linear_k.bias"]
-    with pytest.raises(KeyError, match=r"half-converted attention layer at '': .*missing \['linear_k.bias', 'linear_v.weight'\]"):
-        FlashMultiHeadedAttention(8, 2).load_state_dict(state)
+    layer = FlashMultiHeadedAttention(8, 2)
+    before = layer.linear_qkv.weight.clone()
+    with caplog.at_level(logging.WARNING, logger="espnet_mha.state_dict"):
+        with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "linear_qkv.weight", "linear_qkv.bias"'):
+            layer.load_state_dict(state)
+    assert "half-converted attention layer at '': " in caplog.text
+    assert "missing ['linear_k.bias', 'linear_v.weight']" in caplog.text
+    result = layer.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["linear_qkv.weight", "linear_qkv.bias"]
+    assert sorted(result.unexpected_keys) == ["linear_k.weight", "linear_q.bias", "linear_q.weight", "linear_v.bias"]
+    assert torch.equal(layer.linear_qkv.weight, before)
+    torch.testing.assert_close(layer.linear_out.weight, state["linear_out.weight"])
 
 
 def test_mixed_layouts_are_refused():
