@@ -333,8 +333,12 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         decision = None if key is None else self._checked_steps.get(key)
         if decision is None:
             return None
-        if self._cache_sources.get(cache.source_slot(state)) != cache.memory_key(memory):
-            return None  # made from another memory, or unknown: the checked path decides
+        # The signature covers shapes, dtypes and devices; what it leaves open is
+        # whether the state was made from this very memory, and whether a batch-1
+        # state meets distinct memories.
+        key = cache.memory_key(memory)
+        if self._cache_sources.get(cache.source_slot(state)) != key or (key[1] and state.size(0) == 1):
+            return None  # the checked path decides: recompute, or reuse and remember
         self._last["backend"], self._last["fallback"] = decision
         try:
             params = self._decoding_params()

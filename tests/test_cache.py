@@ -354,3 +354,23 @@ def test_dropout_of_a_step_keeps_the_expectation_and_stops_in_eval():
     expected, _ = ours.step(query, state, memory=memory)
     torch.testing.assert_close(samples.mean(0), expected, rtol=0, atol=0.1)
     torch.testing.assert_close(ours.step(query, state, memory=memory)[0], expected, rtol=0, atol=0)
+
+
+def test_a_batch1_state_never_serves_distinct_memories_even_on_a_remembered_signature():
+    """Shared and distinct memories of the same shapes have the same signature; once it
+    is remembered (shared beam), a batch-1 state handed back with B distinct memories
+    must still not be reused for all of them."""
+    stock, ours = stock_and_flash(12, 3)
+    shared = seq(1, 7, 12).expand(3, -1, -1)
+    distinct = seq(3, 7, 12, seed=1)
+    with torch.no_grad():
+        _, state = ours.step(seq(1, 12), None, memory=shared[:1])
+        for _ in range(2):  # remembers (query 3, memory 3, state 1)
+            _, state = ours.step(seq(3, 12), state[:1], memory=shared)
+        assert ours._checked_steps
+        state = None
+        for t in range(3):
+            query = seq(3, 12, seed=t)
+            got, state = ours.step(query, None if state is None else state[:1], memory=distinct)
+            torch.testing.assert_close(got, stock.step(query, None, memory=distinct)[0], **FP64)
+            assert ours.last_cache != "reused" or state.size(0) == 3
