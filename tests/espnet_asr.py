@@ -38,8 +38,9 @@ def recipe_config(attention, *, d_model=D_MODEL, n_head=N_HEAD, **layer_options)
     }
 
 
-def build(tmp_path, attention, *, seed=0, **config_options):
-    """``ASRTask.build_model`` from the recipe config, as ``asr_train`` does.
+def build(tmp_path, attention, *, seed=0, encoder=None, encoder_conf=None, **config_options):
+    """``ASRTask.build_model`` from the recipe config, as ``asr_train`` does
+    (``encoder``/``encoder_conf`` replace the recipe's encoder when given).
 
     Returns:
         (model in eval mode, args); ``args`` is what ESPnet dumps to ``config.yaml``.
@@ -49,7 +50,10 @@ def build(tmp_path, attention, *, seed=0, **config_options):
     import espnet_mha  # noqa: F401  (registers flash_mha, as the startup hook does)
 
     config = tmp_path / f"train_{attention}_{seed}.yaml"
-    config.write_text(yaml.safe_dump(recipe_config(attention, **config_options)))
+    conf = recipe_config(attention, **config_options)
+    if encoder is not None:
+        conf.update(encoder=encoder, encoder_conf=encoder_conf or {})
+    config.write_text(yaml.safe_dump(conf))
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("\n".join(TOKENS) + "\n")
     args = ASRTask.get_parser().parse_args(["--config", str(config), "--token_list", str(tokens)])

@@ -330,3 +330,34 @@ def test_argument_errors(exp):
         load_stock_or_fused(ours, {"model": exp.stock_state(), "optimizers": []})
     with pytest.raises(ValueError, match=r"keys 'x\._orig_mod\.w' and 'x\.w' both become 'x\.w' without wrapper"):
         strip_wrapper_prefixes({"x._orig_mod.w": torch.zeros(1), "x.w": torch.zeros(1)})
+
+
+def test_asr_inference_streaming_is_identical(tmp_path):
+    """asr_inference --streaming true: a contextual-block encoder and the S4 decoder under
+    ESPnet's BatchBeamSearchOnlineSim, which keeps decoder states while the encoder
+    output grows block by block (our cached layer raised here before)."""
+    from espnet2.bin.asr_inference import Speech2Text
+
+    encoder_conf = {"output_size": espnet_asr.D_MODEL, "attention_heads": 2, "linear_units": 64, "num_blocks": 1,
+                    "dropout_rate": 0.0, "positional_dropout_rate": 0.0, "attention_dropout_rate": 0.0,
+                    "input_layer": "conv2d", "block_size": 6, "hop_size": 2, "look_ahead": 2}
+    model, args = espnet_asr.build(tmp_path, "mha", seed=1, encoder="contextual_block_transformer",
+                                   encoder_conf=encoder_conf)
+    torch.save(model.state_dict(), tmp_path / "valid.acc.ave.pth")
+    configs = [espnet_asr.write_config(tmp_path / "config.yaml", args)]
+    (tmp_path / "flash").mkdir()
+    configs.append(espnet_asr.write_config(tmp_path / "flash" / "config.yaml",
+                                           espnet_asr.with_attention(args, "flash_mha")))
+    speech = torch.randn(16000, generator=torch.Generator().manual_seed(3))
+    results = []
+    for config in configs:
+        speech2text = Speech2Text(asr_train_config=config, asr_model_file=tmp_path / "valid.acc.ave.pth",
+                                  device="cpu", beam_size=3, ctc_weight=0.3, nbest=2, streaming=True)
+        assert type(speech2text.beam_search).__name__ == "BatchBeamSearchOnlineSim"
+        results.append(speech2text(speech))
+    layer = speech2text.asr_model.decoder.decoder.layers[1].layer
+    assert isinstance(layer, FlashMultiHeadedAttention)
+    stock, ours = results
+    assert [r[2] for r in ours] == [r[2] for r in stock] and len(stock[0][2]) > 2
+    for (*_, got), (*_, expected) in zip(ours, stock):
+        torch.testing.assert_close(got.score, expected.score, rtol=0, atol=1e-4)
