@@ -29,7 +29,7 @@ So a state that is well formed but was made from another memory is
 - the layer made it from a different memory: each layer remembers, per cache
   storage, :func:`memory_key` of the memory it projected (where the rows live,
   their strides, the in-place write counter), for up to 64 caches (then it
-  starts over). Only addresses and sizes, no tensors: this can force a
+  starts over). Only integers, no tensors: this can force a
   recomputation, never change a result;
 - it has batch 1 and the memory holds B > 1 distinct items (not stride 0).
 

@@ -336,8 +336,8 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         # The signature covers shapes, dtypes and devices; what it leaves open is
         # whether the state was made from this very memory, and whether a batch-1
         # state meets distinct memories.
-        key = cache.memory_key(memory)
-        if self._cache_sources.get(cache.source_slot(state)) != key or (key[1] and state.size(0) == 1):
+        source = cache.memory_key(memory)
+        if self._cache_sources.get(cache.source_slot(state)) != source or (source[1] and state.size(0) == 1):
             return None  # the checked path decides: recompute, or reuse and remember
         self._last["backend"], self._last["fallback"] = decision
         try:
