@@ -89,7 +89,9 @@ def _requantized_parts(quantized, source):
 
 
 def projections(layer):
-    """:class:`Projections` for a layer whose linears were swapped (None if they were not)."""
+    """:class:`Projections` for a layer whose linears were swapped (None if they were not):
+    by ``quantize_dynamic``, or by any module that holds no ``weight`` parameter
+    (e.g. a ``torch.nn.utils.parametrize`` parametrization), which is then called as it is."""
     qkv, out = layer._modules["linear_qkv"], layer._modules["linear_out"]
     if is_plain(qkv) and is_plain(out):
         return None
@@ -102,10 +104,15 @@ def projections(layer):
         isinstance(qkv, torch.ao.nn.quantized.dynamic.Linear) and not _per_tensor_int8(qkv))
     if parts is None:
         parts = tuple(_rows(qkv, i * d, (i + 1) * d) for i in range(3))
-    if not exact:
+    if not exact and isinstance(qkv, torch.ao.nn.quantized.dynamic.Linear):
         logger.warning("espnet_mha: %s projections run fused: results are close to, not the same as, "
                        "the quantized stock layer's (see espnet_mha.quantized)", type(qkv).__name__)
-    result = Projections(*parts, out, torch.empty(0), exact)
+    elif not exact:
+        logger.info("espnet_mha: linear_qkv is a %s; the layer calls it as a module", type(qkv).__name__)
+    # What inputs must be: the swapped module's float parameters (a parametrization),
+    # else float32 on the CPU (dynamic quantized modules).
+    reference = next((p for p in qkv.parameters() if p.is_floating_point()), None)
+    result = Projections(*parts, out, torch.empty(0) if reference is None else reference, exact)
     layer.__dict__["_projections"] = (qkv, out, result)
     return result
 

@@ -94,3 +94,26 @@ def test_quantized_beam_search_gives_the_quantized_stock_nbest(dtype):
     stock, ours = s4_decoder_pair(vocab_size=20, d_model=32, n_layers=2, n_head=4, seed=1, dtype=torch.float32)
     assert_same_nbest(quantize(stock, dtype), quantize(ours, dtype), seq(23, 32, seed=4), beam=3,
                       maxlenratio=0.6, score_tol=1e-4)
+
+
+def test_parametrized_linears_are_called_as_modules():
+    """Any linear that holds no plain ``weight`` (here weight_norm, a torch parametrization)
+    is called as a module. Weight norm is per output row, so on the fused projection
+    it equals the stock layer's three normalized linears."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    stock, ours = stock_and_flash(16, 4)
+    for name in ("linear_q", "linear_k", "linear_v", "linear_out"):
+        setattr(stock, name, weight_norm(getattr(stock, name)))
+    ours.linear_qkv, ours.linear_out = weight_norm(ours.linear_qkv), weight_norm(ours.linear_out)
+    query = seq(2, 3, 16).double().requires_grad_(True)
+    memory = seq(2, 5, 16, seed=1).double()
+    fp64 = dict(rtol=1e-10, atol=1e-10)
+    out, _ = ours(query, memory)
+    torch.testing.assert_close(out, stock(query, memory)[0], **fp64)
+    (grad,) = torch.autograd.grad(out.sum(), query)
+    torch.testing.assert_close(grad, torch.autograd.grad(stock(query, memory)[0].sum(), query)[0], **fp64)
+    got, state = ours.step(query[:, 0].detach(), None, memory=memory)
+    torch.testing.assert_close(got, stock.step(query[:, 0].detach(), None, memory=memory)[0], **fp64)
+    got, _ = ours.step(query[:, 1].detach(), state, memory=memory)
+    torch.testing.assert_close(got, stock.step(query[:, 1].detach(), None, memory=memory)[0], **fp64)
