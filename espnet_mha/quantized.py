@@ -72,7 +72,7 @@ def _requantized_parts(quantized, source):
     qconfig = torch.ao.quantization.default_dynamic_qconfig
 
     def quantize(weight, bias):
-        linear = nn.Linear(weight.size(1), weight.size(0))
+        linear = nn.utils.skip_init(nn.Linear, weight.size(1), weight.size(0))  # no draws from the global RNG
         with torch.no_grad():
             linear.weight.copy_(weight)
             linear.bias.copy_(bias)

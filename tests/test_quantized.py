@@ -43,7 +43,9 @@ def seq(*shape, seed=0):
 @pytest.mark.parametrize("dtype", [torch.qint8, torch.float16], ids=["qint8", "float16"])
 def test_quantized_layer_matches_the_quantized_stock_layer(dtype):
     stock, ours = quantized_pair(dtype)
+    rng = torch.get_rng_state()
     assert not quantized.is_plain(ours.linear_qkv) and quantized.projections(ours).exact
+    assert torch.equal(torch.get_rng_state(), rng)  # re-quantizing draws no random numbers
     query, memory = seq(3, 4, 16), seq(3, 6, 16, seed=1)
     mask = seq(3, 1, 6, seed=2) > -0.3
     for args in ((query, memory, mask), (query, memory, None), (query, None, None)):
