@@ -41,10 +41,10 @@ the right one: start each utterance with ``default_state()`` (``state=None``),
 as ESPnet does.
 """
 
+import torch
+
 # Per layer: the memory keys of up to this many caches are remembered (then forgotten at once).
 MAX_SOURCES = 64
-
-import torch
 
 
 def _shape(x):
@@ -86,6 +86,12 @@ def memory_key(memory):
     return (memory.data_ptr(), 0 if memory.size(0) == 1 else s0, s1, s2, version)
 
 
+def batch1_meets_distinct(state, key):
+    """Whether a batch-1 ``state`` arrives with B > 1 distinct memories (``key`` is their
+    :func:`memory_key`): one item's keys cannot serve them all."""
+    return state.size(0) == 1 and key[1] != 0
+
+
 def source_slot(state):
     """The key under which a layer remembers a cache's memory: its storage (views share it)."""
     return state.untyped_storage().data_ptr()
@@ -116,7 +122,7 @@ def stale_reason(state, memory, source, *, batch, n_head, dtype):
     if state.dtype != dtype or state.device != memory.device:
         return f"state {state.dtype} on {state.device} != memory {dtype} on {memory.device}"
     key = memory_key(memory)
-    if state.size(0) == 1 and key[1]:
+    if batch1_meets_distinct(state, key):
         return f"a batch-1 state cannot serve {memory.size(0)} distinct memories"
     if source is not None and source != key:
         return "the state was made from another memory"

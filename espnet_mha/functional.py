@@ -41,9 +41,13 @@ def project_memory(memory, w_qkv, b_qkv, n_head):
         ``(b, 2, H, T2, d_k)`` with ``b = 1`` for a stride-0 memory, else B.
     """
     d = memory.size(-1)
-    if memory.size(0) > 1 and memory.stride(0) == 0:
-        memory = memory[:1]
-    return kv_cache(F.linear(memory, w_qkv[d:], b_qkv[d:]), n_head)
+    return kv_cache(F.linear(shared_memory(memory), w_qkv[d:], b_qkv[d:]), n_head)
+
+
+def shared_memory(memory):
+    """``memory[:1]`` when the memory is expanded over the batch with stride 0 (one
+    memory, projected once), else ``memory``."""
+    return memory[:1] if memory.size(0) > 1 and memory.stride(0) == 0 else memory
 
 
 def attend(query, memory, keep, w_qkv, b_qkv, w_out, b_out, *,

@@ -212,26 +212,23 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         keep = masks.keep_mask(mask, batch=batch, t1=t1, t2=t2, device=query.device)
         backend = self._select(query, keep, causal=self.causal, need_weights=self.keep_attn)
         proj = quantized.projections(self)
-        if proj is not None:  # quantized linears: called as modules, eager
+        key_lengths = None
+        if proj is not None:  # swapped (quantized) linears: called as modules, eager
             out, weights = quantized.attend(
                 proj, query, memory, keep, n_head=self.h, causal=self.causal,
-                dropout_p=self.dropout.p if self.training else 0.0, training=self.training, backend=backend,
+                dropout_p=self._dropout_p(), training=self.training, backend=backend,
             )
-            self._last["skipped_keys"] = 0.0
-            if self.keep_attn:
-                self.attn = weights
-            return out
-        fn = self._fn(functional.attend, query)
-        key_lengths = None
-        if (backend == dispatch.SDPA and not self.causal and query.device.type == "cpu"
-                and fn is functional.attend and not torch.compiler.is_compiling()):
-            key_lengths = packing.plan(keep, batch=batch, t1=t1, t2=t2, d=self.n_feat)
+        else:
+            fn = self._fn(functional.attend, query)
+            if (backend == dispatch.SDPA and not self.causal and query.device.type == "cpu"
+                    and fn is functional.attend and not torch.compiler.is_compiling()):
+                key_lengths = packing.plan(keep, batch=batch, t1=t1, t2=t2, d=self.n_feat)
+            out, weights = fn(
+                query, memory, keep, *self._params(), n_head=self.h, causal=self.causal,
+                dropout_p=self._dropout_p(), training=self.training, backend=backend,
+                key_lengths=key_lengths,
+            )
         self._last["skipped_keys"] = 0.0 if key_lengths is None else 1.0 - sum(key_lengths) / (batch * t2)
-        out, weights = fn(
-            query, memory, keep, *self._params(), n_head=self.h, causal=self.causal,
-            dropout_p=self.dropout.p if self.training else 0.0, training=self.training, backend=backend,
-            key_lengths=key_lengths,
-        )
         if self.keep_attn:
             self.attn = weights
         return out
@@ -291,11 +288,11 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn, decode_step=True)
         if proj is not None:
             out, weights = quantized.attend_cached(proj, query, kv, keep, backend=backend,
-                                                   dropout_p=self._step_dropout())
+                                                   dropout_p=self._dropout_p())
         else:
             out, weights = self._fn(functional.attend_cached, query)(
                 query, kv, keep, *functional.query_head_weights(params[0], params[1], self.h), params[2], params[3],
-                backend=backend, dropout_p=self._step_dropout(),
+                backend=backend, dropout_p=self._dropout_p(),
             )
         if self.keep_attn:
             self.attn = weights
@@ -307,9 +304,9 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
                 self._checked_steps[key] = (self._last["backend"], self._last["fallback"])
         return out, cache.batch_state(kv, batch)
 
-    def _step_dropout(self):
-        """Dropout of a decoding step: the layer's ``p`` in training, as the stock
-        ``step`` (which runs ``forward``) applies it; 0 in eval."""
+    def _dropout_p(self):
+        """Attention dropout of a call: the layer's ``p`` in training, 0 in eval (for
+        ``step`` too: the stock ``step`` runs ``forward``)."""
         return self.dropout.p if self.training else 0.0
 
     def _cached_step_key(self, query, state, memory):
@@ -317,7 +314,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         fast path does not apply: subclassed tensors, autocast, compile, dropout)."""
         if (type(query) is not torch.Tensor or type(state) is not torch.Tensor or type(memory) is not torch.Tensor
                 or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
-                or self.causal or self.keep_attn or (self.training and self.dropout.p > 0)
+                or self.causal or self.keep_attn or self._dropout_p() > 0
                 or compile_policy.wants_compile(self.compile_setting, query.device.type)):
             return None
         return (query.shape, memory.shape, state.shape, query.dtype, memory.dtype, state.dtype,
@@ -337,7 +334,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         # whether the state was made from this very memory, and whether a batch-1
         # state meets distinct memories.
         source = cache.memory_key(memory)
-        if self._cache_sources.get(cache.source_slot(state)) != source or (source[1] and state.size(0) == 1):
+        if self._cache_sources.get(cache.source_slot(state)) != source or cache.batch1_meets_distinct(state, source):
             return None  # the checked path decides: recompute, or reuse and remember
         self._last["backend"], self._last["fallback"] = decision
         try:
@@ -397,7 +394,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
         backend = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True)
         out, new_state, weights = self._fn(functional.step_self, query)(
-            query, state, keep, *self._params(), n_head=self.h, backend=backend, dropout_p=self._step_dropout(),
+            query, state, keep, *self._params(), n_head=self.h, backend=backend, dropout_p=self._dropout_p(),
         )
         if self.keep_attn:
             self.attn = weights

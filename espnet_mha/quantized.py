@@ -41,7 +41,7 @@ class Projections:
     k: Callable
     v: Callable
     out: Callable
-    reference: torch.Tensor  # an empty tensor of the input dtype and device
+    reference: torch.Tensor  # a tensor of the dtype and device inputs must have
     exact: bool  # computes what the quantized stock layer computes
 
 
@@ -127,8 +127,7 @@ def attend(proj, query, memory, keep, *, n_head, causal, dropout_p, training, ba
 
 def project_memory(proj, memory, n_head):
     """:func:`functional.project_memory` with module projections: ``(b, 2, H, T2, d_k)``."""
-    if memory.size(0) > 1 and memory.stride(0) == 0:
-        memory = memory[:1]
+    memory = functional.shared_memory(memory)
     return functional.kv_cache(torch.cat([proj.k(memory), proj.v(memory)], dim=-1), n_head)
 
 
