@@ -8,6 +8,8 @@ time, D = n_feat, H = n_head, d_k = D / H. The fused projection ``w_qkv`` is
 ``(b, 2, H, T2, d_k)`` (keys, values), so a step reads them without copying.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -118,7 +120,19 @@ def query_head_weights(w_qkv, b_qkv, n_head):
     return w_qkv[:d].view(n_head, d_k, d).transpose(1, 2), b_qkv[:d].view(n_head, 1, d_k)
 
 
-def attend_cached(query, kv, keep, w_q_heads, b_q_heads, w_out, b_out, *, backend, dropout_p=0.0):
+def exact_query_scale(d_k):
+    """The stock ``1/sqrt(d_k)`` when it is a power of two (``d_k`` a power of 4), else None.
+
+    Only then can the query projection apply it (``baddbmm``'s ``alpha`` and
+    ``beta``) without changing a bit of the scores the stock layer divides:
+    scaling by a power of two commutes with every rounding.
+    """
+    scale = 1.0 / math.sqrt(d_k)
+    return scale if math.frexp(scale)[0] == 0.5 else None
+
+
+def attend_cached(query, kv, keep, w_q_heads, b_q_heads, w_out, b_out, *, backend, dropout_p=0.0,
+                  need_weights=True):
     """One decoding step of cross-attention against cached keys/values.
 
     Args:
@@ -129,6 +143,8 @@ def attend_cached(query, kv, keep, w_q_heads, b_q_heads, w_out, b_out, *, backen
         w_out, b_out: output projection.
         dropout_p: dropout on the attention weights (the layer's ``p`` in
             training, as the stock ``step``, which runs ``forward``; else 0).
+        need_weights: return the math backend's weights (False lets the
+            commonest step skip them).
 
     Returns:
         (output ``(B, D)``, weights ``(B, H, 1, T2)`` from the math backend or None).
@@ -141,6 +157,19 @@ def attend_cached(query, kv, keep, w_q_heads, b_q_heads, w_out, b_out, *, backen
     n_head = w_q_heads.size(0)
     # As few tensor ops as possible: each costs a microsecond or two, and a
     # decoding step is only ~100 us of kernels.
+    if backend == dispatch.MATH and keep is None and not dropout_p and not need_weights and kv.size(0) == 1:
+        # The commonest step (a beam over one shared cache, no mask, CPU): the stock
+        # math straight on the (H, B, .) layout, with no reshaping in between, and
+        # the scale applied by the query GEMM where that is exact (saves ~5 us).
+        scale = exact_query_scale(w_q_heads.size(-1))
+        if scale is None:
+            q = torch.baddbmm(b_q_heads, query.expand(n_head, batch, d), w_q_heads)  # (H, B, d_k)
+            scores = torch.bmm(q, kv[0, 0].transpose(1, 2)).div_(math.sqrt(q.size(-1)))  # (H, B, T2)
+        else:
+            q = torch.baddbmm(b_q_heads, query.expand(n_head, batch, d), w_q_heads, beta=scale, alpha=scale)
+            scores = torch.bmm(q, kv[0, 0].transpose(1, 2))
+        context = torch.bmm(torch.softmax(scores, dim=-1), kv[0, 1])  # (H, B, d_k)
+        return F.linear(context.transpose(0, 1).reshape(batch, d), w_out, b_out), None
     q = torch.baddbmm(b_q_heads, query.expand(n_head, batch, d), w_q_heads)  # (H, B, d_k)
     context, weights = cached_context(q, kv, keep, backend=backend, dropout_p=dropout_p)
     return F.linear(context, w_out, b_out), weights

@@ -292,7 +292,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         else:
             out, weights = self._fn(functional.attend_cached, query)(
                 query, kv, keep, *functional.query_head_weights(params[0], params[1], self.h), params[2], params[3],
-                backend=backend, dropout_p=self._dropout_p(),
+                backend=backend, dropout_p=self._dropout_p(), need_weights=self.keep_attn,
             )
         if self.keep_attn:
             self.attn = weights
@@ -342,7 +342,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         except KeyError:  # the linears were swapped (quantize_dynamic): the checked path handles it
             return None
         self._last["cache"] = "reused"
-        out, _ = functional.attend_cached(query, state, None, *params, backend=decision[0])
+        out, _ = functional.attend_cached(query, state, None, *params, backend=decision[0], need_weights=False)
         return out, cache.batch_state(state, query.size(0))
 
     def _cache_source(self, state):

@@ -52,6 +52,30 @@ def test_cross_step_matches_the_stock_step_with_beam_search_states(seed):
         state = per_hyp[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("n_feat, n_head", [(64, 4), (32, 4), (16, 4), (24, 4)], ids=lambda v: str(v))
+def test_the_shared_beam_step_computes_the_bits_of_the_general_step(n_feat, n_head, dtype):
+    """A beam step over a shared cache without mask takes its own ops (and with d_k a
+    power of 4 applies 1/sqrt(d_k) in the query GEMM); they may not change a bit of
+    what the general path (here made to run by keep_attn) computes."""
+    stock, ours = stock_and_flash(n_feat, n_head, dtype=dtype)
+    _, general = stock_and_flash(n_feat, n_head, dtype=dtype, keep_attn=True)
+    memory = seq(1, 11, n_feat, seed=1, dtype=dtype).expand(5, -1, -1)
+    query = seq(5, n_feat, seed=2, dtype=dtype)
+
+    def beam_steps(layer):
+        _, state = layer.step(query[:1], None, memory=memory[:1])
+        return [layer.step(query, state[0].unsqueeze(0), memory=memory)[0] for _ in range(2)]
+
+    with torch.no_grad():
+        expected, _ = stock.step(query, None, memory=memory)
+        fast, reference = beam_steps(ours), beam_steps(general)
+    assert general.attn is not None and len(ours._checked_steps) == 1  # the second step was remembered
+    for got in fast:
+        assert torch.equal(got, reference[0])
+    torch.testing.assert_close(fast[0], expected, **(FP64 if dtype == torch.float64 else {}))
+
+
 def test_stride0_memory_is_projected_once_and_state_is_shared():
     _, ours = stock_and_flash(32, 4)
     memory = seq(1, 50, 32).expand(10, -1, -1)
