@@ -82,11 +82,9 @@ def attend_per_item(backend, q, source, keep, w_kv, b_kv, lengths, *, n_head, dr
     """
     contexts = []
     d_k = q.size(-1)
-    # One GEMM over the packed rows (and one for its weight gradient), not one per item.
     # unbind, not indexing: the backward of B slices would zero-fill B full-size gradients.
-    packed = torch.cat([source_i[:n] for source_i, n in zip(source.unbind(0), lengths)])
-    kv_items = F.linear(packed, w_kv, b_kv).split(lengths)  # B x (n, 2D)
-    for i, (q_i, kv, n) in enumerate(zip(q.unbind(0), kv_items, lengths)):
+    for i, (q_i, source_i, n) in enumerate(zip(q.unbind(0), source.unbind(0), lengths)):
+        kv = F.linear(source_i[:n], w_kv, b_kv)  # (n, 2D)
         k, v = (x.view(1, n, n_head, d_k).transpose(1, 2) for x in kv.chunk(2, dim=-1))
         keep_i = None
         if keep is not None:
