@@ -298,7 +298,9 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
             self.attn = weights
         elif state is kv and keep is None and proj is None:
             key = self._cached_step_key(query, state, memory)
-            if key is not None:
+            # A key holds the device and the compile setting, so a call that compiles
+            # is never remembered and the hot path need not ask again.
+            if key is not None and not compile_policy.wants_compile(self.compile_setting, query.device.type):
                 if len(self._checked_steps) >= _MAX_CHECKED_STEPS:
                     self._checked_steps.clear()
                 self._checked_steps[key] = (self._last["backend"], self._last["fallback"])
@@ -311,11 +313,11 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
 
     def _cached_step_key(self, query, state, memory):
         """What the checks of a cached cross-attention step depend on (None where the
-        fast path does not apply: subclassed tensors, autocast, compile, dropout)."""
+        fast path does not apply: subclassed tensors, autocast, tracing, dropout).
+        Every call of a decoding step makes one, so it is kept to plain lookups."""
         if (type(query) is not torch.Tensor or type(state) is not torch.Tensor or type(memory) is not torch.Tensor
-                or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
-                or self.causal or self.keep_attn or self._dropout_p() > 0
-                or compile_policy.wants_compile(self.compile_setting, query.device.type)):
+                or self.causal or self.keep_attn or (self.training and self._modules["dropout"].p > 0)
+                or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()):
             return None
         return (query.shape, memory.shape, state.shape, query.dtype, memory.dtype, state.dtype,
                 query.device, memory.device, state.device, self.backend, self.compile_setting)

@@ -90,6 +90,8 @@ def test_no_recompilation_after_warm_up(layers):
     assert graphs() == warm, f"{graphs() - warm} new graphs after warm-up ({warm} during it)"
     assert warm <= 16
     assert not counters["graph_break"]
+    compiled, eager = layers
+    assert not compiled._checked_steps and eager._checked_steps  # compiled steps never take the eager hot path
 
 
 def test_backward_and_autocast_match_eager(layers):
