@@ -18,33 +18,45 @@ view when ``b = 1``). Because the cache lives in the state, a new utterance,
 ``load_state_dict`` or a new model never see a stale one (the bug class of the
 closed ESPnet PR #6624).
 
-A cross-attention state is reused only for the memory it was projected from.
-The stock layer attends to whatever memory a step gets, and ESPnet's streaming
-search (``BatchBeamSearchOnline``) keeps the decoder states while the encoder
-output grows block by block (or slides, with ``encoded_feat_length_limit``).
-So a state that is well formed but was made from another memory is
-*recomputed* from the memory given (the layer's ``last_cache`` says so):
+A cross-attention state is reused only for the memory and the weights it was
+projected from. The stock layer attends to whatever memory a step gets with
+whatever weights it has, and ESPnet's streaming search
+(``BatchBeamSearchOnline``) keeps the decoder states while the encoder output
+grows block by block (or slides, with ``encoded_feat_length_limit``). So a
+state that is well formed but cannot be shown to hold this memory's keys with
+these weights is *recomputed* from the memory given (the layer's
+``last_cache`` says why):
 
 - its length, dtype or device differs from the memory's;
-- the layer made it from a different memory: each layer remembers, per cache
-  storage, :func:`memory_key` of the memory it projected (where the rows live,
-  their strides, the in-place write counter), for up to 64 caches (then it
-  starts over). Only integers, no tensors: this can force a
-  recomputation, never change a result;
-- it has batch 1 and the memory holds B > 1 distinct items (not stride 0).
+- it has batch 1 and the memory holds B > 1 distinct items (not stride 0);
+- it was made under ``torch.inference_mode`` and the step records gradients;
+- the layer has no record of it (a copy, another layer's, a loaded one, or
+  forgotten: each layer keeps records of up to 1024 caches, then starts over);
+- its record names another memory or other weights. Per cache storage, a
+  layer keeps :func:`record`: the memory's address, strides and in-place
+  write counter, a weak reference to the tensor owning its rows (so a new
+  memory allocated where a freed one was does not match), and the address
+  and write counter of the projection's weight and bias. No tensor is kept
+  alive: this can force a recomputation, never change a result.
 
 A malformed state (not a tensor, wrong rank, heads, head size, or a batch that
-is neither 1 nor the query's) raises ``TypeError``/``ValueError``. A state the
-layer did not make itself (a copy, a loaded one) and another memory of the same
-shape at the same address (memory freed and reused) cannot be told apart from
-the right one: start each utterance with ``default_state()`` (``state=None``),
-as ESPnet does.
+is neither 1 nor the query's) raises ``TypeError``/``ValueError``. What cannot
+be seen: writes into the memory or the weights that bypass the write counter
+(through ``.data``, from numpy through shared memory, or on tensors made under
+``torch.inference_mode``, which have no counter). And after a backward through
+a step, the state's graph is freed as for any tensor: the next step with
+gradients needs ``retain_graph=True`` on that backward, or ``state=None``.
+Start each utterance with ``default_state()`` (``state=None``), as ESPnet
+does.
 """
+
+import weakref
 
 import torch
 
-# Per layer: the memory keys of up to this many caches are remembered (then forgotten at once).
-MAX_SOURCES = 64
+# Per layer: the records of up to this many caches are kept (then forgotten at once; a
+# forgotten cache is recomputed on its next step).
+MAX_SOURCES = 1024
 
 
 def _shape(x):
@@ -79,11 +91,50 @@ def memory_key(memory):
     batch, as ``BatchBeamSearch`` passes it), so the key's second entry is nonzero
     exactly for distinct items. About 0.5 us: it runs on every decoding step."""
     s0, s1, s2 = memory.stride()
+    return (memory.data_ptr(), 0 if memory.size(0) == 1 else s0, s1, s2, _version(memory))
+
+
+def _version(tensor):
     try:
-        version = memory._version
+        return tensor._version
     except RuntimeError:  # inference tensors have no counter
-        version = -1
-    return (memory.data_ptr(), 0 if memory.size(0) == 1 else s0, s1, s2, version)
+        return -1
+
+
+def memory_root(memory):
+    """The tensor that owns the memory's rows: the base of a view (``BatchBeamSearch``
+    passes ``x.expand(...)``, a new view of the same encoder output every step), else
+    the memory itself."""
+    base = memory._base
+    return memory if base is None else base
+
+
+def weights_key(weight, bias):
+    """Addresses and write counters of the fused projection's weight and bias (None
+    where the linear has no plain ones: swapped by quantization, or parametrized)."""
+    if weight is None or bias is None:
+        return None
+    return (weight.data_ptr(), _version(weight), bias.data_ptr(), _version(bias))
+
+
+def record(memory, weights):
+    """What a layer keeps about a cache it made: :func:`memory_key` of the memory, a weak
+    reference to the tensor owning its rows (so a freed memory never matches a new one
+    allocated at the same address) and :func:`weights_key` of the projection."""
+    return (memory_key(memory), weakref.ref(memory_root(memory)), weights)
+
+
+def provenance_problem(kept, key, memory, weights):
+    """Why a cache whose :func:`record` is ``kept`` cannot serve ``memory`` (whose
+    :func:`memory_key` is ``key``) with the projection's current ``weights`` key; "" if
+    it can."""
+    if kept is None:
+        return "this layer has no record of the state (not made by it, or forgotten)"
+    if kept[0] != key or kept[1]() is not memory_root(memory):
+        return "the state was made from another memory"
+    if kept[2] != weights:
+        return "the key/value weights changed since the state was made"
+    return ""
 
 
 def batch1_meets_distinct(state, key):
@@ -97,13 +148,13 @@ def source_slot(state):
     return state.untyped_storage().data_ptr()
 
 
-def stale_reason(state, memory, source, *, batch, n_head, dtype):
-    """Check a cross-attention state ``(b, 2, H, T2, d_k)`` against ``memory``.
+def stale_reason(state, memory, *, batch, n_head, dtype):
+    """Check a cross-attention state ``(b, 2, H, T2, d_k)`` against ``memory`` (where it
+    came from is checked by :func:`provenance_problem`).
 
     Args:
         state: the state a previous step returned.
         memory: ``(B, T2, D)``.
-        source: :func:`memory_key` of the memory the layer made ``state`` from, or None if unknown.
         batch: the query's batch size B.
         n_head: H.
         dtype: dtype the projection of ``memory`` would have.
@@ -121,11 +172,10 @@ def stale_reason(state, memory, source, *, batch, n_head, dtype):
         return f"state length {state.size(3)} != memory length {memory.size(1)}"
     if state.dtype != dtype or state.device != memory.device:
         return f"state {state.dtype} on {state.device} != memory {dtype} on {memory.device}"
-    key = memory_key(memory)
-    if batch1_meets_distinct(state, key):
+    if batch1_meets_distinct(state, memory_key(memory)):
         return f"a batch-1 state cannot serve {memory.size(0)} distinct memories"
-    if source is not None and source != key:
-        return "the state was made from another memory"
+    if state.is_inference() and torch.is_grad_enabled():
+        return "a state made under torch.inference_mode cannot be saved for backward"
     return ""
 
 

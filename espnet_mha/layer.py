@@ -94,7 +94,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         self._decisions = {}
         self._checked_steps = {}
         self._query_views = None
-        self._cache_sources = {}  # cache storage -> cache.memory_key of the memory it holds
+        self._cache_sources = {}  # cache storage -> cache.record of the memory and weights it holds
         # A plain dict, updated in place: nn.Module.__setattr__ is slow on the hot path.
         self._last = {"backend": None, "fallback": "", "skipped_keys": 0.0, "cache": None}
         self.register_load_state_dict_pre_hook(state_dict.load_state_dict_pre_hook)
@@ -271,8 +271,9 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         self._check_memory(query, memory)
         proj = quantized.projections(self)
         params = self._params() if proj is None else None
-        stale = "" if state is None else cache.stale_reason(
-            state, memory, self._cache_source(state), batch=batch, n_head=self.h, dtype=checks.compute_dtype(memory))
+        stale = "" if state is None else (
+            cache.stale_reason(state, memory, batch=batch, n_head=self.h, dtype=checks.compute_dtype(memory))
+            or self._provenance_problem(state, memory))
         if state is None or stale:
             kv = (functional.project_memory(memory, params[0], params[1], self.h) if proj is None
                   else quantized.project_memory(proj, memory, self.h))
@@ -320,7 +321,8 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
                 or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()):
             return None
         return (query.shape, memory.shape, state.shape, query.dtype, memory.dtype, state.dtype,
-                query.device, memory.device, state.device, self.backend, self.compile_setting)
+                query.device, memory.device, state.device, self.backend, self.compile_setting,
+                torch.is_grad_enabled(), state.is_inference())
 
     def _checked_cached_step(self, query, state, memory):
         """The decoding hot path: a cached cross-attention step (no mask) whose shapes,
@@ -333,10 +335,11 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         if decision is None:
             return None
         # The signature covers shapes, dtypes and devices; what it leaves open is
-        # whether the state was made from this very memory, and whether a batch-1
-        # state meets distinct memories.
-        source = cache.memory_key(memory)
-        if self._cache_sources.get(cache.source_slot(state)) != source or cache.batch1_meets_distinct(state, source):
+        # whether the state was made from this very memory with these weights, and
+        # whether a batch-1 state meets distinct memories.
+        key = cache.memory_key(memory)
+        if cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), key, memory,
+                                    self._weights_key()) or cache.batch1_meets_distinct(state, key):
             return None  # the checked path decides: recompute, or reuse and remember
         self._last["backend"], self._last["fallback"] = decision
         try:
@@ -347,22 +350,35 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         out, _ = functional.attend_cached(query, state, None, *params, backend=decision[0], need_weights=False)
         return out, cache.batch_state(state, query.size(0))
 
-    def _cache_source(self, state):
-        """The memory key remembered for ``state``'s storage (None if unknown or compiling)."""
-        if not isinstance(state, torch.Tensor) or torch.compiler.is_compiling():
-            return None
-        return self._cache_sources.get(cache.source_slot(state))
+    def _weights_key(self):
+        params = self._modules["linear_qkv"]._parameters
+        return cache.weights_key(params.get("weight"), params.get("bias"))
+
+    def _provenance_problem(self, state, memory):
+        """Why ``state`` was not made by this layer from ``memory`` with its current
+        weights ("" if it was, or when tracing, where nothing can be looked up)."""
+        if torch.compiler.is_compiling():
+            return ""
+        return cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), cache.memory_key(memory),
+                                        memory, self._weights_key())
 
     def _remember_source(self, kv, memory):
-        """Remember which memory the cache ``kv`` holds (up to ``cache.MAX_SOURCES`` caches)."""
+        """Remember what the cache ``kv`` was made from (up to ``cache.MAX_SOURCES`` caches)."""
         if torch.compiler.is_compiling():
             return
         slot = cache.source_slot(kv)
         if slot not in self._cache_sources and len(self._cache_sources) >= cache.MAX_SOURCES:
             # clear(), not evicting the oldest: atomic when threads share the layer. Caches
-            # forgotten here are trusted once more and remembered again on their next step.
+            # forgotten here are recomputed on their next step.
             self._cache_sources.clear()
-        self._cache_sources[slot] = cache.memory_key(memory)
+        self._cache_sources[slot] = cache.record(memory, self._weights_key())
+
+    def __getstate__(self):
+        # Cache records hold weak references, which do not pickle; a copy of the layer
+        # knows none of the caches (they are recomputed if given to it).
+        state = self.__dict__.copy()
+        state["_cache_sources"] = {}
+        return state
 
     def _decoding_params(self):
         """(w_q_heads, b_q_heads, w_out, b_out) for cached steps (see

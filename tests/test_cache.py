@@ -1,5 +1,7 @@
 """step() with the key/value cache: against forward, the stock step and ESPnet's beam search."""
 
+import copy
+import pickle
 import threading
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import assert_same_nbest
+from espnet_mha import cache
 from espnet_mha.testing import beam_search, prepare_for_decoding, s4_decoder_pair, stock_and_flash
 
 FP64 = dict(rtol=1e-10, atol=1e-10)
@@ -176,6 +179,84 @@ def test_checks_still_apply_once_a_step_signature_was_seen(state, match):
         got, _ = ours.step(seq(2, 12), good, memory=memory)
     assert ours.last_cache == "recomputed: the state was made from another memory"
     torch.testing.assert_close(got, stock.step(seq(2, 12), None, memory=memory)[0], **FP64)
+
+
+def test_a_state_from_the_last_utterance_never_serves_a_new_memory():
+    """A decoding loop that forgets to reset the state: the stock layer ignores it, so
+    ours must recompute, also when the new memory is allocated where the last one was
+    (same address, shape, strides and write counter; it happens within a few tries)."""
+    stock, ours = stock_and_flash(16, 4)
+    query = seq(3, 16)
+    state = None
+    with torch.no_grad():
+        for i in range(60):
+            memory = seq(1, 6, 16, seed=i).expand(3, -1, -1)
+            got, state = ours.step(query, state, memory=memory)
+            torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
+            state = state[0].unsqueeze(0)
+            del memory
+    # The same address for sure: two tensors over one numpy buffer, rewritten in between.
+    buffer = seq(1, 6, 16, seed=100).numpy()
+    first = torch.from_numpy(buffer)
+    _, state = ours.step(query, None, memory=first.expand(3, -1, -1))
+    buffer[:] = seq(1, 6, 16, seed=101).numpy()
+    second = torch.from_numpy(buffer)
+    got, _ = ours.step(query, state[:1], memory=second.expand(3, -1, -1))
+    assert ours.last_cache == "recomputed: the state was made from another memory"
+    torch.testing.assert_close(got, stock.step(query, None, memory=second.expand(3, -1, -1))[0], **FP64)
+
+
+def test_a_state_is_recomputed_when_the_weights_change_within_an_utterance():
+    stock, ours = stock_and_flash(16, 4)
+    memory, query = seq(1, 7, 16).expand(3, -1, -1), seq(3, 16, seed=1)
+    with torch.no_grad():
+        _, state = ours.step(query, None, memory=memory)
+        for _ in range(2):  # the second step takes the remembered signature
+            _, state = ours.step(query, state[:1], memory=memory)
+        for p in stock.parameters():
+            p.add_(0.1)
+        ours.load_state_dict(stock.state_dict())  # in place
+        for _ in range(2):
+            got, state = ours.step(query, state[:1], memory=memory)
+            torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
+        assert ours.last_cache == "reused"  # the recomputed state is kept again
+
+
+def test_foreign_forgotten_and_copied_states_are_recomputed(monkeypatch):
+    """A state the layer has no record of (a copy, one of another layer, one forgotten
+    after cache.MAX_SOURCES caches) cannot be checked against its memory: recomputed."""
+    stock, ours = stock_and_flash(16, 4)
+    query = seq(3, 16)
+    memories = [seq(1, 5, 16, seed=i).expand(3, -1, -1) for i in range(4)]
+    _, state = ours.step(query, None, memory=memories[0])
+    got, _ = ours.step(query, state.clone(), memory=memories[1])
+    assert ours.last_cache == "recomputed: this layer has no record of the state (not made by it, or forgotten)"
+    torch.testing.assert_close(got, stock.step(query, None, memory=memories[1])[0], **FP64)
+    monkeypatch.setattr(cache, "MAX_SOURCES", 2)
+    old = ours.step(query, None, memory=memories[2])[1]
+    for memory in memories:  # more caches than the layer keeps records of
+        ours.step(query, None, memory=memory)
+    got, _ = ours.step(query, old[:1], memory=memories[3])
+    assert ours.last_cache.startswith("recomputed: ")
+    torch.testing.assert_close(got, stock.step(query, None, memory=memories[3])[0], **FP64)
+    twin = copy.deepcopy(ours)  # copies (and pickles) know no caches
+    got, _ = twin.step(query, old[:1], memory=memories[2])
+    assert twin.last_cache.startswith("recomputed: this layer has no record")
+    torch.testing.assert_close(got, stock.step(query, None, memory=memories[2])[0], **FP64)
+    assert pickle.loads(pickle.dumps(ours))._cache_sources == {}
+
+
+def test_a_state_made_under_inference_mode_serves_a_step_with_gradients():
+    stock, ours = stock_and_flash(16, 4)
+    memory, query = seq(1, 7, 16).expand(3, -1, -1), seq(3, 16, seed=1)
+    with torch.inference_mode():
+        _, state = ours.step(query, None, memory=memory)
+    got, _ = ours.step(query, state[:1], memory=memory)
+    assert ours.last_cache == "recomputed: a state made under torch.inference_mode cannot be saved for backward"
+    got.sum().backward()
+    stock.step(query, None, memory=memory)[0].sum().backward()
+    torch.testing.assert_close(ours.linear_out.weight.grad, stock.linear_out.weight.grad, **FP64)
+    torch.testing.assert_close(ours.linear_qkv.weight.grad[16:32], stock.linear_k.weight.grad, **FP64)
 
 
 @pytest.mark.parametrize("window", [None, 6], ids=["growing", "sliding"])

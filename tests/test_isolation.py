@@ -33,8 +33,9 @@ def snapshot(model):
         if not isinstance(module, FlashMultiHeadedAttention):
             continue
         for name, value in vars(module).items():
-            # _cache_sources: which memory each cache was projected from (addresses, no
-            # tensors); new caches add entries, and an entry can only force a recomputation.
+            # _cache_sources: what each cache was projected from (addresses, counters, weak
+            # references; no tensor kept alive); new caches add entries, and an entry can
+            # only force a recomputation.
             if name in ("_parameters", "_buffers", "_cache_sources"):
                 continue
             if name == "_modules":
