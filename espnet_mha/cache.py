@@ -117,11 +117,12 @@ def weights_key(weight, bias):
     return (weight.data_ptr(), _version(weight), bias.data_ptr(), _version(bias))
 
 
-def record(memory, weights):
-    """What a layer keeps about a cache it made: :func:`memory_key` of the memory, a weak
-    reference to the tensor owning its rows (so a freed memory never matches a new one
-    allocated at the same address) and :func:`weights_key` of the projection."""
-    return (memory_key(memory), weakref.ref(memory_root(memory)), weights)
+def record(memory, key, weights):
+    """What a layer keeps about a cache it made: ``key`` (:func:`memory_key` of the
+    memory), a weak reference to the tensor owning its rows (so a freed memory never
+    matches a new one allocated at the same address) and :func:`weights_key` of the
+    projection."""
+    return (key, weakref.ref(memory_root(memory)), weights)
 
 
 def provenance_problem(kept, key, memory, weights):
@@ -148,13 +149,14 @@ def source_slot(state):
     return state.untyped_storage().data_ptr()
 
 
-def stale_reason(state, memory, *, batch, n_head, dtype):
+def stale_reason(state, memory, key, *, batch, n_head, dtype):
     """Check a cross-attention state ``(b, 2, H, T2, d_k)`` against ``memory`` (where it
     came from is checked by :func:`provenance_problem`).
 
     Args:
         state: the state a previous step returned.
         memory: ``(B, T2, D)``.
+        key: :func:`memory_key` of ``memory``.
         batch: the query's batch size B.
         n_head: H.
         dtype: dtype the projection of ``memory`` would have.
@@ -172,7 +174,7 @@ def stale_reason(state, memory, *, batch, n_head, dtype):
         return f"state length {state.size(3)} != memory length {memory.size(1)}"
     if state.dtype != dtype or state.device != memory.device:
         return f"state {state.dtype} on {state.device} != memory {dtype} on {memory.device}"
-    if batch1_meets_distinct(state, memory_key(memory)):
+    if batch1_meets_distinct(state, key):
         return f"a batch-1 state cannot serve {memory.size(0)} distinct memories"
     if state.is_inference() and torch.is_grad_enabled():
         return "a state made under torch.inference_mode cannot be saved for backward"

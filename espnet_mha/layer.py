@@ -271,9 +271,11 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         self._check_memory(query, memory)
         proj = quantized.projections(self)
         params = self._params() if proj is None else None
+        # One memory key for the checks and the record (a record is not made while tracing).
+        key = None if state is None and torch.compiler.is_compiling() else cache.memory_key(memory)
         stale = "" if state is None else (
-            cache.stale_reason(state, memory, batch=batch, n_head=self.h, dtype=checks.compute_dtype(memory))
-            or self._provenance_problem(state, memory))
+            cache.stale_reason(state, memory, key, batch=batch, n_head=self.h, dtype=checks.compute_dtype(memory))
+            or self._provenance_problem(state, memory, key))
         if state is None or stale:
             kv = (functional.project_memory(memory, params[0], params[1], self.h) if proj is None
                   else quantized.project_memory(proj, memory, self.h))
@@ -283,7 +285,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         else:
             kv = state
             self._last["cache"] = "reused"
-        self._remember_source(kv, memory)
+        self._remember_source(kv, memory, key)
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         keep_call = None if keep is None else (keep.transpose(0, 1) if kv.size(0) == 1 else keep)
         backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn, decode_step=True)
@@ -354,15 +356,16 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
         params = self._modules["linear_qkv"]._parameters
         return cache.weights_key(params.get("weight"), params.get("bias"))
 
-    def _provenance_problem(self, state, memory):
-        """Why ``state`` was not made by this layer from ``memory`` with its current
-        weights ("" if it was, or when tracing, where nothing can be looked up)."""
+    def _provenance_problem(self, state, memory, key):
+        """Why ``state`` was not made by this layer from ``memory`` (whose
+        :func:`cache.memory_key` is ``key``) with its current weights ("" if it was,
+        or when tracing, where nothing can be looked up)."""
         if torch.compiler.is_compiling():
             return ""
-        return cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), cache.memory_key(memory),
-                                        memory, self._weights_key())
+        return cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), key, memory,
+                                        self._weights_key())
 
-    def _remember_source(self, kv, memory):
+    def _remember_source(self, kv, memory, key):
         """Remember what the cache ``kv`` was made from (up to ``cache.MAX_SOURCES`` caches)."""
         if torch.compiler.is_compiling():
             return
@@ -371,7 +374,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
             # clear(), not evicting the oldest: atomic when threads share the layer. Caches
             # forgotten here are recomputed on their next step.
             self._cache_sources.clear()
-        self._cache_sources[slot] = cache.record(memory, self._weights_key())
+        self._cache_sources[slot] = cache.record(memory, key, self._weights_key())
 
     def __getstate__(self):
         # Cache records hold weak references, which do not pickle; a copy of the layer
