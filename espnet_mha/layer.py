@@ -8,17 +8,14 @@ from torch import nn
 
 from espnet2.asr.state_spaces.base import SequenceModule
 
-from espnet_mha import cache, checks, compile_policy, dispatch, functional, masks, packing, quantized, state_dict
+from espnet_mha import checks, compile_policy, dispatch, functional, masks, packing, quantized, state_dict
+from espnet_mha.decoding import DecodingSteps
 from espnet_mha.stock_helpers import StockHelpers
 
 logger = logging.getLogger(__name__)
 
-# Call signatures of cached decoding steps remembered per layer (one per memory
-# length and beam size in practice); the memo is emptied when it reaches this.
-_MAX_CHECKED_STEPS = 256
 
-
-class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
+class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
     """Multi-head attention with the stock ESPnet interface, fused and cached.
 
     Computes what ``espnet2.asr.state_spaces.attention.MultiHeadedAttention``
@@ -233,194 +230,7 @@ class FlashMultiHeadedAttention(StockHelpers, SequenceModule):
             self.attn = weights
         return out
 
-    def step(self, query, state, memory=None, mask=None, **kwargs):
-        """One decoding step.
-
-        Args:
-            query: ``(B, D)``, the newest position of every hypothesis.
-            state: None (start of an utterance) or what the previous step returned
-                (possibly split per hypothesis and given back with batch 1). A
-                cross-attention state made from another memory (a streaming
-                search's grown or moved encoder output) is recomputed from
-                ``memory``; ``last_cache`` says so.
-            memory: ``(B, T2, D)`` encoder output, possibly expanded with stride 0
-                over the beam; None for self-attention.
-            mask: ``(B or 1, 1, T2)`` over the memory (or over the cached positions
-                when ``causal``), nonzero = keep.
-
-        Returns:
-            (output ``(B, D)``, state). With ``memory``: the memory projected to
-            keys and values, ``(B, 2, H, T2, d_k)`` (a view of one
-            ``(1, 2, H, T2, d_k)`` projection when the memory is shared).
-            With ``causal``: the grown self-attention cache. Otherwise (stock
-            behaviour: the token attends to itself only) ``state`` unchanged.
-
-        Raises:
-            TypeError, ValueError: bad shapes, or a malformed state (see :mod:`espnet_mha.cache`).
-        """
-        if mask is None and state is not None and memory is not None:
-            fast = self._checked_cached_step(query, state, memory)
-            if fast is not None:
-                return fast
-        self._check_features("query", query, 2, "(B, D)")
-        batch = query.size(0)
-        if self.causal:
-            return self._step_self(query, state, mask)
-        if memory is None:
-            return self._sequence(query.unsqueeze(1), None, mask).squeeze(1), state
-        self._check_memory(query, memory)
-        proj = quantized.projections(self)
-        params = self._params() if proj is None else None
-        # One memory key for the checks and the record (a record is not made while tracing).
-        key = None if state is None and torch.compiler.is_compiling() else cache.memory_key(memory)
-        stale = "" if state is None else (
-            cache.stale_reason(state, memory, key, batch=batch, n_head=self.h, dtype=checks.compute_dtype(memory))
-            or self._provenance_problem(state, memory, key))
-        if state is None or stale:
-            kv = (functional.project_memory(memory, params[0], params[1], self.h) if proj is None
-                  else quantized.project_memory(proj, memory, self.h))
-            self._last["cache"] = f"recomputed: {stale}" if stale else "filled"
-            if stale:
-                logger.debug("espnet_mha: cross-attention cache recomputed: %s", stale)
-        else:
-            kv = state
-            self._last["cache"] = "reused"
-        self._remember_source(kv, memory, key)
-        keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
-        keep_call = None if keep is None else (keep.transpose(0, 1) if kv.size(0) == 1 else keep)
-        backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn, decode_step=True)
-        if proj is not None:
-            out, weights = quantized.attend_cached(proj, query, kv, keep, backend=backend,
-                                                   dropout_p=self._dropout_p())
-        else:
-            out, weights = self._fn(functional.attend_cached, query)(
-                query, kv, keep, *functional.query_head_weights(params[0], params[1], self.h), params[2], params[3],
-                backend=backend, dropout_p=self._dropout_p(), need_weights=self.keep_attn,
-            )
-        if self.keep_attn:
-            self.attn = weights
-        elif state is kv and keep is None and proj is None:
-            key = self._cached_step_key(query, state, memory)
-            # A key holds the device and the compile setting, so a call that compiles
-            # is never remembered and the hot path need not ask again.
-            if key is not None and not compile_policy.wants_compile(self.compile_setting, query.device.type):
-                if len(self._checked_steps) >= _MAX_CHECKED_STEPS:
-                    self._checked_steps.clear()
-                self._checked_steps[key] = (self._last["backend"], self._last["fallback"])
-        return out, cache.batch_state(kv, batch)
-
     def _dropout_p(self):
         """Attention dropout of a call: the layer's ``p`` in training, 0 in eval (for
         ``step`` too: the stock ``step`` runs ``forward``)."""
         return self.dropout.p if self.training else 0.0
-
-    def _cached_step_key(self, query, state, memory):
-        """What the checks of a cached cross-attention step depend on (None where the
-        fast path does not apply: subclassed tensors, autocast, tracing, dropout).
-        Every call of a decoding step makes one, so it is kept to plain lookups."""
-        if (type(query) is not torch.Tensor or type(state) is not torch.Tensor or type(memory) is not torch.Tensor
-                or self.causal or self.keep_attn or (self.training and self._modules["dropout"].p > 0)
-                or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()):
-            return None
-        return (query.shape, memory.shape, state.shape, query.dtype, memory.dtype, state.dtype,
-                query.device, memory.device, state.device, self.backend, self.compile_setting,
-                torch.is_grad_enabled(), state.is_inference())
-
-    def _checked_cached_step(self, query, state, memory):
-        """The decoding hot path: a cached cross-attention step (no mask) whose shapes,
-        dtypes and devices already passed every check of ``step`` once on this layer.
-        Those checks depend on nothing else, so they are skipped; the step computes
-        exactly what the checked path computes. Returns None when the call has not
-        been seen (it then takes the checked path, which records it)."""
-        key = self._cached_step_key(query, state, memory)
-        decision = None if key is None else self._checked_steps.get(key)
-        if decision is None:
-            return None
-        # The signature covers shapes, dtypes and devices; what it leaves open is
-        # whether the state was made from this very memory with these weights, and
-        # whether a batch-1 state meets distinct memories.
-        key = cache.memory_key(memory)
-        if cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), key, memory,
-                                    self._weights_key()) or cache.batch1_meets_distinct(state, key):
-            return None  # the checked path decides: recompute, or reuse and remember
-        self._last["backend"], self._last["fallback"] = decision
-        try:
-            params = self._decoding_params()
-        except KeyError:  # the linears were swapped (quantize_dynamic): the checked path handles it
-            return None
-        self._last["cache"] = "reused"
-        out, _ = functional.attend_cached(query, state, None, *params, backend=decision[0], need_weights=False)
-        return out, cache.batch_state(state, query.size(0))
-
-    def _weights_key(self):
-        params = self._modules["linear_qkv"]._parameters
-        return cache.weights_key(params.get("weight"), params.get("bias"))
-
-    def _provenance_problem(self, state, memory, key):
-        """Why ``state`` was not made by this layer from ``memory`` (whose
-        :func:`cache.memory_key` is ``key``) with its current weights ("" if it was,
-        or when tracing, where nothing can be looked up)."""
-        if torch.compiler.is_compiling():
-            return ""
-        return cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), key, memory,
-                                        self._weights_key())
-
-    def _remember_source(self, kv, memory, key):
-        """Remember what the cache ``kv`` was made from (up to ``cache.MAX_SOURCES`` caches)."""
-        if torch.compiler.is_compiling():
-            return
-        slot = cache.source_slot(kv)
-        if slot not in self._cache_sources and len(self._cache_sources) >= cache.MAX_SOURCES:
-            # clear(), not evicting the oldest: atomic when threads share the layer. Caches
-            # forgotten here are recomputed on their next step.
-            self._cache_sources.clear()
-        self._cache_sources[slot] = cache.record(memory, key, self._weights_key())
-
-    def __getstate__(self):
-        # Cache records hold weak references, which do not pickle; a copy of the layer
-        # knows none of the caches (they are recomputed if given to it).
-        state = self.__dict__.copy()
-        state["_cache_sources"] = {}
-        return state
-
-    def _decoding_params(self):
-        """(w_q_heads, b_q_heads, w_out, b_out) for cached steps (see
-        :func:`functional.query_head_weights`).
-
-        Without gradients the per-head query views are remembered while the
-        parameters are the same tensors on the same storage (in-place updates
-        such as ``load_state_dict`` or an optimizer step show through a view;
-        ``.to()`` or ``param.data = ...`` make new storage and new views).
-        Made and used only with gradients off, so no view can cut a gradient
-        path."""
-        w_qkv, b_qkv, w_out, b_out = self._params()
-        if torch.is_grad_enabled():
-            return (*functional.query_head_weights(w_qkv, b_qkv, self.h), w_out, b_out)
-        views = self._query_views
-        if views is None or views[0] is not w_qkv or views[1] is not b_qkv or views[2] != w_qkv.data_ptr() \
-                or views[3] != b_qkv.data_ptr():
-            views = self._query_views = (w_qkv, b_qkv, w_qkv.data_ptr(), b_qkv.data_ptr(),
-                                         *functional.query_head_weights(w_qkv, b_qkv, self.h))
-        return views[4], views[5], w_out, b_out
-
-    def _step_self(self, query, state, mask):
-        if quantized.projections(self) is not None:
-            raise NotImplementedError(
-                "step() of a causal layer with quantized linears is not supported; forward() is")
-        batch = query.size(0)
-        if state is not None:
-            cache.check_self_cache(state, batch=batch, n_head=self.h, d_k=self.d_k,
-                                   dtype=checks.compute_dtype(query), device=query.device)
-        t2 = 1 if state is None else state.size(3) + 1
-        keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
-        backend = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True)
-        out, new_state, weights = self._fn(functional.step_self, query)(
-            query, state, keep, *self._params(), n_head=self.h, backend=backend, dropout_p=self._dropout_p(),
-        )
-        if self.keep_attn:
-            self.attn = weights
-        return out, new_state
-
-    def default_state(self, *batch_shape, device=None):
-        """The state at the start of an utterance: None (the cache is made on the first step)."""
-        return None
