@@ -1,7 +1,8 @@
 """espnet-mha: a fast drop-in for ESPnet's state-space ``MultiHeadedAttention``.
 
 Importing this package registers ``flash_mha`` in
-``espnet2.asr.state_spaces.registry.layer``. ``use_for_mha()`` makes the plain
+``espnet2.asr.state_spaces.registry.layer`` (and applies
+``ESPNET_MHA_REPLACE_MHA``, as the startup hook does). ``use_for_mha()`` makes the plain
 ``mha`` name build our layer too; ``restore_mha()`` undoes it. The import is
 light (no torch) so that the startup hook costs nothing; the layer and helpers
 load on first use.
@@ -9,7 +10,7 @@ load on first use.
 
 import importlib
 
-from espnet_mha.registration import FLASH_MHA, mha_is_ours, register, restore_mha, use_for_mha
+from espnet_mha.registration import FLASH_MHA, apply_environment, mha_is_ours, register, restore_mha, use_for_mha
 
 __version__ = "0.1.0"
 
@@ -34,4 +35,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'espnet_mha' has no attribute {name!r}")
 
 
-register()
+apply_environment()

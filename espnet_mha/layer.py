@@ -42,6 +42,10 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
             ``$ESPNET_MHA_BACKEND`` overrides it.
         compile: True, False or "auto" (default); ``$ESPNET_MHA_COMPILE`` overrides it.
         compile_mode: a ``torch.compile`` mode; ``$ESPNET_MHA_COMPILE_MODE`` overrides it.
+        state_dict_layout: "fused" (default: ``linear_qkv``) or "stock" (``state_dict()``
+            writes ``linear_q``/``linear_k``/``linear_v``, so the checkpoints load
+            into the stock layer as they are; what the ``mha`` name builds under
+            ``use_for_mha()``). Either layout loads.
         **kwargs: ignored, as by the stock layer (logged).
 
     Attributes:
@@ -59,8 +63,10 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
     """
 
     def __init__(self, n_feat, n_head, dropout=0.0, transposed=False, *, causal=False,
-                 keep_attn=False, backend=None, compile=None, compile_mode=None, **kwargs):
+                 keep_attn=False, backend=None, compile=None, compile_mode=None, state_dict_layout="fused",
+                 **kwargs):
         super().__init__()
+        state_dict.check_layout(state_dict_layout)
         checks.check_size("n_feat", n_feat)
         checks.check_size("n_head", n_head)
         if n_feat % n_head:
@@ -77,6 +83,7 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         self.transposed = bool(transposed)
         self.causal = bool(causal)
         self.keep_attn = bool(keep_attn)
+        self.state_dict_layout = state_dict_layout
         self.backend = dispatch.resolve_backend(backend)
         self.compile_setting, self.compile_mode = compile_policy.resolve_compile(compile, compile_mode)
         # skip_init: no random draws here, _reset_qkv draws them in the stock order.
@@ -95,6 +102,7 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         # A plain dict, updated in place: nn.Module.__setattr__ is slow on the hot path.
         self._last = {"backend": None, "fallback": "", "skipped_keys": 0.0, "cache": None}
         self.register_load_state_dict_pre_hook(state_dict.load_state_dict_pre_hook)
+        self.register_state_dict_post_hook(state_dict.state_dict_post_hook)
 
     def _reset_qkv(self):
         # Initialise q, k, v exactly as three stock nn.Linear(D, D) would, in the
@@ -107,8 +115,9 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
                 nn.init.uniform_(bias, -bound, bound)
 
     def extra_repr(self):
+        layout = "" if self.state_dict_layout == "fused" else f", state_dict_layout={self.state_dict_layout!r}"
         return (f"n_feat={self.n_feat}, n_head={self.h}, causal={self.causal}, "
-                f"backend={self.backend!r}, compile={self.compile_setting!r}")
+                f"backend={self.backend!r}, compile={self.compile_setting!r}{layout}")
 
     # ------------------------------------------------------------------ checks
     def _check_features(self, name, x, ndim, layout):
@@ -234,3 +243,18 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         """Attention dropout of a call: the layer's ``p`` in training, 0 in eval (for
         ``step`` too: the stock ``step`` runs ``forward``)."""
         return self.dropout.p if self.training else 0.0
+
+
+class StockLayoutFlashMultiHeadedAttention(FlashMultiHeadedAttention):
+    """:class:`FlashMultiHeadedAttention` whose checkpoints are in the stock layout.
+
+    What the plain ``mha`` name builds under ``use_for_mha()`` /
+    ``ESPNET_MHA_REPLACE_MHA=1``: the config (and ESPnet's ``config.yaml``) then
+    says ``mha``, so whoever loads the checkpoint may build the stock layer,
+    and ESPnet's ``build_model_from_file`` loads with ``strict=False``: fused
+    keys would be dropped without a word. Same arguments; ``state_dict_layout``
+    defaults to "stock".
+    """
+
+    def __init__(self, *args, state_dict_layout="stock", **kwargs):
+        super().__init__(*args, state_dict_layout=state_dict_layout, **kwargs)

@@ -15,6 +15,9 @@ logger = logging.getLogger(__name__)
 FLASH_MHA = "flash_mha"
 STOCK_MHA = "mha"
 LAYER_PATH = "espnet_mha.layer.FlashMultiHeadedAttention"
+# What ``mha`` builds when it is ours: our layer saving checkpoints in the stock layout,
+# because the config names the stock layer and may be loaded without espnet-mha.
+MHA_LAYER_PATH = "espnet_mha.layer.StockLayoutFlashMultiHeadedAttention"
 STOCK_LAYER_PATH = "espnet2.asr.state_spaces.attention.MultiHeadedAttention"
 ENV_REPLACE_MHA = "ESPNET_MHA_REPLACE_MHA"
 
@@ -37,27 +40,37 @@ def register():
 
 
 def use_for_mha():
-    """Make the plain ``mha`` name build our layer too (idempotent).
+    """Make the plain ``mha`` name build our layer too (idempotent), here and in
+    child interpreters (it sets ``ESPNET_MHA_REPLACE_MHA=1``, which spawned
+    workers read at startup).
 
     For configs you cannot edit. ``restore_mha()`` undoes it. Layers that are
-    already built are not affected.
+    already built are not affected. The layers it builds save their
+    ``state_dict`` in the stock layout (the config says ``mha``, so its
+    checkpoints must load into the stock layer too).
     """
-    register()[STOCK_MHA] = LAYER_PATH
-    logger.info("espnet_mha: registry name %r now builds %s", STOCK_MHA, LAYER_PATH)
+    register()[STOCK_MHA] = MHA_LAYER_PATH
+    # Child interpreters (ESPnet's spawned DDP workers, subprocess decoders) build
+    # their registry from the environment, through the startup hook.
+    os.environ[ENV_REPLACE_MHA] = "1"
+    logger.info("espnet_mha: registry name %r now builds %s", STOCK_MHA, MHA_LAYER_PATH)
 
 
 def restore_mha():
-    """Point ``mha`` back at ESPnet's stock layer (idempotent)."""
+    """Point ``mha`` back at ESPnet's stock layer (idempotent), here and in child
+    interpreters started from now on."""
     register()[STOCK_MHA] = STOCK_LAYER_PATH
+    os.environ[ENV_REPLACE_MHA] = "0"
 
 
 def mha_is_ours():
     """Whether the plain ``mha`` name currently builds our layer."""
-    return register().get(STOCK_MHA) == LAYER_PATH
+    return register().get(STOCK_MHA) in (MHA_LAYER_PATH, LAYER_PATH)
 
 
 def apply_environment():
-    """Register ``flash_mha`` and apply ``ESPNET_MHA_REPLACE_MHA`` (used by the startup hook).
+    """Register ``flash_mha`` and apply ``ESPNET_MHA_REPLACE_MHA`` (by the startup hook and
+    ``import espnet_mha``).
 
     Raises:
         ValueError: if ``ESPNET_MHA_REPLACE_MHA`` is set to something other than 0/1.

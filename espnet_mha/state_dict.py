@@ -98,6 +98,31 @@ def unfuse_keys(state_dict, prefix):
     return True
 
 
+LAYOUTS = ("fused", "stock")
+
+
+def check_layout(state_dict_layout):
+    """Raise unless ``state_dict_layout`` is one of :data:`LAYOUTS`."""
+    if state_dict_layout not in LAYOUTS:
+        raise ValueError(f"state_dict_layout must be one of {LAYOUTS}, got {state_dict_layout!r}")
+
+
+def state_dict_post_hook(module, state_dict, prefix, local_metadata):
+    """``state_dict`` post-hook of our layer: write the stock layout where the layer
+    asks for it (``state_dict_layout="stock"``; what a config that says ``mha`` builds
+    under ``use_for_mha()``, so its checkpoints load into the stock layer too).
+
+    The q/k/v parts are copies, as the stock layer's keys are separate tensors. Under
+    ``state_dict(keep_vars=True)`` the entries are the parameters themselves, which
+    have only the fused names, so that layout is kept.
+    """
+    if getattr(module, "state_dict_layout", "fused") != "stock":
+        return
+    if any(isinstance(state_dict.get(f"{prefix}{FUSED_PROJECTION}.{param}"), torch.nn.Parameter) for param in PARAMS):
+        return
+    unfuse_keys(state_dict, prefix)
+
+
 def load_state_dict_pre_hook(module, state_dict, prefix, *args):
     """``load_state_dict`` pre-hook of our layer: accept the stock layout.
 
@@ -107,26 +132,37 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
     stays as it is).
 
     ESPnet's ``--init_param`` (``load_pretrained_model``) loads
-    ``model.state_dict()`` updated with the file, so a stock file arrives with
-    our *current* fused tensors beside its stock ones. Fused entries that are
-    this layer's own parameters (same storage) are dropped so the file wins;
-    any other mix of layouts (incomplete stock keys, stock and fused keys) is
-    logged as a warning with ``fuse_keys``'s explanation and left as it is, so
-    ``load_state_dict`` reports the keys as missing/unexpected: it raises under
-    ``strict=True`` and returns them under ``strict=False``, as for any other
-    module. (The hook cannot raise only when strict: ``load_state_dict`` gives
-    every hook ``strict=True`` whatever the caller asked.)
+    ``model.state_dict()`` updated with the file, so a file arrives with the
+    layer's *current* tensors beside its own, possibly in the other layout, and
+    without the keys the user excluded. Entries equal to the layer's current
+    parameters are therefore the model's, and the file wins: beside a file's
+    stock keys they fill in the q/k/v parts the file lacks (as the stock layer
+    keeps its excluded ``linear_q``), and beside a file's fused keys they are
+    dropped. Any other mix of layouts (incomplete stock keys, stock and fused
+    keys from a file) is logged as a warning with ``fuse_keys``'s explanation
+    and left as it is, so ``load_state_dict`` reports the keys as
+    missing/unexpected: it raises under ``strict=True`` and returns them under
+    ``strict=False``, as for any other module. (The hook cannot raise only when
+    strict: ``load_state_dict`` gives every hook ``strict=True`` whatever the
+    caller asked.)
 
     Raises:
         ValueError: a stock tensor has the wrong shape (see ``fuse_keys``).
     """
+    stock = [key for key in _stock_keys(prefix) if key in state_dict]
+    fused = {param: f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS}
     params = module.linear_qkv._parameters  # empty after quantize_dynamic swapped it
-    own = {f"{prefix}{FUSED_PROJECTION}.{param}": params.get(param) for param in PARAMS}
-    if any(key in state_dict for key in _stock_keys(prefix)) and all(
-        key in state_dict and param is not None and _same_tensor(state_dict[key], param) for key, param in own.items()
-    ):
-        for key in own:
-            del state_dict[key]
+    if stock and all(key in state_dict for key in fused.values()) and all(params.get(param) is not None for param in PARAMS):
+        if all(_equal(state_dict[key], params[param]) for param, key in fused.items()):
+            # The model's current fused tensors beside a file's stock keys.
+            for param, key in fused.items():
+                current = state_dict.pop(key)
+                for name, part in zip(STOCK_PROJECTIONS, current.chunk(3, dim=0)):
+                    state_dict.setdefault(f"{prefix}{name}.{param}", part)
+        elif all(_equal(state_dict[key], part) for key, part in _stock_parts(prefix, params).items() if key in stock):
+            # The model's current stock-layout tensors beside a file's fused keys.
+            for key in stock:
+                del state_dict[key]
     try:
         fuse_keys(state_dict, prefix, n_feat=module.n_feat)
     except KeyError as error:
@@ -134,6 +170,13 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
                        error.args[0])
 
 
-def _same_tensor(a, b):
-    return (isinstance(a, torch.Tensor) and a.device == b.device and a.shape == b.shape
-            and a.data_ptr() == b.data_ptr())
+def _stock_parts(prefix, params):
+    """The stock keys of a layer whose fused parameters are ``params``, with their rows."""
+    return {f"{prefix}{name}.{param}": part for param in PARAMS
+            for name, part in zip(STOCK_PROJECTIONS, params[param].chunk(3, dim=0))}
+
+
+def _equal(a, b):
+    """Whether state-dict entry ``a`` holds exactly the values of parameter ``b``."""
+    return (isinstance(a, torch.Tensor) and a.device == b.device and a.dtype == b.dtype and a.shape == b.shape
+            and not a.is_meta and torch.equal(a, b.detach()))

@@ -125,6 +125,44 @@ def test_espnet_init_param_loads_a_stock_file(exp, init_param):
         assert torch.equal(got[key], expected[key]), key
 
 
+def test_espnet_init_param_can_exclude_part_of_our_layer(exp):
+    """--init_param file:::<layer>.linear_q keeps the model's current q and loads the rest,
+    for our layer as for the stock one (it raised missing/unexpected keys before)."""
+    from espnet2.torch_utils.load_pretrained_model import load_pretrained_model
+
+    stock = espnet_asr.build(exp.root, "mha", seed=5)[0]
+    ours = exp.flash()
+    ours.load_state_dict(stock.state_dict(), strict=True)
+    for model in (stock, ours):
+        load_pretrained_model(f"{exp.ave}:::decoder.decoder.layers.1.layer.linear_q", model, ignore_init_mismatch=False)
+    assert_same_outputs(ours, stock)
+
+
+def test_a_model_built_as_mha_by_use_for_mha_reloads_in_stock_espnet(tmp_path, monkeypatch):
+    """A config that says mha, trained with ESPNET_MHA_REPLACE_MHA=1: config.yaml says mha, so
+    the checkpoint must load into the stock layer where the replacement is off. ESPnet's
+    build_model_from_file loads with strict=False, so fused keys were dropped silently
+    (random q/k/v) before; the layers built as mha now save the stock layout."""
+    from espnet2.asr.state_spaces.attention import MultiHeadedAttention
+    from espnet2.tasks.asr import ASRTask
+
+    import espnet_mha
+
+    monkeypatch.setenv("ESPNET_MHA_REPLACE_MHA", "0")  # restored after the test
+    espnet_mha.use_for_mha()
+    try:
+        ours, args = espnet_asr.build(tmp_path, "mha", seed=6)
+    finally:
+        espnet_mha.restore_mha()
+    assert isinstance(ours.decoder.decoder.layers[1].layer, FlashMultiHeadedAttention)
+    checkpoint = tmp_path / "valid.acc.ave.pth"
+    torch.save(ours.state_dict(), checkpoint)
+    config = espnet_asr.write_config(tmp_path / "config.yaml", args)
+    stock, _ = ASRTask.build_model_from_file(config, checkpoint, "cpu")
+    assert type(stock.decoder.decoder.layers[1].layer) is MultiHeadedAttention
+    assert_same_outputs(stock.eval(), ours)
+
+
 def test_espnet_init_param_with_ignore_init_mismatch_needs_a_fused_file(exp, tmp_path):
     # ESPnet drops the file's keys that the model's state_dict() lacks (linear_q/k/v)
     # before loading: our pre-hook never sees them. A converted file has our keys.

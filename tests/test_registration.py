@@ -9,11 +9,12 @@ from espnet2.asr.state_spaces import registry, utils
 
 import espnet_mha
 from espnet_mha import FlashMultiHeadedAttention
-from espnet_mha.registration import LAYER_PATH, STOCK_LAYER_PATH, apply_environment
+from espnet_mha.registration import ENV_REPLACE_MHA, LAYER_PATH, MHA_LAYER_PATH, STOCK_LAYER_PATH, apply_environment
 
 
 @pytest.fixture(autouse=True)
-def restore_registry():
+def restore_registry(monkeypatch):
+    monkeypatch.delenv(ENV_REPLACE_MHA, raising=False)  # use_for_mha() sets it; monkeypatch restores it
     yield
     espnet_mha.restore_mha()
 
@@ -60,7 +61,39 @@ def test_startup_hook_registers_without_importing_us_first():
     assert out.split() == [LAYER_PATH, STOCK_LAYER_PATH]
     out = _fresh_python("from espnet2.asr.state_spaces import registry; print(registry.layer['mha'])",
                         ESPNET_MHA_REPLACE_MHA="1")
-    assert out.strip() == LAYER_PATH
+    assert out.strip() == MHA_LAYER_PATH
     out = _fresh_python("from espnet2.asr.state_spaces import registry; print('flash_mha' in registry.layer)",
                         ESPNET_MHA_NO_HOOK="1")
     assert out.strip() == "False"
+
+
+def test_import_applies_the_environment_without_the_startup_hook():
+    out = _fresh_python("import espnet_mha; from espnet2.asr.state_spaces import registry; print(registry.layer['mha'])",
+                        ESPNET_MHA_NO_HOOK="1", ESPNET_MHA_REPLACE_MHA="1")
+    assert out.strip() == MHA_LAYER_PATH
+
+
+def _child_mha_path():
+    return "__import__('espnet2.asr.state_spaces.registry', fromlist=['layer']).layer['mha']"
+
+
+def test_use_for_mha_reaches_spawned_workers():
+    """ESPnet's --multiprocessing_distributed starts workers with the spawn method: they
+    build their registry at startup, from the environment use_for_mha() sets."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    espnet_mha.use_for_mha()
+    with context.Pool(1) as pool:
+        assert pool.apply(eval, (_child_mha_path(),)) == MHA_LAYER_PATH
+    espnet_mha.restore_mha()
+    with context.Pool(1) as pool:
+        assert pool.apply(eval, (_child_mha_path(),)) == STOCK_LAYER_PATH
+
+
+def test_mha_builds_our_layer_saving_the_stock_layout():
+    espnet_mha.use_for_mha()
+    layer = utils.instantiate(registry.layer, {"_name_": "mha", "n_head": 2}, 8)
+    assert isinstance(layer, FlashMultiHeadedAttention) and layer.state_dict_layout == "stock"
+    assert "linear_q.weight" in layer.state_dict() and "linear_qkv.weight" not in layer.state_dict()
+    assert utils.instantiate(registry.layer, {"_name_": "flash_mha", "n_head": 2}, 8).state_dict_layout == "fused"

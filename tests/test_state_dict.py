@@ -70,3 +70,66 @@ def test_unfuse_errors():
     with pytest.raises(ValueError, match=r"p.linear_qkv.weight: first dimension 5 is not divisible by 3"):
         unfuse_keys({"p.linear_qkv.weight": torch.zeros(5, 2), "p.linear_qkv.bias": torch.zeros(5)}, "p.")
     assert not unfuse_keys({"x": torch.zeros(1)}, "")
+
+
+def test_stock_layout_saves_what_the_stock_layer_loads():
+    """state_dict_layout="stock" (what the mha name builds under use_for_mha): the state
+    dict loads strictly into the stock layer, which then computes the same outputs,
+    and it loads back into either layout."""
+    ours = FlashMultiHeadedAttention(12, 3, state_dict_layout="stock").double()
+    state = ours.state_dict()
+    assert sorted(state) == sorted(MultiHeadedAttention(12, 3).state_dict())
+    stock = MultiHeadedAttention(12, 3).double()
+    stock.load_state_dict(state, strict=True)
+    gen = torch.Generator().manual_seed(0)
+    query, memory = torch.randn(2, 5, 12, generator=gen, dtype=torch.float64), torch.randn(2, 7, 12, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(ours(query, memory)[0], stock(query, memory)[0], rtol=0, atol=1e-12)
+    for layout in ("fused", "stock"):
+        other = FlashMultiHeadedAttention(12, 3, state_dict_layout=layout).double()
+        other.load_state_dict(state, strict=True)
+        assert torch.equal(other.linear_qkv.weight, ours.linear_qkv.weight)
+        ours.load_state_dict(other.state_dict(), strict=True)
+
+
+def test_stock_layout_keeps_the_parameters_under_keep_vars():
+    """keep_vars=True hands out the parameters themselves, which have only fused names."""
+    ours = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock")
+    state = ours.state_dict(keep_vars=True)
+    assert state["linear_qkv.weight"] is ours.linear_qkv.weight and "linear_q.weight" not in state
+
+
+def test_bad_state_dict_layout_is_named():
+    with pytest.raises(ValueError, match=r"state_dict_layout must be one of \('fused', 'stock'\), got 'flat'"):
+        FlashMultiHeadedAttention(8, 2, state_dict_layout="flat")
+
+
+@pytest.mark.parametrize("layout", ["fused", "stock"])
+def test_a_file_missing_some_projections_keeps_the_current_ones(layout):
+    """ESPnet's --init_param with an exclusion (file:::...linear_q) loads
+    model.state_dict() updated with the rest of the file: the layer keeps its current
+    q and takes k and v from the file, as the stock layer does."""
+    current = MultiHeadedAttention(8, 2)
+    stock, ours = MultiHeadedAttention(8, 2), FlashMultiHeadedAttention(8, 2, state_dict_layout=layout)
+    stock.load_state_dict(current.state_dict())
+    ours.load_state_dict(current.state_dict())
+    file = {key: value for key, value in MultiHeadedAttention(8, 2).state_dict().items() if "linear_q." not in key}
+    for model in (stock, ours):
+        state = model.state_dict()
+        state.update(file)
+        model.load_state_dict(state, strict=True)
+    expected, got = stock.state_dict(), dict(ours.state_dict())
+    assert unfuse_keys(got, "") == (layout == "fused")
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_a_fused_file_replaces_the_current_stock_layout_entries():
+    """--init_param with a fused file into a model whose state_dict is in the stock layout:
+    the file wins over the model's current entries."""
+    ours = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock")
+    file = FlashMultiHeadedAttention(8, 2).state_dict()
+    state = ours.state_dict()
+    state.update(file)
+    ours.load_state_dict(state, strict=True)
+    assert torch.equal(ours.linear_qkv.weight, file["linear_qkv.weight"])
