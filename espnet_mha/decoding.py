@@ -131,11 +131,10 @@ class DecodingSteps:
         if cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), key, memory,
                                     self._weights_key()) or cache.batch1_meets_distinct(state, key):
             return None  # the checked path decides: recompute, or reuse and remember
+        if not (quantized.is_plain(self._modules["linear_qkv"]) and quantized.is_plain(self._modules["linear_out"])):
+            return None  # linears called as modules (quantized, LoRA, hooks): the checked path does that
         self._last["backend"], self._last["fallback"] = decision
-        try:
-            params = self._decoding_params()
-        except KeyError:  # the linears were swapped (quantize_dynamic): the checked path handles it
-            return None
+        params = self._decoding_params()
         self._last["cache"] = "reused"
         out, _ = functional.attend_cached(query, state, None, *params, backend=decision[0], need_weights=False)
         return out, cache.batch_state(state, query.size(0))
@@ -164,13 +163,6 @@ class DecodingSteps:
             self._cache_sources.clear()
         self._cache_sources[slot] = cache.record(memory, key, self._weights_key())
 
-    def __getstate__(self):
-        # Cache records hold weak references, which do not pickle; a copy of the layer
-        # knows none of the caches (they are recomputed if given to it).
-        state = self.__dict__.copy()
-        state["_cache_sources"] = {}
-        return state
-
     def _decoding_params(self):
         """(w_q_heads, b_q_heads, w_out, b_out) for cached steps (see
         :func:`functional.query_head_weights`).
@@ -192,9 +184,6 @@ class DecodingSteps:
         return views[4], views[5], w_out, b_out
 
     def _step_self(self, query, state, mask):
-        if quantized.projections(self) is not None:
-            raise NotImplementedError(
-                "step() of a causal layer with quantized linears is not supported; forward() is")
         batch = query.size(0)
         if state is not None:
             cache.check_self_cache(state, batch=batch, n_head=self.h, d_k=self.d_k,
@@ -202,9 +191,14 @@ class DecodingSteps:
         t2 = 1 if state is None else state.size(3) + 1
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
         backend = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True)
-        out, new_state, weights = self._fn(functional.step_self, query)(
-            query, state, keep, *self._params(), n_head=self.h, backend=backend, dropout_p=self._dropout_p(),
-        )
+        proj = quantized.projections(self)
+        if proj is not None:
+            out, new_state, weights = quantized.step_self(proj, query, state, keep, n_head=self.h, backend=backend,
+                                                          dropout_p=self._dropout_p())
+        else:
+            out, new_state, weights = self._fn(functional.step_self, query)(
+                query, state, keep, *self._params(), n_head=self.h, backend=backend, dropout_p=self._dropout_p(),
+            )
         if self.keep_attn:
             self.attn = weights
         return out, new_state

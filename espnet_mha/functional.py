@@ -218,12 +218,19 @@ def step_self(query, cache, keep, w_qkv, b_qkv, w_out, b_out, *, n_head, backend
     Returns:
         (output ``(B, D)``, new cache ``(B, 2, H, t + 1, d_k)``, weights ``(B, H, 1, t + 1)`` or None).
     """
-    batch, d = query.shape
-    qkv = F.linear(query, w_qkv, b_qkv)
+    context, new, weights = step_self_context(F.linear(query, w_qkv, b_qkv), cache, keep, n_head=n_head,
+                                              backend=backend, dropout_p=dropout_p)
+    return F.linear(context, w_out, b_out), new, weights
+
+
+def step_self_context(qkv, cache, keep, *, n_head, backend, dropout_p=0.0):
+    """:func:`step_self` from the projected newest position ``qkv`` ``(B, 3D)``: (context
+    ``(B, D)``, new cache, weights or None)."""
+    batch, d = qkv.size(0), qkv.size(1) // 3
     new = kv_cache(qkv[:, None, d:], n_head)  # (B, 2, H, 1, d_k)
     if cache is not None:
         new = torch.cat([cache.expand(batch, -1, -1, -1, -1), new], dim=3)
     q = heads(qkv[:, None, :d], n_head)  # (B, H, 1, d_k)
     context, weights = dispatch.run(backend, q, new[:, 0], new[:, 1], keep, causal=False,
                                     dropout_p=dropout_p, training=dropout_p > 0)
-    return F.linear(context.reshape(batch, d), w_out, b_out), new, weights
+    return context.reshape(batch, d), new, weights

@@ -1,5 +1,6 @@
 """``FlashMultiHeadedAttention``: a drop-in for ESPnet's state-space ``MultiHeadedAttention``."""
 
+import copy
 import logging
 import math
 
@@ -238,6 +239,26 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         if self.keep_attn:
             self.attn = weights
         return out
+
+    def __getstate__(self):
+        """What ``pickle``, ``torch.save(model)`` and ``copy.deepcopy`` copy: no per-layer records.
+
+        Cache records hold weak references, which do not pickle (a copy knows none of
+        the caches, so they are recomputed if given to it); the remembered query views
+        and module projections refer to this layer's modules, not the copy's (they are
+        made again on first use). ``quantize_dynamic`` leaves its ``qconfig`` (a local
+        function, which does not pickle) on the float ``linear_qkv`` it swapped out,
+        which only this layer still holds: the copy's float module goes without it.
+        """
+        state = self.__dict__.copy()
+        state.update(_cache_sources={}, _query_views=None)
+        state.pop("_projections", None)
+        float_qkv = state.get("_float_linear_qkv")
+        if float_qkv is not None and float_qkv is not self._modules["linear_qkv"] and "qconfig" in float_qkv.__dict__:
+            float_qkv = copy.copy(float_qkv)
+            del float_qkv.__dict__["qconfig"]
+            state["_float_linear_qkv"] = float_qkv
+        return state
 
     def _dropout_p(self):
         """Attention dropout of a call: the layer's ``p`` in training, 0 in eval (for

@@ -1,10 +1,15 @@
-"""Dynamically quantized projections: ``asr_inference --quantize_asr_model true``.
+"""Projections the layer must call as modules: quantized, LoRA, parametrized, hooked.
 
-ESPnet can decode with ``torch.quantization.quantize_dynamic(model, {nn.Linear},
-dtype)``, which swaps every ``nn.Linear`` for a quantized module. In our layer
-that is the fused ``linear_qkv`` and ``linear_out``, whose parameters the fast
-path reads directly; after the swap the layer calls the modules instead
-(:class:`Projections`).
+The fast path reads ``linear_qkv`` and ``linear_out``'s parameters directly. Where
+that would skip what calling them does (:func:`is_plain`: a subclass such as
+loralib's ``Linear``, a parametrization, forward or backward hooks, a quantized
+swap), the layer calls the modules instead (:class:`Projections`), once per input.
+
+Dynamically quantized projections come from ``asr_inference --quantize_asr_model
+true``: ESPnet decodes with ``torch.quantization.quantize_dynamic(model,
+{nn.Linear}, dtype)``, which swaps every ``nn.Linear``, our fused ``linear_qkv``
+and ``linear_out`` too, for a quantized module. After ``load_state_dict`` into
+such a model (new packed weights) the re-quantized parts below are made again.
 
 One detail makes that differ from the stock layer: with per-tensor int8
 weights (ESPnet's default, ``qint8``), the stock layer's three ``nn.Linear``
@@ -43,11 +48,25 @@ class Projections:
     out: Callable
     reference: torch.Tensor  # a tensor of the dtype and device inputs must have
     exact: bool  # computes what the quantized stock layer computes
+    fused: Callable = None  # the (..., D) -> (..., 3D) module when q, k, v are its rows
 
 
 def is_plain(module):
-    """Whether ``module`` holds its weight as a parameter (the layer's fast path)."""
-    return "weight" in module._parameters
+    """Whether the layer may read ``module``'s parameters instead of calling it (its fast
+    path): an ``nn.Linear`` itself, holding its weight as a parameter, without hooks.
+
+    Anything else is called as a module, as the stock layer calls its linears: a
+    subclass (loralib's ``Linear`` adds its low-rank update in ``forward``), a
+    parametrization or a quantized swap (no ``weight`` parameter), and forward or
+    backward hooks on the module, which would otherwise never run."""
+    return (type(module) is nn.Linear and "weight" in module._parameters and not module._forward_hooks
+            and not module._forward_pre_hooks and not module._backward_hooks and not module._backward_pre_hooks)
+
+
+def _why_called(module):
+    if type(module) is nn.Linear and "weight" in module._parameters:
+        return "it has hooks"
+    return f"it is a {type(module).__name__}"
 
 
 def _per_tensor_int8(module):
@@ -95,32 +114,51 @@ def projections(layer):
     qkv, out = layer._modules["linear_qkv"], layer._modules["linear_out"]
     if is_plain(qkv) and is_plain(out):
         return None
+    # A quantized module's weights change by replacing its packed parameters
+    # (load_state_dict): the re-quantized parts are then made again.
+    key = (qkv, out, _packed(qkv))
     cached = layer.__dict__.get("_projections")
-    if cached is not None and cached[0] is qkv and cached[1] is out:
-        return cached[2]
+    if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+        return cached[1]
     d = layer.n_feat
-    parts = None if is_plain(qkv) else _requantized_parts(qkv, layer.__dict__.get("_float_linear_qkv"))
-    exact = parts is not None or is_plain(qkv) or (
-        isinstance(qkv, torch.ao.nn.quantized.dynamic.Linear) and not _per_tensor_int8(qkv))
+    quantized = isinstance(qkv, torch.ao.nn.quantized.dynamic.Linear)
+    parts = _requantized_parts(qkv, layer.__dict__.get("_float_linear_qkv")) if quantized else None
+    exact = parts is not None or not quantized or not _per_tensor_int8(qkv)
+    fused = None
     if parts is None:
+        fused = qkv
         parts = tuple(_rows(qkv, i * d, (i + 1) * d) for i in range(3))
-    if not exact and isinstance(qkv, torch.ao.nn.quantized.dynamic.Linear):
+    if not exact:
         logger.warning("espnet_mha: %s projections run fused: results are close to, not the same as, "
                        "the quantized stock layer's (see espnet_mha.quantized)", type(qkv).__name__)
-    elif not exact:
-        logger.info("espnet_mha: linear_qkv is a %s; the layer calls it as a module", type(qkv).__name__)
+    elif not quantized:
+        logger.info("espnet_mha: the layer calls linear_qkv and linear_out as modules (%s)",
+                    _why_called(qkv) if not is_plain(qkv) else f"linear_out: {_why_called(out)}")
     # What inputs must be: the swapped module's float parameters (a parametrization),
     # else float32 on the CPU (dynamic quantized modules).
     reference = next((p for p in qkv.parameters() if p.is_floating_point()), None)
-    result = Projections(*parts, out, torch.empty(0) if reference is None else reference, exact)
-    layer.__dict__["_projections"] = (qkv, out, result)
+    result = Projections(*parts, out, torch.empty(0) if reference is None else reference, exact, fused)
+    layer.__dict__["_projections"] = (key, result)
     return result
+
+
+def _packed(module):
+    """A dynamic quantized module's packed weights (replaced when its weights change), else None."""
+    params = getattr(module, "_packed_params", None)
+    return getattr(params, "_packed_params", None)
 
 
 def attend(proj, query, memory, keep, *, n_head, causal, dropout_p, training, backend):
     """:func:`functional.attend` with module projections."""
-    source = query if memory is None else memory
-    q, k, v = (functional.heads(f(x), n_head) for f, x in ((proj.q, query), (proj.k, source), (proj.v, source)))
+    d = query.size(-1)
+    if proj.fused is not None:  # one call per input, as the stock layer calls each linear once
+        qkv = proj.fused(query)
+        kv = qkv[..., d:] if memory is None else proj.fused(memory)[..., d:]
+        q, k, v = qkv[..., :d], kv[..., :d], kv[..., d:]
+    else:
+        source = query if memory is None else memory
+        q, k, v = proj.q(query), proj.k(source), proj.v(source)
+    q, k, v = (functional.heads(x, n_head) for x in (q, k, v))
     context, weights = dispatch.run(backend, q, k, v, keep, causal=causal, dropout_p=dropout_p, training=training)
     return proj.out(context), weights
 
@@ -128,7 +166,9 @@ def attend(proj, query, memory, keep, *, n_head, causal, dropout_p, training, ba
 def project_memory(proj, memory, n_head):
     """:func:`functional.project_memory` with module projections: ``(b, 2, H, T2, d_k)``."""
     memory = functional.shared_memory(memory)
-    return functional.kv_cache(torch.cat([proj.k(memory), proj.v(memory)], dim=-1), n_head)
+    kv = (proj.fused(memory)[..., memory.size(-1):] if proj.fused is not None
+          else torch.cat([proj.k(memory), proj.v(memory)], dim=-1))
+    return functional.kv_cache(kv, n_head)
 
 
 def attend_cached(proj, query, kv, keep, *, backend, dropout_p):
@@ -137,3 +177,12 @@ def attend_cached(proj, query, kv, keep, *, backend, dropout_p):
     q = proj.q(query).view(query.size(0), n_head, -1).transpose(0, 1)  # (H, B, d_k)
     context, weights = functional.cached_context(q, kv, keep, backend=backend, dropout_p=dropout_p)
     return proj.out(context), weights
+
+
+def step_self(proj, query, cache, keep, *, n_head, backend, dropout_p):
+    """:func:`functional.step_self` with module projections."""
+    qkv = proj.fused(query) if proj.fused is not None else torch.cat([proj.q(query), proj.k(query), proj.v(query)],
+                                                                      dim=-1)
+    context, new, weights = functional.step_self_context(qkv, cache, keep, n_head=n_head, backend=backend,
+                                                         dropout_p=dropout_p)
+    return proj.out(context), new, weights

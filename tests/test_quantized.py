@@ -83,12 +83,51 @@ def test_changed_float_weights_are_not_used_for_the_quantized_layer():
     assert not quantized.projections(ours).exact
 
 
-def test_quantized_causal_layer_forward_works_and_step_says_unsupported():
-    _, ours = quantized_pair(torch.qint8, causal=True)
-    out, _ = ours(seq(2, 3, 16))
-    assert out.shape == (2, 3, 16)
-    with pytest.raises(NotImplementedError, match="causal layer with quantized linears"):
-        ours.step(seq(2, 16), None)
+@pytest.mark.parametrize("dtype", [torch.qint8, torch.float16], ids=["qint8", "float16"])
+def test_quantized_causal_layer_steps_equal_its_forward(dtype):
+    """(It raised NotImplementedError before.) qint8 also quantizes each call's input with
+    its own scale, so a step's (B, D) query rounds differently from the forward's (B, T, D)."""
+    _, ours = quantized_pair(dtype, causal=True)
+    query = seq(2, 5, 16)
+    expected, _ = ours(query)
+    state = None
+    for t in range(5):
+        got, state = ours.step(query[:, t], state)
+        torch.testing.assert_close(got, expected[:, t], **(FP32 if dtype == torch.float16 else dict(rtol=0, atol=0.05)))
+
+
+def test_loading_quantized_weights_after_a_forward_is_not_ignored(caplog):
+    """The q/k/v parts re-quantized on the first call are made again when new quantized
+    weights are loaded (they were kept, silently computing with the old weights). The
+    float weights then no longer match, so the fused module runs, and says so."""
+    _, ours = quantized_pair(torch.qint8)
+    query, memory = seq(2, 3, 16), seq(2, 5, 16, seed=1)
+    ours(query, memory)
+    other = quantize(stock_and_flash(16, 4, dtype=torch.float32, seed=3)[1], torch.qint8)
+    ours.load_state_dict(other.state_dict())
+    with caplog.at_level(logging.WARNING, logger="espnet_mha.quantized"):
+        got, _ = ours(query, memory)
+    assert "close to, not the same as" in caplog.text
+    other.__dict__["_float_linear_qkv"] = None  # the same fused computation with the loaded weights
+    torch.testing.assert_close(got, other(query, memory)[0], rtol=0, atol=0)
+
+
+def test_a_quantized_model_pickles_and_copies():
+    """quantize_dynamic leaves a qconfig (a local function) on the float linear it swapped
+    out, which only our layer still holds: torch.save(model) failed on it."""
+    import copy
+    import io
+
+    stock, ours = quantized_pair(torch.qint8)
+    query, memory = seq(2, 3, 16), seq(2, 5, 16, seed=1)
+    expected, _ = ours(query, memory)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(ours)):
+        assert quantized.projections(twin).exact
+        torch.testing.assert_close(twin(query, memory)[0], stock(query, memory)[0], **FP32)
+        torch.testing.assert_close(twin(query, memory)[0], expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.qint8, torch.float16], ids=["qint8", "float16"])
@@ -119,3 +158,101 @@ def test_parametrized_linears_are_called_as_modules():
     torch.testing.assert_close(got, stock.step(query[:, 0].detach(), None, memory=memory)[0], **fp64)
     got, _ = ours.step(query[:, 1].detach(), state, memory=memory)
     torch.testing.assert_close(got, stock.step(query[:, 1].detach(), None, memory=memory)[0], **fp64)
+
+
+def test_a_deep_copy_uses_its_own_parametrized_linears():
+    """The module projections remembered on the first call referred to the original's
+    modules: a copy made after it computed (and trained) with the original's weights."""
+    import copy
+
+    from torch.nn.utils.parametrizations import weight_norm
+
+    stock, ours = stock_and_flash(16, 4)
+    ours.linear_qkv = weight_norm(ours.linear_qkv)
+    query, memory = seq(2, 3, 16).double(), seq(2, 5, 16, seed=1).double()
+    expected, _ = ours(query, memory)
+    twin = copy.deepcopy(ours)
+    with torch.no_grad():
+        ours.linear_qkv.parametrizations.weight.original1.mul_(2.0)
+    got, _ = twin(query, memory)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    got.sum().backward()
+    assert twin.linear_qkv.parametrizations.weight.original1.grad is not None
+    assert ours.linear_qkv.parametrizations.weight.original1.grad is None
+
+
+class LowRankLinear(nn.Linear):
+    """What loralib's ``Linear`` does in training: its forward adds a low-rank update."""
+
+    def __init__(self, linear, rank=2):
+        super().__init__(linear.in_features, linear.out_features, dtype=linear.weight.dtype)
+        self.load_state_dict(linear.state_dict())
+        gen = torch.Generator().manual_seed(rank)
+        self.lora_a = nn.Parameter(torch.randn(rank, self.in_features, generator=gen, dtype=self.weight.dtype))
+        self.lora_b = nn.Parameter(torch.randn(self.out_features, rank, generator=gen, dtype=self.weight.dtype))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.lora_a.t() @ self.lora_b.t()
+
+
+class Rows(nn.Module):
+    """Rows ``[start, stop)`` of a module's output: the stock layer's q/k/v view of our
+    adapted ``linear_qkv``."""
+
+    def __init__(self, module, start, stop):
+        super().__init__()
+        self.module, self.start, self.stop = module, start, stop
+
+    def forward(self, x):
+        return self.module(x)[..., self.start:self.stop]
+
+
+def test_subclassed_linears_are_called_as_modules():
+    """A LoRA-style nn.Linear subclass on linear_out (and on linear_qkv): its update counts,
+    and gets gradients, as in the stock layer with the same modules (it was skipped)."""
+    stock, ours = stock_and_flash(16, 4)
+    ours.linear_out = LowRankLinear(ours.linear_out)
+    stock.linear_out = LowRankLinear(stock.linear_out)
+    ours.linear_qkv = LowRankLinear(ours.linear_qkv)
+    stock.linear_q, stock.linear_k, stock.linear_v = (Rows(ours.linear_qkv, i * 16, (i + 1) * 16) for i in range(3))
+    query, memory = seq(2, 3, 16).double(), seq(2, 5, 16, seed=1).double()
+    fp64 = dict(rtol=1e-10, atol=1e-10)
+    for args in ((query, memory), (query, None)):
+        out, _ = ours(*args)
+        torch.testing.assert_close(out, stock(*args)[0], **fp64)
+    (got,) = torch.autograd.grad(ours(query, memory)[0].sum(), ours.linear_out.lora_b)
+    (expected,) = torch.autograd.grad(stock(query, memory)[0].sum(), stock.linear_out.lora_b)
+    torch.testing.assert_close(got, expected, **fp64)
+    with torch.no_grad():
+        shared = memory[:1].expand(2, -1, -1)
+        _, state = ours.step(query[:1, 0], None, memory=shared[:1])
+        for t in range(3):
+            got, state = ours.step(query[:, t], state[:1], memory=shared)
+            torch.testing.assert_close(got, stock.step(query[:, t], None, memory=shared)[0], **fp64)
+
+
+def test_hooks_on_the_linears_run():
+    """Forward hooks on linear_out run, and change the output, as on the stock layer's
+    linear_out, in forward and in cached decoding steps (also when the hook comes after
+    the steps were first checked)."""
+    stock, ours = stock_and_flash(16, 4)
+    calls = []
+
+    def double(module, args, output):
+        calls.append(module)
+        return 2 * output
+
+    query, memory = seq(2, 3, 16).double(), seq(2, 5, 16, seed=1).double()
+    fp64 = dict(rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        shared = memory[:1].expand(2, -1, -1)
+        _, state = ours.step(query[:1, 0], None, memory=shared[:1])
+        for _ in range(2):  # the second step takes the remembered fast path
+            ours.step(query[:, 0], state[:1], memory=shared)
+        ours.linear_out.register_forward_hook(double)
+        stock.linear_out.register_forward_hook(double)
+        got, _ = ours.step(query[:, 1], state[:1], memory=shared)
+        torch.testing.assert_close(got, stock.step(query[:, 1], None, memory=shared)[0], **fp64)
+    calls.clear()
+    torch.testing.assert_close(ours(query, memory)[0], stock(query, memory)[0], **fp64)
+    assert calls == [ours.linear_out, stock.linear_out]
