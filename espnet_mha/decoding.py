@@ -64,11 +64,7 @@ class DecodingSteps:
         self._check_memory(query, memory)
         proj = quantized.projections(self)
         params = self._params() if proj is None else None
-        # One memory key for the checks and the record (a record is not made while tracing).
-        key = None if state is None and torch.compiler.is_compiling() else cache.memory_key(memory)
-        stale = "" if state is None else (
-            cache.stale_reason(state, memory, key, batch=batch, n_head=self.h, dtype=checks.compute_dtype(memory))
-            or self._provenance_problem(state, memory, key))
+        key, stale = self._check_state(state, memory, batch)
         if state is None or stale:
             kv = (functional.project_memory(memory, params[0], params[1], self.h) if proj is None
                   else quantized.project_memory(proj, memory, self.h))
@@ -143,19 +139,26 @@ class DecodingSteps:
         params = self._modules["linear_qkv"]._parameters
         return cache.weights_key(params.get("weight"), params.get("bias"))
 
-    def _provenance_problem(self, state, memory, key):
-        """Why ``state`` was not made by this layer from ``memory`` (whose
-        :func:`cache.memory_key` is ``key``) with its current weights ("" if it was,
-        or when tracing, where nothing can be looked up)."""
-        if torch.compiler.is_compiling():
-            return ""
-        return cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), key, memory,
-                                        self._weights_key())
+    # The records of which memory and weights a cache holds live in Python dicts and
+    # read addresses and write counters, which a trace cannot see: when a user compiles
+    # the decoder's step (the layer's own compile policy compiles only the math), these
+    # two run eagerly at a graph break. Skipping them while tracing reused a state made
+    # from another memory of the same length (a streaming window).
+    @torch.compiler.disable
+    def _check_state(self, state, memory, batch):
+        """(:func:`cache.memory_key` of ``memory``, why ``state`` cannot be reused for it:
+        "" if it can, or if ``state`` is None)."""
+        key = cache.memory_key(memory)
+        if state is None:
+            return key, ""
+        stale = cache.stale_reason(state, memory, key, batch=batch, n_head=self.h,
+                                   dtype=checks.compute_dtype(memory))
+        return key, stale or cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), key,
+                                                      memory, self._weights_key())
 
+    @torch.compiler.disable
     def _remember_source(self, kv, memory, key):
         """Remember what the cache ``kv`` was made from (up to ``cache.MAX_SOURCES`` caches)."""
-        if torch.compiler.is_compiling():
-            return
         slot = cache.source_slot(kv)
         if slot not in self._cache_sources and len(self._cache_sources) >= cache.MAX_SOURCES:
             # clear(), not evicting the oldest: atomic when threads share the layer. Caches

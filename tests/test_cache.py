@@ -479,3 +479,23 @@ def test_a_batch1_state_never_serves_distinct_memories_even_on_a_remembered_sign
             got, state = ours.step(query, None if state is None else state[:1], memory=distinct)
             torch.testing.assert_close(got, stock.step(query, None, memory=distinct)[0], **FP64)
             assert ours.last_cache != "reused" or state.size(0) == 3
+
+
+def test_a_step_compiled_by_the_user_checks_where_its_state_came_from():
+    """torch.compile around the layer's step (as a user compiling the decoder's batch_score
+    does): a state made from one memory, given with another of the same length (a
+    streaming window that slid), is recomputed as in eager. The check was skipped while
+    tracing, so the compiled step silently reused the old keys."""
+    torch._dynamo.reset()
+    stock, ours = stock_and_flash(16, 2, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    first, second = torch.randn(1, 6, 16, generator=gen), torch.randn(1, 6, 16, generator=gen)
+    query = torch.randn(3, 16, generator=gen)
+    step = torch.compile(ours.step, backend="eager")
+    with torch.no_grad():
+        _, state = step(query[:1], None, memory=first)
+        for memory, cache_use in ((second, "recomputed: the state was made from another memory"), (second, "reused")):
+            got, state = step(query, state[:1], memory=memory.expand(3, -1, -1))
+            torch.testing.assert_close(got, stock.step(query, None, memory=memory.expand(3, -1, -1))[0],
+                                       rtol=1e-5, atol=1e-5)
+            assert ours.last_cache == cache_use
