@@ -3,6 +3,7 @@
 import copy
 import logging
 import math
+import sys
 
 import torch
 from torch import nn
@@ -14,6 +15,8 @@ from espnet_mha.decoding import DecodingSteps
 from espnet_mha.stock_helpers import StockHelpers
 
 logger = logging.getLogger(__name__)
+
+_ESPNET_INITIALIZE = "espnet2.torch_utils.initialize"  # the module whose initialize() calls our hook
 
 
 class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
@@ -114,6 +117,26 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
             for weight, bias in zip(self.linear_qkv.weight.chunk(3), self.linear_qkv.bias.chunk(3)):
                 nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
                 nn.init.uniform_(bias, -bound, bound)
+
+    def espnet_initialization_fn(self):
+        """ESPnet's hook, called by ``espnet2.torch_utils.initialize.initialize(model, init)``
+        (the ``--init`` option) after it initialised every weight.
+
+        Xavier scales by ``fan_in + fan_out``, which for the fused ``(3D, D)`` weight is
+        ``4D`` where the stock layer's ``(D, D)`` weights have ``2D``: its q/k/v
+        weights would start ``sqrt(2)`` times smaller than the stock layer's (the
+        other ``--init`` choices depend on ``fan_in`` only, the same for both). The
+        hook gets no arguments, so it reads ``init`` from the caller's frame when the
+        caller is ESPnet's ``initialize``; called from anywhere else it does nothing.
+        """
+        caller = sys._getframe(1)
+        if caller.f_code.co_name != "initialize" or caller.f_globals.get("__name__") != _ESPNET_INITIALIZE:
+            return
+        if caller.f_locals.get("init") in ("xavier_uniform", "xavier_normal"):
+            weight = self._modules["linear_qkv"]._parameters.get("weight")
+            if weight is not None:
+                with torch.no_grad():
+                    weight.mul_(math.sqrt(2.0))
 
     def extra_repr(self):
         layout = "" if self.state_dict_layout == "fused" else f", state_dict_layout={self.state_dict_layout!r}"

@@ -182,3 +182,25 @@ def test_autocast_bfloat16_error_is_within_twice_the_stock_error():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, _ = ours(query, memory, mask)
     assert (got.double() - reference).abs().max() <= 2 * stock_err + 1e-2
+
+
+@pytest.mark.parametrize("init", ["xavier_uniform", "xavier_normal", "kaiming_uniform", "normal", "chainer"])
+def test_espnet_init_gives_the_stock_weights(init):
+    """ESPnet's --init on a whole decoder, same seed: the fused q/k/v weights get what the
+    stock layer's three linears get (xavier counted the fused fan-out, 3D, and started
+    them sqrt(2) times smaller)."""
+    from espnet2.torch_utils.initialize import initialize
+
+    from espnet_mha import to_fused
+    from espnet_mha.testing import build_s4_decoder
+
+    decoders = []
+    for name in ("mha", "flash_mha"):
+        decoder = build_s4_decoder(name, vocab_size=11, d_model=24, n_layers=2, n_head=3)
+        torch.manual_seed(5)
+        initialize(decoder, init)
+        decoders.append(decoder.state_dict())
+    stock, ours = to_fused(decoders[0]), decoders[1]
+    assert sorted(stock) == sorted(ours)
+    for key in stock:
+        torch.testing.assert_close(ours[key], stock[key], rtol=1e-6, atol=0, msg=key)
