@@ -110,10 +110,8 @@ def memory_root(memory):
 
 
 def weights_key(weight, bias):
-    """Addresses and write counters of the fused projection's weight and bias (None
-    where the linear has no plain ones: swapped by quantization, or parametrized)."""
-    if weight is None or bias is None:
-        return None
+    """Addresses and write counters of the fused projection's weight and bias (a plain
+    ``nn.Linear``'s; other modules: :func:`espnet_mha.quantized.modules_key`)."""
     return (weight.data_ptr(), _version(weight), bias.data_ptr(), _version(bias))
 
 

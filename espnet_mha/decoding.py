@@ -123,12 +123,15 @@ class DecodingSteps:
         # The signature covers shapes, dtypes and devices; what it leaves open is
         # whether the state was made from this very memory with these weights, and
         # whether a batch-1 state meets distinct memories.
-        key = cache.memory_key(memory)
-        if cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), key, memory,
-                                    self._weights_key()) or cache.batch1_meets_distinct(state, key):
-            return None  # the checked path decides: recompute, or reuse and remember
-        if not (quantized.is_plain(self._modules["linear_qkv"]) and quantized.is_plain(self._modules["linear_out"])):
+        qkv = self._modules["linear_qkv"]
+        if not (quantized.is_plain(qkv) and quantized.is_plain(self._modules["linear_out"])):
             return None  # linears called as modules (quantized, LoRA, hooks): the checked path does that
+        key = cache.memory_key(memory)
+        weights = qkv._parameters
+        if cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), key, memory,
+                                    cache.weights_key(weights["weight"], weights["bias"])) \
+                or cache.batch1_meets_distinct(state, key):
+            return None  # the checked path decides: recompute, or reuse and remember
         self._last["backend"], self._last["fallback"] = decision
         params = self._decoding_params()
         self._last["cache"] = "reused"
@@ -136,8 +139,11 @@ class DecodingSteps:
         return out, cache.batch_state(state, query.size(0))
 
     def _weights_key(self):
-        params = self._modules["linear_qkv"]._parameters
-        return cache.weights_key(params.get("weight"), params.get("bias"))
+        """What tells the key/value projection's current weights (see :func:`cache.record`)."""
+        qkv = self._modules["linear_qkv"]
+        if quantized.is_plain(qkv):
+            return cache.weights_key(qkv._parameters["weight"], qkv._parameters["bias"])
+        return quantized.modules_key(self, qkv)
 
     # The records of which memory and weights a cache holds live in Python dicts and
     # read addresses and write counters, which a trace cannot see: when a user compiles

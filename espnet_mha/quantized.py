@@ -53,14 +53,18 @@ class Projections:
 
 def is_plain(module):
     """Whether the layer may read ``module``'s parameters instead of calling it (its fast
-    path): an ``nn.Linear`` itself, holding its weight as a parameter, without hooks.
+    path): an ``nn.Linear`` itself, holding its weight and bias as parameters, without hooks.
 
     Anything else is called as a module, as the stock layer calls its linears: a
     subclass (loralib's ``Linear`` adds its low-rank update in ``forward``), a
     parametrization or a quantized swap (no ``weight`` parameter), and forward or
-    backward hooks on the module, which would otherwise never run."""
-    return (type(module) is nn.Linear and "weight" in module._parameters and not module._forward_hooks
-            and not module._forward_pre_hooks and not module._backward_hooks and not module._backward_pre_hooks)
+    backward hooks on the module, which would otherwise never run. (Global hooks,
+    ``register_module_forward_hook``, are not looked at: tracking tools such as
+    ``FlopCounterMode`` install them, and would then see another computation.)"""
+    params = module._parameters
+    return (type(module) is nn.Linear and params.get("weight") is not None and params.get("bias") is not None
+            and not module._forward_hooks and not module._forward_pre_hooks and not module._backward_hooks
+            and not module._backward_pre_hooks)
 
 
 def _why_called(module):
@@ -139,7 +143,20 @@ def projections(layer):
     reference = next((p for p in qkv.parameters() if p.is_floating_point()), None)
     result = Projections(*parts, out, torch.empty(0) if reference is None else reference, exact, fused)
     layer.__dict__["_projections"] = (key, result)
+    layer.__dict__["_projections_made"] = layer.__dict__.get("_projections_made", 0) + 1
     return result
+
+
+def modules_key(layer, module):
+    """What tells the current weights of a ``linear_qkv`` the layer calls as a module (the
+    decoding cache's record, see :func:`espnet_mha.cache.record`): how many times the
+    layer made its projections (a new module, new quantized weights), the addresses and
+    write counters of the module's parameters (LoRA's, a parametrization's originals),
+    and its hooks."""
+    projections(layer)
+    return (layer.__dict__["_projections_made"],
+            tuple((p.data_ptr(), p._version if not p.is_inference() else -1) for p in module.parameters()),
+            tuple(module._forward_pre_hooks), tuple(module._forward_hooks))
 
 
 def _packed(module):

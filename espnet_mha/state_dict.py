@@ -112,15 +112,24 @@ def state_dict_post_hook(module, state_dict, prefix, local_metadata):
     asks for it (``state_dict_layout="stock"``; what a config that says ``mha`` builds
     under ``use_for_mha()``, so its checkpoints load into the stock layer too).
 
-    The q/k/v parts are copies, as the stock layer's keys are separate tensors. Under
+    The q/k/v entries are views of the fused parameters (as a state dict's entries
+    share the parameters' storage: in-place updates through them, as an EMA does,
+    reach the layer), in the stock layer's key order. Left as they are: under
     ``state_dict(keep_vars=True)`` the entries are the parameters themselves, which
-    have only the fused names, so that layout is kept.
+    have only the fused names; and a ``linear_qkv`` without a plain weight and bias
+    (parametrized, pruned, quantized) has no stock counterpart.
     """
     if getattr(module, "state_dict_layout", "fused") != "stock":
         return
-    if any(isinstance(state_dict.get(f"{prefix}{FUSED_PROJECTION}.{param}"), torch.nn.Parameter) for param in PARAMS):
+    fused = [f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS]
+    if any(key not in state_dict or isinstance(state_dict[key], torch.nn.Parameter) for key in fused):
         return
-    unfuse_keys(state_dict, prefix)
+    parts = {param: state_dict.pop(key).chunk(3, dim=0) for param, key in zip(PARAMS, fused)}
+    rest = {key: state_dict.pop(key) for key in [key for key in state_dict if key.startswith(prefix)]}
+    for i, name in enumerate(STOCK_PROJECTIONS):
+        for param in PARAMS:
+            state_dict[f"{prefix}{name}.{param}"] = parts[param][i]
+    state_dict.update(rest)
 
 
 def load_state_dict_pre_hook(module, state_dict, prefix, *args):

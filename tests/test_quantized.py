@@ -256,3 +256,51 @@ def test_hooks_on_the_linears_run():
     calls.clear()
     torch.testing.assert_close(ours(query, memory)[0], stock(query, memory)[0], **fp64)
     assert calls == [ours.linear_out, stock.linear_out]
+
+
+def test_a_cache_follows_changes_to_a_called_projection_within_an_utterance():
+    """A linear_qkv the layer calls as a module: a hook added, or its extra parameters
+    (LoRA's) updated in place, between two steps of one utterance recompute the cache, as
+    the stock layer, which projects the memory every step, sees them (the old keys and
+    values were reused)."""
+    stock, ours = stock_and_flash(16, 4)
+    ours.linear_qkv = LowRankLinear(ours.linear_qkv)
+    stock.linear_q, stock.linear_k, stock.linear_v = (Rows(ours.linear_qkv, i * 16, (i + 1) * 16) for i in range(3))
+    query, memory = seq(2, 16).double(), seq(1, 5, 16, seed=1).double()
+    fp64 = dict(rtol=1e-10, atol=1e-10)
+
+    def scale(module, args, output):
+        return 0.5 * output
+
+    def update_lora():
+        with torch.no_grad():
+            ours.linear_qkv.lora_b.mul_(2.0)
+
+    def add_hook():
+        ours.linear_qkv.register_forward_hook(scale)
+
+    with torch.no_grad():
+        _, state = ours.step(query[:1], None, memory=memory)
+        for change in (update_lora, add_hook):
+            ours.step(query, state[:1], memory=memory.expand(2, -1, -1))
+            assert ours.last_cache == "reused"
+            change()
+            got, state = ours.step(query, state[:1], memory=memory.expand(2, -1, -1))
+            assert ours.last_cache == "recomputed: the key/value weights changed since the state was made"
+            torch.testing.assert_close(got, stock.step(query, None, memory=memory.expand(2, -1, -1))[0], **fp64)
+
+
+def test_a_projection_without_bias_is_called_as_a_module():
+    """A bias-less nn.Linear put in as linear_qkv (the stock layer's with zero biases)."""
+    stock, ours = stock_and_flash(16, 4)
+    ours.linear_qkv = nn.Linear(16, 48, bias=False).double()
+    with torch.no_grad():
+        ours.linear_qkv.weight.copy_(torch.cat([stock.linear_q.weight, stock.linear_k.weight, stock.linear_v.weight]))
+        for linear in (stock.linear_q, stock.linear_k, stock.linear_v):
+            linear.bias.zero_()
+    query, memory = seq(2, 3, 16).double(), seq(2, 5, 16, seed=1).double()
+    torch.testing.assert_close(ours(query, memory)[0], stock(query, memory)[0], rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        _, state = ours.step(query[:, 0], None, memory=memory)
+        got, _ = ours.step(query[:, 1], state, memory=memory)
+    torch.testing.assert_close(got, stock.step(query[:, 1], None, memory=memory)[0], rtol=1e-10, atol=1e-10)

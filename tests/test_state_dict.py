@@ -78,7 +78,7 @@ def test_stock_layout_saves_what_the_stock_layer_loads():
     and it loads back into either layout."""
     ours = FlashMultiHeadedAttention(12, 3, state_dict_layout="stock").double()
     state = ours.state_dict()
-    assert sorted(state) == sorted(MultiHeadedAttention(12, 3).state_dict())
+    assert list(state) == list(MultiHeadedAttention(12, 3).state_dict())  # the stock order too
     stock = MultiHeadedAttention(12, 3).double()
     stock.load_state_dict(state, strict=True)
     gen = torch.Generator().manual_seed(0)
@@ -133,3 +133,25 @@ def test_a_fused_file_replaces_the_current_stock_layout_entries():
     state.update(file)
     ours.load_state_dict(state, strict=True)
     assert torch.equal(ours.linear_qkv.weight, file["linear_qkv.weight"])
+
+
+def test_stock_layout_entries_share_the_parameters_storage():
+    """As for any module: an in-place update through state_dict() (an EMA does that)
+    reaches the layer."""
+    ours = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock")
+    ours.state_dict()["linear_k.weight"].fill_(3.0)
+    assert torch.equal(ours.linear_qkv.weight[8:16], torch.full((8, 8), 3.0))
+
+
+def test_stock_layout_leaves_a_parametrized_projection_as_it_is():
+    """A parametrized (or pruned) linear_qkv has no stock counterpart: its keys stay, and
+    the state dict loads back (it raised a KeyError before)."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    ours = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock")
+    ours.linear_qkv = weight_norm(ours.linear_qkv)
+    state = ours.state_dict()
+    assert "linear_qkv.parametrizations.weight.original0" in state and "linear_q.weight" not in state
+    twin = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock")
+    twin.linear_qkv = weight_norm(twin.linear_qkv)
+    twin.load_state_dict(state, strict=True)
