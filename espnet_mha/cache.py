@@ -115,24 +115,27 @@ def weights_key(weight, bias):
     return (weight.data_ptr(), _version(weight), bias.data_ptr(), _version(bias))
 
 
-def record(memory, key, weights):
-    """What a layer keeps about a cache it made: ``key`` (:func:`memory_key` of the
+def record(memory, key, weights, kv):
+    """What a layer keeps about a cache ``kv`` it made: ``key`` (:func:`memory_key` of the
     memory), a weak reference to the tensor owning its rows (so a freed memory never
-    matches a new one allocated at the same address) and :func:`weights_key` of the
-    projection."""
-    return (key, weakref.ref(memory_root(memory)), weights)
+    matches a new one allocated at the same address), the projection's ``weights`` key,
+    and the cache's own write counter (shared by every view of it, such as the states
+    ``BatchBeamSearch`` splits off: an in-place change to a state is seen)."""
+    return (key, weakref.ref(memory_root(memory)), weights, _version(kv))
 
 
-def provenance_problem(kept, key, memory, weights):
-    """Why a cache whose :func:`record` is ``kept`` cannot serve ``memory`` (whose
-    :func:`memory_key` is ``key``) with the projection's current ``weights`` key; "" if
-    it can."""
+def provenance_problem(kept, key, memory, weights, state):
+    """Why the cache ``state`` whose :func:`record` is ``kept`` cannot serve ``memory``
+    (whose :func:`memory_key` is ``key``) with the projection's current ``weights`` key;
+    "" if it can."""
     if kept is None:
         return "this layer has no record of the state (not made by it, or forgotten)"
     if kept[0] != key or kept[1]() is not memory_root(memory):
         return "the state was made from another memory"
     if kept[2] != weights:
         return "the key/value weights changed since the state was made"
+    if kept[3] != _version(state):
+        return "the state was changed in place since it was made"
     return ""
 
 

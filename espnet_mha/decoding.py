@@ -38,8 +38,8 @@ class DecodingSteps:
                 ``memory``; ``last_cache`` says so.
             memory: ``(B, T2, D)`` encoder output, possibly expanded with stride 0
                 over the beam; None for self-attention.
-            mask: ``(B or 1, 1, T2)`` over the memory (or over the cached positions
-                when ``causal``), nonzero = keep.
+            mask: ``(B or 1, 1, T2)`` over the memory (or, when ``causal`` and
+                ``memory`` is None, over the cached positions), nonzero = keep.
 
         Returns:
             (output ``(B, D)``, state). With ``memory``: the memory projected to
@@ -58,7 +58,8 @@ class DecodingSteps:
         self._check_features("query", query, 2, "(B, D)")
         batch = query.size(0)
         if self.causal:
-            return self._step_self(query, state, mask)
+            # As forward: the encoder memory, and the mask that comes with it, are not ours.
+            return self._step_self(query, state, mask if memory is None else None)
         if memory is None:
             return self._sequence(query.unsqueeze(1), None, mask).squeeze(1), state
         self._check_memory(query, memory)
@@ -129,7 +130,7 @@ class DecodingSteps:
         key = cache.memory_key(memory)
         weights = qkv._parameters
         if cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), key, memory,
-                                    cache.weights_key(weights["weight"], weights["bias"])) \
+                                    cache.weights_key(weights["weight"], weights["bias"]), state) \
                 or cache.batch1_meets_distinct(state, key):
             return None  # the checked path decides: recompute, or reuse and remember
         self._last["backend"], self._last["fallback"] = decision
@@ -160,7 +161,7 @@ class DecodingSteps:
         stale = cache.stale_reason(state, memory, key, batch=batch, n_head=self.h,
                                    dtype=checks.compute_dtype(memory))
         return key, stale or cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), key,
-                                                      memory, self._weights_key())
+                                                      memory, self._weights_key(), state)
 
     @torch.compiler.disable
     def _remember_source(self, kv, memory, key):
@@ -170,7 +171,7 @@ class DecodingSteps:
             # clear(), not evicting the oldest: atomic when threads share the layer. Caches
             # forgotten here are recomputed on their next step.
             self._cache_sources.clear()
-        self._cache_sources[slot] = cache.record(memory, key, self._weights_key())
+        self._cache_sources[slot] = cache.record(memory, key, self._weights_key(), kv)
 
     def _decoding_params(self):
         """(w_q_heads, b_q_heads, w_out, b_out) for cached steps (see

@@ -151,7 +151,11 @@ def select_backend(requested, call):
 
     Raises:
         BackendUnavailableError: ``requested`` is forced and cannot serve the call.
+        ValueError: ``requested`` is not one of ``BACKENDS`` (e.g. a layer's
+            ``backend`` attribute set after construction).
     """
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if call.need_weights:
         if requested in (AUTO, MATH):
             return MATH, ""

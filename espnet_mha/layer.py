@@ -169,7 +169,11 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
                 need_weights=need_weights, decode_step=decode_step,
                 compiled=compile_policy.wants_compile(self.compile_setting, device.type),
             )
-            decision = self._decisions[key] = dispatch.select_backend(self.backend, call)
+            try:
+                decision = self._decisions[key] = dispatch.select_backend(self.backend, call)
+            except (dispatch.BackendUnavailableError, ValueError):
+                self._last["backend"], self._last["fallback"] = None, ""  # this call ran on nothing
+                raise
             backend, fallback = decision
             if fallback and device.type == "cuda":
                 logger.info("espnet_mha: using %s instead of flash_attn: %s", backend, fallback)

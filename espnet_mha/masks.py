@@ -1,7 +1,7 @@
 """ESPnet mask semantics, checked once at the public boundary.
 
 ESPnet masks are ``(B, 1, T2)`` (key padding) or ``(B, T1, T2)`` (per query),
-bool or numeric, and **nonzero means keep** (not PyTorch's additive float
+or any other shape the stock layer broadcasts (see :func:`keep_mask`), bool or numeric, and **nonzero means keep** (not PyTorch's additive float
 convention). A query whose keys are all masked must produce a zero context
 (the stock layer softmaxes ``finfo.min`` scores and then zeroes the weights), so
 its output is ``linear_out.bias``. Kernels disagree on such rows (NaN before
@@ -18,32 +18,38 @@ PER_QUERY = "per_query"
 
 
 def keep_mask(mask, *, batch, t1, t2, device):
-    """Check an ESPnet mask and return it as a bool "keep" mask.
+    """Check an ESPnet mask and return it as a bool "keep" mask ``(b, m, T2)``.
 
     Args:
-        mask: None, or a tensor of shape ``(b, m, T2)`` with ``b`` in ``{1, B}`` and
-            ``m`` in ``{1, T1}``; bool or numeric, nonzero = keep.
+        mask: None, or a tensor of shape ``(b, m, n)`` with ``b`` in ``{1, B}``, ``m``
+            in ``{1, T1}`` and ``n`` in ``{1, T2}``, or ``(1, n)``; bool or numeric,
+            nonzero = keep. These are the shapes the stock layer broadcasts (its
+            ``mask.unsqueeze(1)`` against the ``(B, H, T1, T2)`` scores): ``n = 1``
+            keeps or masks all keys of a row (a query-padding mask ``(B, T1, 1)``), and
+            ``(1, n)`` is one key mask for every item.
         batch, t1, t2: B, T1 and T2 of the attention call.
         device: the device of the query.
 
     Returns:
-        None, or a bool tensor of the same shape, True where attention is allowed.
+        None, or a bool tensor ``(b, m, T2)``, True where attention is allowed.
 
     Raises:
         TypeError: mask is not a tensor, or is complex.
-        ValueError: mask is not 3-D, does not broadcast to (B, T1, T2), or is on
-            another device than the query.
+        ValueError: mask has another rank or does not broadcast to (B, T1, T2), or
+            is on another device than the query.
     """
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dim() == 2 and mask.size(0) == 1:
+        mask = mask.unsqueeze(0)
     if mask.dim() != 3:
         raise ValueError(
-            f"mask must be 3-D, (B, 1, T2) or (B, T1, T2), got shape {tuple(mask.shape)}"
+            f"mask must be 3-D, (B, 1, T2) or (B, T1, T2) (or (1, T2)), got shape {tuple(mask.shape)}"
         )
     b, m, n = mask.shape
-    if b not in (1, batch) or m not in (1, t1) or n != t2:
+    if b not in (1, batch) or m not in (1, t1) or n not in (1, t2):
         raise ValueError(
             f"mask of shape {tuple(mask.shape)} does not broadcast to "
             f"(B, T1, T2) = ({batch}, {t1}, {t2})"
@@ -52,7 +58,9 @@ def keep_mask(mask, *, batch, t1, t2, device):
         raise TypeError(f"mask must be bool or real-valued, got {mask.dtype}")
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device} but query is on {device}")
-    return mask if mask.dtype == torch.bool else mask.ne(0)
+    keep = mask if mask.dtype == torch.bool else mask.ne(0)
+    # (b, m, 1): one flag for all keys of a row, broadcast over the keys as by the stock layer.
+    return keep if n == t2 else keep.expand(b, m, t2).contiguous()
 
 
 def mask_kind(keep):

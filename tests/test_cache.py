@@ -499,3 +499,32 @@ def test_a_step_compiled_by_the_user_checks_where_its_state_came_from():
             torch.testing.assert_close(got, stock.step(query, None, memory=memory.expand(3, -1, -1))[0],
                                        rtol=1e-5, atol=1e-5)
             assert ours.last_cache == cache_use
+
+
+def test_a_causal_step_ignores_the_memory_and_its_mask():
+    """SequenceModel hands every layer the encoder memory and its mask; a causal layer's
+    forward ignores both, and so do its steps (a step applied the memory mask to its own
+    positions when the lengths happened to match)."""
+    _, ours = stock_and_flash(8, 2, causal=True)
+    gen = torch.Generator().manual_seed(0)
+    query, memory = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64), torch.randn(2, 3, 8, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[[True, True, False]], [[True, False, False]]])
+    expected, _ = ours(query, memory, mask)
+    state = None
+    for t in range(5):
+        got, state = ours.step(query[:, t], state, memory=memory, mask=mask)
+        torch.testing.assert_close(got, expected[:, t], rtol=1e-10, atol=1e-10)
+
+
+def test_a_state_changed_in_place_is_recomputed():
+    stock, ours = stock_and_flash(8, 2)
+    gen = torch.Generator().manual_seed(0)
+    query, memory = torch.randn(3, 8, generator=gen, dtype=torch.float64), torch.randn(1, 5, 8, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        _, state = ours.step(query[:1], None, memory=memory)
+        state = state[:1]
+        ours.step(query, state, memory=memory.expand(3, -1, -1))
+        state.mul_(0.0)
+        got, _ = ours.step(query, state, memory=memory.expand(3, -1, -1))
+    assert ours.last_cache == "recomputed: the state was changed in place since it was made"
+    torch.testing.assert_close(got, stock.step(query, None, memory=memory.expand(3, -1, -1))[0], rtol=1e-10, atol=1e-10)

@@ -54,7 +54,7 @@ def test_environment_overrides_are_checked(monkeypatch):
         (torch.randn(2, 3, 8), torch.randn(2, 5, 6), None, ValueError, r"memory has feature size 6"),
         (torch.randn(2, 3, 8), torch.randn(3, 5, 8), None, ValueError, r"memory batch 3 \(shape \(3, 5, 8\)\) != query batch 2"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 8, dtype=torch.float64), None, TypeError, r"memory dtype torch.float64 != the layer.s parameter dtype torch.float32"),
-        (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool), ValueError, r"mask must be 3-D, \(B, 1, T2\) or \(B, T1, T2\), got shape \(2, 5\)"),
+        (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool), ValueError, r"mask must be 3-D, \(B, 1, T2\) or \(B, T1, T2\) \(or \(1, T2\)\), got shape \(2, 5\)"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 1, 4, dtype=torch.bool), ValueError, r"mask of shape \(2, 1, 4\) does not broadcast to \(B, T1, T2\) = \(2, 3, 5\)"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(3, 1, 5, dtype=torch.bool), ValueError, r"mask of shape \(3, 1, 5\) does not broadcast"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 2, 5, dtype=torch.bool), ValueError, r"mask of shape \(2, 2, 5\) does not broadcast"),
@@ -115,3 +115,20 @@ def test_forced_backend_that_cannot_serve_raises():
 def test_ignored_kwargs_are_logged(caplog):
     FlashMultiHeadedAttention(8, 2, dropout_rate=0.1)
     assert "ignores ['dropout_rate']" in caplog.text
+
+
+def test_a_refused_call_leaves_no_stale_last_backend():
+    layer = FlashMultiHeadedAttention(8, 2, backend="sdpa")
+    layer(torch.randn(1, 3, 8))
+    assert layer.last_backend == "sdpa"
+    layer.keep_attn = True
+    with pytest.raises(BackendUnavailableError, match=r"backend='sdpa' cannot return attention weights"):
+        layer(torch.randn(1, 3, 8))
+    assert layer.last_backend is None and layer.last_fallback == ""
+
+
+def test_a_backend_set_after_construction_is_checked():
+    layer = FlashMultiHeadedAttention(8, 2)
+    layer.backend = "bogus"
+    with pytest.raises(ValueError, match=r"backend must be one of .*, got 'bogus'"):
+        layer(torch.randn(1, 3, 8))

@@ -204,3 +204,21 @@ def test_espnet_init_gives_the_stock_weights(init):
     assert sorted(stock) == sorted(ours)
     for key in stock:
         torch.testing.assert_close(ours[key], stock[key], rtol=1e-6, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1), (1, 3, 1), (2, 1, 1), (1, 5), (1, 1)],
+                         ids=["B,T1,1", "1,T1,1", "B,1,1", "1,T2", "1,1"])
+@pytest.mark.parametrize("self_attention", [False, True], ids=["cross", "self"])
+def test_masks_the_stock_layer_broadcasts(shape, self_attention):
+    """Other mask shapes the stock layer broadcasts (its mask.unsqueeze(1) against the
+    (B, H, T1, T2) scores) mean the same here: (B, T1, 1) masks whole query rows (their
+    output is the bias), (1, T2) is one key mask for all. They were refused."""
+    stock, ours = stock_and_flash(8, 2)
+    gen = torch.Generator().manual_seed(sum(shape))
+    t2 = 3 if self_attention else 5
+    query = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64)
+    memory = None if self_attention else torch.randn(2, 5, 8, generator=gen, dtype=torch.float64)
+    shape = tuple(t2 if (len(shape) == 2 and i == 1 and n == 5) else n for i, n in enumerate(shape))
+    mask = torch.rand(shape, generator=gen) > 0.4
+    mask.view(-1)[0] = False  # at least one masked entry
+    torch.testing.assert_close(ours(query, memory, mask)[0], stock(query, memory, mask)[0], rtol=1e-10, atol=1e-10)
