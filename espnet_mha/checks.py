@@ -1,6 +1,8 @@
 """Argument checks at the layer's public boundary, with messages that name the
 argument, the values received and the rule."""
 
+import numbers
+
 import torch
 
 
@@ -22,16 +24,44 @@ def compute_dtype(x):
 
 
 def check_size(name, value):
-    """Raise unless ``value`` is a positive int (bools refused).
+    """A positive integer size as an ``int`` (numpy integers accepted, bools refused).
 
     Raises:
-        TypeError: not an int.
+        TypeError: not an integer.
         ValueError: not positive.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
+    return int(value)
+
+
+def check_probability(name, value):
+    """A probability in [0, 1] as a ``float`` (numpy floats accepted; bools, strings refused).
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: outside [0, 1] (or NaN).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__} {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def check_flag(name, value):
+    """An on/off option as a ``bool`` (bools, numpy bools and the ints 0/1; a string such as
+    "false" is refused rather than read as true).
+
+    Raises:
+        TypeError: anything else.
+    """
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if isinstance(value, bool) or numpy_bool or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
 def check_features(name, x, ndim, layout, *, n_feat, weight):

@@ -59,10 +59,20 @@ def resolve_compile(option, mode):
         option = AUTO
     if option not in (True, False, AUTO):
         raise ValueError(f"compile must be True, False or 'auto', got {option!r}")
-    mode = os.environ.get(ENV_COMPILE_MODE, "").strip() or mode
-    if mode is not None and not isinstance(mode, str):
-        raise ValueError(f"compile_mode must be a string or None, got {mode!r}")
+    env_mode = os.environ.get(ENV_COMPILE_MODE, "").strip()
+    mode = env_mode or mode
+    if mode is not None and (not isinstance(mode, str) or mode not in _modes()):
+        name = f"{ENV_COMPILE_MODE}" if env_mode else "compile_mode"
+        raise ValueError(f"{name} must be None or one of {_modes()}, got {mode!r}")
     return option, mode
+
+
+@functools.lru_cache(maxsize=None)
+def _modes():
+    """The ``torch.compile`` modes this torch knows (checked here, not at the first call)."""
+    from torch._inductor import list_mode_options  # what torch.compile validates a mode against
+
+    return tuple(list_mode_options())
 
 
 def wants_compile(setting, device_type):

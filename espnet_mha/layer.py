@@ -71,12 +71,11 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
                  **kwargs):
         super().__init__()
         state_dict.check_layout(state_dict_layout)
-        checks.check_size("n_feat", n_feat)
-        checks.check_size("n_head", n_head)
+        n_feat, n_head = checks.check_size("n_feat", n_feat), checks.check_size("n_head", n_head)
         if n_feat % n_head:
             raise ValueError(f"n_feat ({n_feat}) must be divisible by n_head ({n_head})")
-        if not 0.0 <= float(dropout) <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        dropout = checks.check_probability("dropout", dropout)
+        causal, keep_attn = checks.check_flag("causal", causal), checks.check_flag("keep_attn", keep_attn)
         if kwargs:
             logger.warning("FlashMultiHeadedAttention ignores %s (as the stock layer does)", sorted(kwargs))
         self.n_feat = n_feat
@@ -85,8 +84,8 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         self.d_model = n_feat
         self.d_output = n_feat
         self.transposed = bool(transposed)
-        self.causal = bool(causal)
-        self.keep_attn = bool(keep_attn)
+        self.causal = causal
+        self.keep_attn = keep_attn
         self.state_dict_layout = state_dict_layout
         self.backend = dispatch.resolve_backend(backend)
         self.compile_setting, self.compile_mode = compile_policy.resolve_compile(compile, compile_mode)

@@ -23,7 +23,13 @@ def layer():
         (dict(n_feat=8, n_head=2, dropout=1.5), ValueError, r"dropout must be in \[0, 1\], got 1.5"),
         (dict(n_feat=8, n_head=2, backend="cudnn"), ValueError, r"backend must be one of .* got 'cudnn'"),
         (dict(n_feat=8, n_head=2, compile="yes"), ValueError, r"compile must be True, False or 'auto', got 'yes'"),
-        (dict(n_feat=8, n_head=2, compile_mode=3), ValueError, r"compile_mode must be a string or None, got 3"),
+        (dict(n_feat=8, n_head=2, compile_mode=3), ValueError, r"compile_mode must be None or one of \(.*\), got 3"),
+        (dict(n_feat=8, n_head=2, compile_mode="bogus"), ValueError, r"compile_mode must be None or one of \('default', .*\), got 'bogus'"),
+        (dict(n_feat=8, n_head=2, dropout="0.1"), TypeError, r"dropout must be a float in \[0, 1\], got str '0.1'"),
+        (dict(n_feat=8, n_head=2, dropout=None), TypeError, r"dropout must be a float in \[0, 1\], got NoneType None"),
+        (dict(n_feat=8, n_head=2, dropout=float("nan")), ValueError, r"dropout must be in \[0, 1\], got nan"),
+        (dict(n_feat=8, n_head=2, causal="false"), TypeError, r"causal must be True or False, got str 'false'"),
+        (dict(n_feat=8, n_head=2, keep_attn="no"), TypeError, r"keep_attn must be True or False, got str 'no'"),
     ],
 )
 def test_constructor_errors(kwargs, error, match):
@@ -132,3 +138,14 @@ def test_a_backend_set_after_construction_is_checked():
     layer.backend = "bogus"
     with pytest.raises(ValueError, match=r"backend must be one of .*, got 'bogus'"):
         layer(torch.randn(1, 3, 8))
+
+
+def test_numpy_sizes_and_flags_are_taken_as_the_stock_layer_takes_them(monkeypatch):
+    import numpy as np
+
+    layer = FlashMultiHeadedAttention(np.int64(8), np.int64(2), dropout=np.float32(0.25), causal=np.bool_(False))
+    assert (layer.n_feat, layer.h, layer.dropout.p, layer.causal) == (8, 2, 0.25, False)
+    assert type(layer.n_feat) is int and type(layer.causal) is bool
+    monkeypatch.setenv("ESPNET_MHA_COMPILE_MODE", "bogus")
+    with pytest.raises(ValueError, match=r"ESPNET_MHA_COMPILE_MODE must be None or one of \(.*\), got 'bogus'"):
+        FlashMultiHeadedAttention(8, 2)
