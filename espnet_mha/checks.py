@@ -64,7 +64,7 @@ def check_flag(name, value):
     raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
-def check_features(name, x, ndim, layout, *, n_feat, weight):
+def check_features(name, x, ndim, layout, *, n_feat, weight, feature_dim=-1):
     """Raise unless ``x`` is a floating ``ndim``-D tensor with ``n_feat`` features
     that a layer with parameter ``weight`` can take (device, dtype or autocast).
 
@@ -73,6 +73,7 @@ def check_features(name, x, ndim, layout, *, n_feat, weight):
         x: the tensor.
         ndim, layout: expected rank and its description, e.g. ``3, "(B, T1, D)"``.
         n_feat: D.
+        feature_dim: where D is (1 for a transposed ``(B, D, T1)`` query).
         weight: one of the layer's parameters.
 
     Raises:
@@ -83,9 +84,10 @@ def check_features(name, x, ndim, layout, *, n_feat, weight):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
-    if x.shape[-1] != n_feat:
+    if x.shape[feature_dim] != n_feat:
         raise ValueError(
-            f"{name} has feature size {x.shape[-1]} (shape {tuple(x.shape)}), expected n_feat={n_feat}"
+            f"{name} has feature size {x.shape[feature_dim]} (shape {tuple(x.shape)}, {layout}), "
+            f"expected n_feat={n_feat}"
         )
     if not x.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {x.dtype}")

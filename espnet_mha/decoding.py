@@ -30,7 +30,7 @@ class DecodingSteps:
         """One decoding step.
 
         Args:
-            query: ``(B, D)``, the newest position of every hypothesis.
+            query: ``(B, D)`` (or ``(B, 1, D)``), the newest position of every hypothesis.
             state: None (start of an utterance) or what the previous step returned
                 (possibly split per hypothesis and given back with batch 1). A
                 cross-attention state made from another memory (a streaming
@@ -51,6 +51,8 @@ class DecodingSteps:
         Raises:
             TypeError, ValueError: bad shapes, or a malformed state (see :mod:`espnet_mha.cache`).
         """
+        if type(query) is torch.Tensor and query.dim() == 3 and query.size(1) == 1:
+            query = query.squeeze(1)  # (B, 1, D): the stock step takes it too, and returns (B, D)
         if mask is None and state is not None and memory is not None:
             fast = self._checked_cached_step(query, state, memory)
             if fast is not None:

@@ -143,11 +143,11 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
                 f"backend={self.backend!r}, compile={self.compile_setting!r}{layout}")
 
     # ------------------------------------------------------------------ checks
-    def _check_features(self, name, x, ndim, layout):
+    def _check_features(self, name, x, ndim, layout, feature_dim=-1):
         weight = self._modules["linear_out"]._parameters.get("weight")
         if weight is None or not quantized.is_plain(self._modules["linear_qkv"]):
             weight = quantized.projections(self).reference
-        checks.check_features(name, x, ndim, layout, n_feat=self.n_feat, weight=weight)
+        checks.check_features(name, x, ndim, layout, n_feat=self.n_feat, weight=weight, feature_dim=feature_dim)
 
     def _check_memory(self, query, memory):
         # Device and dtype: both tensors were checked against the parameters.
@@ -229,7 +229,8 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
             TypeError, ValueError: bad shapes, dtypes or devices (before any kernel runs).
             dispatch.BackendUnavailableError: a forced backend cannot serve the call.
         """
-        if isinstance(query, torch.Tensor) and query.dim() == 3 and self.transposed:
+        if self.transposed:
+            self._check_features("query", query, 3, "(B, D, T1) (transposed)", feature_dim=1)
             query = query.transpose(1, 2)
         out = self._sequence(query, memory, mask)
         return (out.transpose(1, 2) if self.transposed else out), None

@@ -54,7 +54,7 @@ def test_environment_overrides_are_checked(monkeypatch):
     [
         ([1.0], None, None, TypeError, r"query must be a torch.Tensor, got list"),
         (torch.randn(2, 8), None, None, ValueError, r"query must be 3-D \(B, T1, D\), got shape \(2, 8\)"),
-        (torch.randn(2, 3, 7), None, None, ValueError, r"query has feature size 7 \(shape \(2, 3, 7\)\), expected n_feat=8"),
+        (torch.randn(2, 3, 7), None, None, ValueError, r"query has feature size 7 \(shape \(2, 3, 7\), \(B, T1, D\)\), expected n_feat=8"),
         (torch.ones(2, 3, 8, dtype=torch.long), None, None, TypeError, r"query must be floating point, got torch.int64"),
         (torch.randn(2, 3, 8), torch.randn(2, 8), None, ValueError, r"memory must be 3-D \(B, T2, D\), got shape \(2, 8\)"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 6), None, ValueError, r"memory has feature size 6"),
@@ -99,7 +99,7 @@ def test_query_dtype_must_match_the_parameters_outside_autocast(layer):
 @pytest.mark.parametrize(
     "query,memory,error,match",
     [
-        (torch.randn(2, 1, 8), torch.randn(2, 5, 8), ValueError, r"query must be 2-D \(B, D\), got shape \(2, 1, 8\)"),
+        (torch.randn(2, 3, 8), torch.randn(2, 5, 8), ValueError, r"query must be 2-D \(B, D\), got shape \(2, 3, 8\)"),
         (torch.randn(2, 6), torch.randn(2, 5, 8), ValueError, r"query has feature size 6"),
         (torch.randn(2, 8), torch.randn(1, 5, 8), ValueError, r"memory batch 1 \(shape \(1, 5, 8\)\) != query batch 2"),
     ],
@@ -149,3 +149,23 @@ def test_numpy_sizes_and_flags_are_taken_as_the_stock_layer_takes_them(monkeypat
     monkeypatch.setenv("ESPNET_MHA_COMPILE_MODE", "bogus")
     with pytest.raises(ValueError, match=r"ESPNET_MHA_COMPILE_MODE must be None or one of \(.*\), got 'bogus'"):
         FlashMultiHeadedAttention(8, 2)
+
+
+def test_a_transposed_layer_names_the_transposed_layout():
+    layer = FlashMultiHeadedAttention(8, 2, transposed=True)
+    with pytest.raises(ValueError, match=r"query has feature size 3 \(shape \(2, 3, 8\), \(B, D, T1\) \(transposed\)\), expected n_feat=8"):
+        layer(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match=r"query must be 3-D \(B, D, T1\) \(transposed\), got shape \(2, 8\)"):
+        layer(torch.randn(2, 8))
+
+
+def test_step_takes_a_query_of_one_position_as_the_stock_step_does():
+    from espnet_mha.testing import stock_and_flash
+
+    stock, ours = stock_and_flash(8, 2)
+    query, memory = torch.randn(2, 1, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    for memory_ in (memory, None):
+        got, _ = ours.step(query, None, memory=memory_)
+        expected, _ = stock.step(query, None, memory=memory_)
+        assert got.shape == expected.shape == (2, 8)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
