@@ -18,7 +18,15 @@ from collections import OrderedDict
 
 import torch
 
-from espnet_mha.state_dict import FUSED_PROJECTION, PARAMS, STOCK_PROJECTIONS, _stock_keys, fuse_keys, unfuse_keys
+from espnet_mha.state_dict import (
+    FUSED_PROJECTION,
+    PARAMS,
+    STOCK_PROJECTIONS,
+    _stock_keys,
+    check_mapping,
+    fuse_keys,
+    unfuse_keys,
+)
 
 # The key prefix of an attention layer inside ESPnet's SequenceModel (S4Decoder):
 # SequenceModel.layers[i] is a SequenceResidualBlock whose `layer` is the attention,
@@ -48,8 +56,10 @@ def strip_wrapper_prefixes(state_dict):
         e.g. ``["module.", "_orig_mod."]``; empty when the keys were clean.
 
     Raises:
+        TypeError: ``state_dict`` is not a mapping.
         ValueError: two keys become the same key (names both).
     """
+    check_mapping(state_dict)
     wrappers = (COMPILE_SEGMENT, PARALLEL_SEGMENT)
     parts = [key.split(".") for key in state_dict]
     peeled = []
@@ -170,11 +180,13 @@ def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
         in place of the six stock keys of each converted layer.
 
     Raises:
+        TypeError: ``state_dict`` is not a mapping.
         KeyError: a layer of ``model`` has neither layout in the state dict; a
             layer is half-converted (names the missing keys) or has both layouts.
         ValueError: a q/k/v tensor has the wrong shape (names the key, expected
             and found shapes), or ``layer_pattern`` is not a valid expression.
     """
+    check_mapping(state_dict)
     if model is None:
         layers = {p: _stock_n_feat(state_dict, p) for p in stock_layers(state_dict, layer_pattern=layer_pattern)}
     else:
@@ -205,11 +217,13 @@ def to_stock(state_dict):
         OrderedDict with ``linear_q/k/v.weight`` ``(D, D)`` and ``.bias`` ``(D,)``.
 
     Raises:
+        TypeError: ``state_dict`` is not a mapping.
         KeyError: a layer has only one of ``linear_qkv.weight``/``.bias``, or
             both layouts.
         ValueError: a fused tensor is not ``(3D, D)``/``(3D,)`` (names the key,
             expected and found shapes).
     """
+    check_mapping(state_dict)
     return _convert(state_dict, dict.fromkeys(fused_layers(state_dict)), fuse=False)
 
 
@@ -281,10 +295,14 @@ def load_stock_or_fused(model, state_dict, *, strict=True):
         what ``load_state_dict`` returns (missing and unexpected keys).
 
     Raises:
-        TypeError: ``state_dict`` is a training checkpoint (pass its ``"model"`` entry).
+        TypeError: ``model`` is not a module, ``state_dict`` not a mapping, or a
+            training checkpoint (pass its ``"model"`` entry).
         KeyError, ValueError: see :func:`fuse_keys` and :func:`to_stock`.
         RuntimeError: from ``load_state_dict`` (missing/unexpected keys, other shapes).
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_mapping(state_dict)
     if isinstance(state_dict.get("model"), dict):
         raise TypeError("state_dict looks like an ESPnet training checkpoint (it has a 'model' entry): "
                         "pass checkpoint['model']")

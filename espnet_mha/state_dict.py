@@ -13,14 +13,23 @@ are handled in :mod:`espnet_mha.checkpoint` and :mod:`espnet_mha.convert`.
 """
 
 import logging
+from collections.abc import Mapping
 
 import torch
+
+from espnet_mha import checks
 
 STOCK_PROJECTIONS = ("linear_q", "linear_k", "linear_v")
 FUSED_PROJECTION = "linear_qkv"
 PARAMS = ("weight", "bias")
 
 logger = logging.getLogger(__name__)
+
+
+def check_mapping(state_dict, name="state_dict"):
+    """Raise ``TypeError`` unless ``state_dict`` is a mapping (of names to tensors)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{name} must be a mapping of names to tensors (a state dict), got {type(state_dict).__name__}")
 
 
 def _stock_keys(prefix):
@@ -42,8 +51,13 @@ def fuse_keys(state_dict, prefix, *, n_feat=None):
     Raises:
         KeyError: only some of the six stock keys are present (names the missing
             ones), or stock and fused keys are both present.
-        ValueError: a tensor has the wrong shape (names key, expected, found).
+        TypeError: ``state_dict`` is not a mapping, or a q/k/v entry is not a tensor.
+        ValueError: a tensor has the wrong shape (names key, expected, found), or
+            the q/k/v parts differ in shape, dtype or device.
     """
+    check_mapping(state_dict)
+    if n_feat is not None:
+        n_feat = checks.check_size("n_feat", n_feat)
     keys = _stock_keys(prefix)
     present = [key for key in keys if key in state_dict]
     if not present:
@@ -66,6 +80,14 @@ def fuse_keys(state_dict, prefix, *, n_feat=None):
                         f"{prefix}{name}.{param}: expected shape {expected} for "
                         f"n_feat={n_feat}, found {tuple(part.shape)}"
                     )
+        names = [f"{prefix}{name}.{param}" for name in STOCK_PROJECTIONS]
+        for name, part in zip(names, parts):
+            if not isinstance(part, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(part).__name__}")
+        described = {(tuple(p.shape[1:]), p.dtype, p.device) for p in parts}
+        if len(described) != 1:
+            raise ValueError("the q/k/v parts differ in shape, dtype or device: " + ", ".join(
+                f"{name} {tuple(p.shape)} {p.dtype} on {p.device}" for name, p in zip(names, parts)))
         state_dict[f"{prefix}{FUSED_PROJECTION}.{param}"] = torch.cat(parts, dim=0)
     for key in keys:
         del state_dict[key]
@@ -80,12 +102,19 @@ def unfuse_keys(state_dict, prefix):
 
     Raises:
         KeyError: only one of ``linear_qkv.weight``/``.bias`` is present.
-        ValueError: the fused tensor's first dimension is not divisible by 3.
+        TypeError: ``state_dict`` is not a mapping.
+        ValueError: the fused tensor's first dimension is not divisible by 3, or
+            weight and bias do not fit each other.
     """
+    check_mapping(state_dict)
     fused = {param: f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS}
     present = [key for key in fused.values() if key in state_dict]
     if not present:
         return False
+    weight, bias = (state_dict[key] for key in fused.values()) if len(present) == len(fused) else (None, None)
+    if weight is not None and (weight.dim() != 2 or tuple(bias.shape) != (weight.size(0),)):
+        raise ValueError(f"{fused['weight']} {tuple(weight.shape)} and {fused['bias']} {tuple(bias.shape)} "
+                         f"are not a (3D, D) weight and its (3D,) bias")
     if len(present) != len(fused):
         missing = [key for key in fused.values() if key not in state_dict]
         raise KeyError(f"half-converted attention layer at {prefix!r}: missing {missing}")

@@ -155,3 +155,45 @@ def test_stock_layout_leaves_a_parametrized_projection_as_it_is():
     twin = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock")
     twin.linear_qkv = weight_norm(twin.linear_qkv)
     twin.load_state_dict(state, strict=True)
+
+
+def test_helper_arguments_are_checked():
+    import espnet_mha
+
+    good = MultiHeadedAttention(8, 2).state_dict()
+    with pytest.raises(TypeError, match=r"state_dict must be a mapping of names to tensors \(a state dict\), got NoneType"):
+        fuse_keys(None, "")
+    with pytest.raises(TypeError, match=r"state_dict must be a mapping .*, got list"):
+        espnet_mha.to_stock([1, 2])
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got NoneType"):
+        espnet_mha.load_stock_or_fused(None, good)
+    with pytest.raises(TypeError, match=r"state_dict must be a mapping .*, got str"):
+        espnet_mha.load_stock_or_fused(FlashMultiHeadedAttention(8, 2), "model.pth")
+    with pytest.raises(TypeError, match=r"n_feat must be an int, got str '8'"):
+        fuse_keys(dict(good), "", n_feat="8")
+    odd = dict(good, **{"linear_k.weight": torch.zeros(8, 6)})
+    with pytest.raises(ValueError, match=r"the q/k/v parts differ in shape, dtype or device: linear_q.weight \(8, 8\) "
+                                         r"torch.float32 on cpu, linear_k.weight \(8, 6\)"):
+        fuse_keys(odd, "")
+    meta = dict(good, **{"linear_v.weight": torch.zeros(8, 8, device="meta")})
+    with pytest.raises(ValueError, match=r"linear_v.weight \(8, 8\) torch.float32 on meta"):
+        FlashMultiHeadedAttention(8, 2).load_state_dict(meta)
+    with pytest.raises(ValueError, match=r"linear_qkv.weight \(24, 8\) and linear_qkv.bias \(9,\) are not a \(3D, D\) weight"):
+        unfuse_keys({"linear_qkv.weight": torch.zeros(24, 8), "linear_qkv.bias": torch.zeros(9)}, "")
+
+
+def test_stock_helpers_check_their_arguments():
+    layer = FlashMultiHeadedAttention(8, 2)
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match=r"key has feature size 6"):
+        layer.forward_qkv(x, torch.randn(2, 5, 6), torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match=r"key \(1, 5, 8\) and value \(1, 5, 8\) must both be \(B, T2, D\) with the query's batch B=2"):
+        layer.forward_qkv(x, torch.randn(1, 5, 8), torch.randn(1, 5, 8))
+    q, k, v = layer.forward_qkv(x, torch.randn(2, 5, 8), torch.randn(2, 5, 8))
+    scores = q @ k.transpose(-2, -1)
+    with pytest.raises(ValueError, match=r"mask must be 3-D"):
+        layer.forward_attention(v, scores, torch.ones(2, 5))
+    with pytest.raises(TypeError, match=r"scores must be a 4-D torch.Tensor, got \(2, 3, 5\)"):
+        layer.forward_attention(v, scores[:, 0], None)
+    with pytest.raises(ValueError, match=r"value \(2, 2, 4, 4\) and scores \(2, 2, 3, 5\) must be"):
+        layer.forward_attention(v[:, :, :4], scores, None)
