@@ -10,7 +10,7 @@ from torch import nn
 
 from espnet2.asr.state_spaces.base import SequenceModule
 
-from espnet_mha import checks, compile_policy, dispatch, functional, masks, packing, quantized, state_dict
+from espnet_mha import checks, compile_policy, dispatch, functional, masks, optional, packing, quantized, state_dict
 from espnet_mha.decoding import DecodingSteps
 from espnet_mha.stock_helpers import StockHelpers
 
@@ -104,6 +104,9 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         self._cache_sources = {}  # cache storage -> cache.record of the memory and weights it holds
         # A plain dict, updated in place: nn.Module.__setattr__ is slow on the hot path.
         self._last = {"backend": None, "fallback": "", "skipped_keys": 0.0, "cache": None}
+        # Probe flash-attn now, eagerly: a user's torch.compile(model, fullgraph=True) traces
+        # backend selection and cannot trace the import (it then refused every call).
+        optional.flash_attn()
         self.register_load_state_dict_pre_hook(state_dict.load_state_dict_pre_hook)
         self.register_state_dict_post_hook(state_dict.state_dict_post_hook)
 

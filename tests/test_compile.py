@@ -126,3 +126,18 @@ def test_policy_resolution(monkeypatch):
     monkeypatch.setenv("ESPNET_MHA_COMPILE", "1")
     monkeypatch.setenv("ESPNET_MHA_COMPILE_MODE", "max-autotune")
     assert compile_policy.resolve_compile(False, None) == (True, "max-autotune")
+
+
+def test_a_user_can_compile_a_fresh_model_with_fullgraph():
+    """torch.compile(model, fullgraph=True) before any eager call: backend selection is
+    traced, and the flash-attn probe (an import) could not be; it is now made when the
+    layer is built, so the first compiled call works."""
+    from espnet_mha import optional
+
+    optional.reset()
+    torch._dynamo.reset()
+    stock, ours = stock_and_flash(8, 2, dtype=torch.float32)
+    query, memory = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[[True] * 5], [[True] * 3 + [False] * 2]])
+    got, _ = torch.compile(ours, fullgraph=True, backend="eager")(query, memory, mask)
+    torch.testing.assert_close(got, stock(query, memory, mask)[0], rtol=1e-5, atol=1e-5)

@@ -222,3 +222,23 @@ def test_masks_the_stock_layer_broadcasts(shape, self_attention):
     mask = torch.rand(shape, generator=gen) > 0.4
     mask.view(-1)[0] = False  # at least one masked entry
     torch.testing.assert_close(ours(query, memory, mask)[0], stock(query, memory, mask)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_the_math_backend_gives_second_derivatives_as_the_stock_layer():
+    """Double backward (create_graph=True) and forward-mode AD are not implemented by
+    PyTorch's CPU SDPA kernel (nor flash-attn); backend="math" computes them, as the
+    stock layer does (README: Differences)."""
+    stock, ours = stock_and_flash(8, 2, backend="math")
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2, 1, 5, generator=gen) > 0.3
+    results = []
+    for layer in (ours, stock):
+        (grad,) = torch.autograd.grad(layer(query, memory, mask)[0].pow(2).sum(), query, create_graph=True)
+        results.append(torch.autograd.grad(grad.pow(2).sum(), query)[0])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-10)
+    tangent = torch.randn_like(query)
+    _, got = torch.func.jvp(lambda q: ours(q, memory)[0], (query.detach(),), (tangent,))
+    _, expected = torch.func.jvp(lambda q: stock(q, memory)[0], (query.detach(),), (tangent,))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
