@@ -80,7 +80,8 @@ class DecodingSteps:
         self._remember_source(kv, memory, key)
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         keep_call = None if keep is None else (keep.transpose(0, 1) if kv.size(0) == 1 else keep)
-        backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn, decode_step=True)
+        backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn, decode_step=True,
+                               empty=0 in (batch, memory.size(1)))
         if proj is not None:
             out, weights = quantized.attend_cached(proj, query, kv, keep, backend=backend,
                                                    dropout_p=self._dropout_p())
@@ -202,7 +203,8 @@ class DecodingSteps:
                                    dtype=checks.compute_dtype(query), device=query.device)
         t2 = 1 if state is None else state.size(3) + 1
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
-        backend = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True)
+        backend = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True,
+                               empty=batch == 0)
         proj = quantized.projections(self)
         if proj is not None:
             out, new_state, weights = quantized.step_self(proj, query, state, keep, n_head=self.h, backend=backend,

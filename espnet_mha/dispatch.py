@@ -48,6 +48,12 @@ _COMPILED_FP64_CPU_SDPA_BROKEN = tuple(int(x) for x in torch.__version__.split("
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
 FLASH_MIN_CAPABILITY = (8, 0)
+# flash-attn 2's kernels are built for sm80-sm90 (Ampere, Ada, Hopper); older releases
+# refuse sm100/sm120 and wheels without those kernels fail to launch (flash-attn #1540,
+# #2168), so newer GPUs go to SDPA.
+FLASH_MAX_MAJOR = 9
+# Its backward for head sizes above 192 needs sm80 or sm90 (mha_bwd in flash_api.cpp).
+FLASH_BIG_HEAD_BACKWARD = (192, ((8, 0), (9, 0)))
 
 
 class BackendUnavailableError(RuntimeError):
@@ -90,6 +96,8 @@ class AttentionCall:
         need_weights: the attention weights must be returned.
         compiled: the call runs under ``torch.compile``.
         decode_step: a decoding step (one query row per hypothesis).
+        empty: the batch or a time axis is empty (flash-attn needs positive sizes).
+        grad: gradients are recorded (a backward may follow).
     """
 
     device: torch.device
@@ -100,6 +108,8 @@ class AttentionCall:
     need_weights: bool = False
     compiled: bool = False
     decode_step: bool = False
+    empty: bool = False
+    grad: bool = False
 
 
 def flash_attn_refusal(call):
@@ -113,12 +123,18 @@ def flash_attn_refusal(call):
         return f"dtype is {call.dtype}; flash-attn needs float16 or bfloat16 (use autocast)"
     if call.d_k > FLASH_MAX_HEAD_DIM:
         return f"head size d_k={call.d_k} exceeds flash-attn's {FLASH_MAX_HEAD_DIM}"
+    if call.empty:
+        return "the batch or a time axis is empty; flash-attn needs positive sizes"
     capability = optional.device_capability(call.device)
-    if capability < FLASH_MIN_CAPABILITY:
+    if capability < FLASH_MIN_CAPABILITY or capability[0] > FLASH_MAX_MAJOR:
         return (
-            f"GPU is {optional.capability_str(capability)}; flash-attn needs "
-            f"{optional.capability_str(FLASH_MIN_CAPABILITY)} or newer"
+            f"GPU is {optional.capability_str(capability)}; flash-attn 2's kernels are built for "
+            f"{optional.capability_str(FLASH_MIN_CAPABILITY)} to sm{FLASH_MAX_MAJOR}x"
         )
+    big_head, backward_capabilities = FLASH_BIG_HEAD_BACKWARD
+    if call.grad and call.d_k > big_head and capability not in backward_capabilities:
+        return (f"head size d_k={call.d_k} > {big_head}: flash-attn's backward needs sm80 or sm90, "
+                f"the GPU is {optional.capability_str(capability)}")
     if call.mask_kind == masks.PER_QUERY:
         return "the mask differs per query (B, T1, T2); flash-attn takes key padding only"
     if call.causal and call.mask_kind != masks.NO_MASK:
@@ -267,7 +283,7 @@ def flash_attention(q, k, v, keep, *, causal, dropout_p, module):
     Args:
         q: ``(B, H, T1, d_k)``; k, v: ``(B, H, T2, d_k)``, last dim contiguous.
         keep: None, or a bool key-padding mask ``(b, 1, T2)`` with no empty rows
-            (flash-attn crashes on zero-length keys, #1537).
+            (zero-length keys made flash-attn write out of bounds before 2.6.3, PR #1155).
         causal: causal mask (self-attention, T1 == T2, ``keep=None`` only).
         dropout_p: dropout on the attention weights.
         module: the ``flash_attn`` module (or a stand-in with its signatures).
@@ -276,9 +292,12 @@ def flash_attention(q, k, v, keep, *, causal, dropout_p, module):
         ``(B, H, T1, d_k)``.
     """
     scale = q.size(-1) ** -0.5  # the stock 1/sqrt(d_k), passed explicitly
+    # flash-attn's backward is deterministic only when asked (it does not read torch's flag).
+    deterministic = torch.are_deterministic_algorithms_enabled()
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # flash-attn's (B, T, H, d_k)
     if keep is None:
-        out = module.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal)
+        out = module.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal,
+                                     deterministic=deterministic)
         return out.transpose(1, 2)
     batch, t1, heads, d_k = q.shape
     t2 = k.size(1)
@@ -304,6 +323,7 @@ def flash_attention(q, k, v, keep, *, causal, dropout_p, module):
         dropout_p=dropout_p,
         softmax_scale=scale,
         causal=False,
+        deterministic=deterministic,
     )
     return out.view(batch, t1, heads, d_k).transpose(1, 2)
 

@@ -158,18 +158,19 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         checks.check_same_batch(query, memory)
 
     # ---------------------------------------------------------------- dispatch
-    def _select(self, x, keep, *, causal, need_weights, decode_step=False):
+    def _select(self, x, keep, *, causal, need_weights, decode_step=False, empty=False):
         # The decision depends only on static properties of the call, so it is
         # memoised per layer: decoding steps pay a dict lookup, not the rules.
         key = (x.device, checks.compute_dtype(x), masks.mask_kind(keep), causal, need_weights, decode_step,
-               self.backend, self.compile_setting)
+               self.backend, self.compile_setting, empty, torch.is_grad_enabled())
         decision = self._decisions.get(key)
         if decision is None:
             device, dtype, mask_kind = key[:3]
             call = dispatch.AttentionCall(
                 device=device, dtype=dtype, d_k=self.d_k, mask_kind=mask_kind, causal=causal,
                 need_weights=need_weights, decode_step=decode_step,
-                compiled=compile_policy.wants_compile(self.compile_setting, device.type),
+                compiled=compile_policy.wants_compile(self.compile_setting, device.type), empty=empty,
+                grad=key[-1],
             )
             try:
                 decision = self._decisions[key] = dispatch.select_backend(self.backend, call)
@@ -247,7 +248,8 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         batch, t1, _ = query.shape
         t2 = t1 if memory is None else memory.size(1)
         keep = masks.keep_mask(mask, batch=batch, t1=t1, t2=t2, device=query.device)
-        backend = self._select(query, keep, causal=self.causal, need_weights=self.keep_attn)
+        backend = self._select(query, keep, causal=self.causal, need_weights=self.keep_attn,
+                               empty=0 in (batch, t1, t2))
         proj = quantized.projections(self)
         key_lengths = None
         if proj is not None:  # swapped (quantized) linears: called as modules, eager

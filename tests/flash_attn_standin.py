@@ -2,8 +2,9 @@
 
 It has flash-attn 2.x's published signatures (``flash_attn_func`` and
 ``flash_attn_varlen_func``), checks what the CUDA kernels require of their
-inputs (4-D/3-D layouts, last dim contiguous, int32 ``cu_seqlens``, no
-zero-length key sequence, flash-attn #1537) and computes reference attention
+inputs (4-D/3-D layouts, last dim contiguous, one dtype for q/k/v, a positive
+batch, int32 ``cu_seqlens`` and Python-int ``max_seqlen``, no zero-length key
+sequence: out-of-bounds writes before flash-attn 2.6.3, PR #1155) and computes reference attention
 in the inputs' dtype, with flash-attn's bottom-right causal alignment. It
 records every call so tests can check layouts and flags. It is NOT flash-attn:
 the real kernels are verified only on a GPU (``python -m benchmarks.gpu_check``).
@@ -39,13 +40,21 @@ def _check(name, x, ndim):
         raise RuntimeError(f"{name} must have contiguous last dimension")
 
 
+def _check_all(q, k, v, ndim, batch):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check(name, x, ndim)
+    if not q.dtype == k.dtype == v.dtype:
+        raise RuntimeError(f"query, key and value must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if batch <= 0:
+        raise RuntimeError("batch size must be positive")  # flash_api.cpp's TORCH_CHECK
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q: (B, Tq, H, d); k, v: (B, Tk, H, d) -> (B, Tq, H, d)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check(name, x, 4)
+    _check_all(q, k, v, 4, q.size(0))
     calls.append(dict(fn="flash_attn_func", q=tuple(q.shape), k=tuple(k.shape), dropout_p=dropout_p,
-                      softmax_scale=softmax_scale, causal=causal))
+                      softmax_scale=softmax_scale, causal=causal, deterministic=deterministic))
     return torch.stack([
         _reference(q[b], k[b], v[b], softmax_scale=softmax_scale, causal=causal, dropout_p=dropout_p)
         for b in range(q.size(0))
@@ -56,8 +65,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                            alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
     """q: (total_q, H, d); k, v: (total_k, H, d); cu_seqlens int32 (B + 1) -> (total_q, H, d)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check(name, x, 3)
+    _check_all(q, k, v, 3, cu_seqlens_q.numel() - 1)
+    for name, longest in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if type(longest) is not int:  # the custom op's schema takes an int
+            raise RuntimeError(f"{name} must be a Python int, got {type(longest).__name__}")
     for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, q.size(0), max_seqlen_q),
                                      ("cu_seqlens_k", cu_seqlens_k, k.size(0), max_seqlen_k)):
         if cu.dtype != torch.int32 or cu.dim() != 1:
@@ -68,9 +79,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         if int(lengths.max()) > longest:
             raise RuntimeError(f"max_seqlen {longest} < longest sequence {int(lengths.max())} in {name}")
     if (cu_seqlens_k.diff() == 0).any():
-        raise RuntimeError("zero-length key sequence (crashes the CUDA kernel, flash-attn #1537)")
+        raise RuntimeError("zero-length key sequence (out-of-bounds writes before flash-attn 2.6.3, PR #1155)")
     calls.append(dict(fn="flash_attn_varlen_func", q=tuple(q.shape), k=tuple(k.shape), dropout_p=dropout_p,
-                      softmax_scale=softmax_scale, causal=causal, cu_seqlens_q=cu_seqlens_q.tolist(),
+                      softmax_scale=softmax_scale, causal=causal, deterministic=deterministic,
+                      cu_seqlens_q=cu_seqlens_q.tolist(),
                       cu_seqlens_k=cu_seqlens_k.tolist(), max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k))
     out = torch.empty_like(q)
     for b in range(cu_seqlens_q.numel() - 1):

@@ -80,7 +80,15 @@ def test_auto_selection_rules(standin, sm90, overrides, backend, reason):
 
 def test_old_gpu_and_missing_custom_ops_fall_back(standin, monkeypatch):
     monkeypatch.setattr(optional, "device_capability", lambda device: (7, 5))
-    assert select_backend("auto", call()) == ("sdpa", "GPU is sm75; flash-attn needs sm80 or newer")
+    assert select_backend("auto", call()) == ("sdpa", "GPU is sm75; flash-attn 2's kernels are built for sm80 to sm9x")
+    monkeypatch.setattr(optional, "device_capability", lambda device: (12, 0))
+    assert select_backend("auto", call()) == ("sdpa", "GPU is sm120; flash-attn 2's kernels are built for sm80 to sm9x")
+    monkeypatch.setattr(optional, "device_capability", lambda device: (8, 6))
+    assert select_backend("auto", call(d_k=256)) == ("flash_attn", "")
+    assert select_backend("auto", call(d_k=256, grad=True)) == (
+        "sdpa", "head size d_k=256 > 192: flash-attn's backward needs sm80 or sm90, the GPU is sm86")
+    assert select_backend("auto", call(empty=True)) == (
+        "sdpa", "the batch or a time axis is empty; flash-attn needs positive sizes")
     monkeypatch.setattr(optional, "device_capability", lambda device: (8, 0))
     info = optional.flash_attn()
     assert not info.custom_ops  # the stand-in registers no torch.ops.flash_attn
@@ -151,7 +159,8 @@ def test_flash_varlen_unpadding(flash_on_cpu):
     assert record["fn"] == "flash_attn_varlen_func"
     assert record["cu_seqlens_q"] == [0, 4, 8, 12]
     # The fully masked utterance is given all its keys (never a zero-length sequence,
-    # flash-attn #1537); its context is zeroed afterwards, as the stock layer's.
+    # out-of-bounds writes before flash-attn 2.6.3, PR #1155); its context is zeroed
+    # afterwards, as the stock layer's.
     assert record["cu_seqlens_k"] == [0, 6, 8, 14]
     assert (record["max_seqlen_q"], record["max_seqlen_k"]) == (4, 6)
     assert record["q"] == (12, 3, 4) and record["k"] == (14, 3, 4)
@@ -213,3 +222,35 @@ def test_gpu_masks_are_copied_contiguous_and_aligned():
     aligned = dispatch.aligned_mask(mask)
     assert torch.equal(aligned, mask)
     assert aligned.stride(-1) == 1 and aligned.stride(-2) % 8 == 0
+
+
+@pytest.mark.standin
+@pytest.mark.parametrize("shape", [(0, 3, 5), (2, 0, 5), (2, 3, 0)], ids=["B=0", "T1=0", "T2=0"])
+def test_empty_calls_go_to_sdpa_not_flash_attn(flash_on_cpu, shape):
+    """flash-attn refuses an empty batch (flash_api.cpp: "batch size must be positive") and
+    the unpadding glue cannot build cu_seqlens for T1 = 0: empty calls take SDPA and give
+    the stock result (an empty output, or the output bias without keys)."""
+    stock, ours = stock_and_flash(12, 3)
+    batch, t1, t2 = shape
+    query, memory = torch.randn(batch, t1, 12, dtype=torch.float64), torch.randn(batch, t2, 12, dtype=torch.float64)
+    mask = torch.ones(batch, 1, t2, dtype=torch.bool)
+    for args in ((query, memory, None), (query, memory, mask)):
+        # The stock layer cannot reshape an empty batch (README: Differences).
+        expected = torch.empty(0, t1, 12, dtype=torch.float64) if batch == 0 else stock(*args)[0]
+        torch.testing.assert_close(ours(*args)[0], expected, **FP64)
+        assert ours.last_backend == "sdpa" and "empty" in ours.last_fallback
+    assert not flash_on_cpu.calls
+
+
+@pytest.mark.standin
+def test_flash_attn_is_asked_for_a_deterministic_backward_when_torch_is(flash_on_cpu):
+    _, ours = stock_and_flash(12, 3)
+    query = torch.randn(2, 5, 12, dtype=torch.float64)
+    ours(query)
+    assert flash_on_cpu.calls[-1]["deterministic"] is False
+    torch.use_deterministic_algorithms(True)
+    try:
+        ours(query)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert flash_on_cpu.calls[-1]["deterministic"] is True
