@@ -68,9 +68,10 @@ def is_plain(module):
 
 
 def _why_called(module):
-    if type(module) is nn.Linear and "weight" in module._parameters:
-        return "it has hooks"
-    return f"it is a {type(module).__name__}"
+    if type(module) is not nn.Linear or module._parameters.get("weight") is None:
+        return f"it is a {type(module).__name__} without a plain weight parameter" if type(module) is nn.Linear \
+            else f"it is a {type(module).__name__}"
+    return "it has no bias" if module._parameters.get("bias") is None else "it has hooks"
 
 
 def _per_tensor_int8(module):

@@ -72,6 +72,10 @@ def fuse_keys(state_dict, prefix, *, n_feat=None):
         raise KeyError(f"attention layer at {prefix!r} has both stock keys and fused {fused}")
     for param in PARAMS:
         parts = [state_dict[f"{prefix}{name}.{param}"] for name in STOCK_PROJECTIONS]
+        names = [f"{prefix}{name}.{param}" for name in STOCK_PROJECTIONS]
+        for name, part in zip(names, parts):
+            if not isinstance(part, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(part).__name__}")
         if n_feat is not None:
             expected = (n_feat, n_feat) if param == "weight" else (n_feat,)
             for name, part in zip(STOCK_PROJECTIONS, parts):
@@ -80,10 +84,6 @@ def fuse_keys(state_dict, prefix, *, n_feat=None):
                         f"{prefix}{name}.{param}: expected shape {expected} for "
                         f"n_feat={n_feat}, found {tuple(part.shape)}"
                     )
-        names = [f"{prefix}{name}.{param}" for name in STOCK_PROJECTIONS]
-        for name, part in zip(names, parts):
-            if not isinstance(part, torch.Tensor):
-                raise TypeError(f"{name} must be a tensor, got {type(part).__name__}")
         described = {(tuple(p.shape[1:]), p.dtype, p.device) for p in parts}
         if len(described) != 1:
             raise ValueError("the q/k/v parts differ in shape, dtype or device: " + ", ".join(
