@@ -67,7 +67,7 @@ class DecodingSteps:
         self._check_memory(query, memory)
         proj = quantized.projections(self)
         params = self._params() if proj is None else None
-        key, stale = self._check_state(state, memory, batch)
+        key, weights, stale = self._check_state(state, memory, batch)
         if state is None or stale:
             kv = (functional.project_memory(memory, params[0], params[1], self.h) if proj is None
                   else quantized.project_memory(proj, memory, self.h))
@@ -77,7 +77,7 @@ class DecodingSteps:
         else:
             kv = state
             self._last["cache"] = "reused"
-        self._remember_source(kv, memory, key)
+        self._remember_source(kv, memory, key, weights)
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         keep_call = None if keep is None else (keep.transpose(0, 1) if kv.size(0) == 1 else keep)
         backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn, decode_step=True,
@@ -156,25 +156,27 @@ class DecodingSteps:
     # from another memory of the same length (a streaming window).
     @torch.compiler.disable
     def _check_state(self, state, memory, batch):
-        """(:func:`cache.memory_key` of ``memory``, why ``state`` cannot be reused for it:
-        "" if it can, or if ``state`` is None)."""
-        key = cache.memory_key(memory)
+        """(:func:`cache.memory_key` of ``memory``, :meth:`_weights_key`, why ``state`` cannot
+        be reused for it: "" if it can, or if ``state`` is None). The two keys are handed
+        on to :meth:`_remember_source`, so a step computes each once."""
+        key, weights = cache.memory_key(memory), self._weights_key()
         if state is None:
-            return key, ""
+            return key, weights, ""
         stale = cache.stale_reason(state, memory, key, batch=batch, n_head=self.h,
                                    dtype=checks.compute_dtype(memory))
-        return key, stale or cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), key,
-                                                      memory, self._weights_key(), state)
+        return key, weights, stale or cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)),
+                                                               key, memory, weights, state)
 
     @torch.compiler.disable
-    def _remember_source(self, kv, memory, key):
-        """Remember what the cache ``kv`` was made from (up to ``cache.MAX_SOURCES`` caches)."""
+    def _remember_source(self, kv, memory, key, weights):
+        """Remember what the cache ``kv`` was made from (up to ``cache.MAX_SOURCES`` caches):
+        the memory whose :func:`cache.memory_key` is ``key``, with the weights ``weights``."""
         slot = cache.source_slot(kv)
         if slot not in self._cache_sources and len(self._cache_sources) >= cache.MAX_SOURCES:
             # clear(), not evicting the oldest: atomic when threads share the layer. Caches
             # forgotten here are recomputed on their next step.
             self._cache_sources.clear()
-        self._cache_sources[slot] = cache.record(memory, key, self._weights_key(), kv)
+        self._cache_sources[slot] = cache.record(memory, key, weights, kv)
 
     def _decoding_params(self):
         """(w_q_heads, b_q_heads, w_out, b_out) for cached steps (see
