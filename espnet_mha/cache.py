@@ -124,10 +124,11 @@ def record(memory, key, weights, kv):
     return (key, weakref.ref(memory_root(memory)), weights, _version(kv))
 
 
-def provenance_problem(kept, key, memory, weights, state):
-    """Why the cache ``state`` whose :func:`record` is ``kept`` cannot serve ``memory``
-    (whose :func:`memory_key` is ``key``) with the projection's current ``weights`` key;
-    "" if it can."""
+def provenance_problem(sources, state, key, memory, weights):
+    """Why the cache ``state`` cannot serve ``memory`` (whose :func:`memory_key` is ``key``)
+    with the projection's current ``weights`` key, by the layer's ``sources`` (its
+    :func:`record` per :func:`source_slot`); "" if it can."""
+    kept = sources.get(source_slot(state))
     if kept is None:
         return "this layer has no record of the state (not made by it, or forgotten)"
     if kept[0] != key or kept[1]() is not memory_root(memory):

@@ -132,8 +132,8 @@ class DecodingSteps:
             return None  # linears called as modules (quantized, LoRA, hooks): the checked path does that
         key = cache.memory_key(memory)
         weights = qkv._parameters
-        if cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)), key, memory,
-                                    cache.weights_key(weights["weight"], weights["bias"]), state) \
+        if cache.provenance_problem(self._cache_sources, state, key, memory,
+                                    cache.weights_key(weights["weight"], weights["bias"])) \
                 or cache.batch1_meets_distinct(state, key):
             return None  # the checked path decides: recompute, or reuse and remember
         self._last["backend"], self._last["fallback"] = decision
@@ -164,8 +164,7 @@ class DecodingSteps:
             return key, weights, ""
         stale = cache.stale_reason(state, memory, key, batch=batch, n_head=self.h,
                                    dtype=checks.compute_dtype(memory))
-        return key, weights, stale or cache.provenance_problem(self._cache_sources.get(cache.source_slot(state)),
-                                                               key, memory, weights, state)
+        return key, weights, stale or cache.provenance_problem(self._cache_sources, state, key, memory, weights)
 
     @torch.compiler.disable
     def _remember_source(self, kv, memory, key, weights):
