@@ -1,4 +1,4 @@
-"""Which attention kernel runs: the rules, written once, and the kernels.
+"""Which attention kernel runs: the rules, written once (the kernels are in :mod:`espnet_mha.kernels`).
 
 Backends (names used everywhere, in options, ``last_backend`` and logs):
 
@@ -23,14 +23,12 @@ permanently, and kernel errors propagate.
 """
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from espnet_mha import masks, optional
+from espnet_mha import kernels, masks, optional
 
 logger = logging.getLogger(__name__)
 
@@ -197,137 +195,6 @@ def select_backend(requested, call):
     return (MATH, f"{refusal}; {sdpa}") if sdpa else (SDPA, refusal)
 
 
-def sdpa_attention(q, k, v, keep, *, causal, dropout_p):
-    """Attention through PyTorch SDPA.
-
-    Args:
-        q: ``(B, H, T1, d_k)``; k, v: ``(B, H, T2, d_k)``.
-        keep: None or bool ``(B or 1, T1 or 1, T2)`` with no empty rows.
-        causal: top-left causal mask; only with ``keep=None``.
-        dropout_p: dropout on the attention weights.
-
-    Returns:
-        ``(B, H, T1, d_k)``.
-    """
-    attn_mask = None if keep is None else keep.unsqueeze(1)  # (b, 1, m, T2)
-    if attn_mask is not None and attn_mask.is_cuda:
-        attn_mask = aligned_mask(attn_mask)
-    if attn_mask is None and q.device.type == "cpu":
-        # Without a mask (also with is_causal), SDPA's CPU kernel returns zeros for a
-        # query row whose scores are all NaN (a NaN in the query, or in a key column),
-        # where the stock layer gives NaN (pytorch #141128, since torch 2.5, still in
-        # 2.11). With a mask it propagates the NaN; an explicit one costs 1-5% on
-        # sequences (decoding steps take the math path instead, see select_backend).
-        if causal:
-            attn_mask, causal = masks.causal_keep(q.size(-2), k.size(-2), q.device).unsqueeze(1), False
-        else:
-            attn_mask = torch.ones(1, 1, 1, k.size(-2), dtype=torch.bool, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
-
-
-def aligned_mask(mask, multiple=8):
-    """A copy of ``mask`` whose last dimension is contiguous and whose rows start at
-    multiples of ``multiple`` elements (a view into a padded buffer).
-
-    The fused GPU kernels need the mask's last dimension contiguous (PR #158424),
-    and under Inductor the memory-efficient kernel wants it aligned to 8 (PR #114173).
-    """
-    t2 = mask.size(-1)
-    padded = mask.new_zeros(*mask.shape[:-1], -(-t2 // multiple) * multiple)
-    padded[..., :t2] = mask
-    return padded[..., :t2]
-
-
-def math_attention(q, k, v, keep, *, dropout_p, training):
-    """The stock layer's explicit attention (``forward_attention``'s math).
-
-    Args:
-        q: ``(B, H, T1, d_k)``; k, v: ``(B, H, T2, d_k)``.
-        keep: None or bool ``(b, m, T2)``; empty rows are allowed (zero weights).
-        dropout_p, training: dropout on the weights, as ``nn.Dropout``.
-
-    Returns:
-        (context ``(B, H, T1, d_k)``, weights ``(B, H, T1, T2)`` before dropout).
-    """
-    # A single batch (a decoding step against a shared beam cache) takes 3-D products,
-    # and dividing in place and skipping an inactive dropout save a few microseconds
-    # of a ~100 us step (same values).
-    single = q.size(0) == 1
-    if single:
-        scores = torch.bmm(q[0], k[0].transpose(-2, -1)).unsqueeze(0)
-    else:
-        scores = torch.matmul(q, k.transpose(-2, -1))
-    weights = stock_weights(scores.div_(math.sqrt(q.size(-1))), keep)
-    dropped = F.dropout(weights, dropout_p, training) if training and dropout_p > 0 else weights
-    context = torch.bmm(dropped[0], v[0]).unsqueeze(0) if single else torch.matmul(dropped, v)
-    return context, weights
-
-
-def stock_weights(scores, keep):
-    """softmax with the stock masking: masked scores get ``finfo.min``, masked weights 0.
-
-    Args:
-        scores: ``(B, H, T1, T2)``.
-        keep: None or bool ``(b, m, T2)``.
-    """
-    if keep is None:
-        return torch.softmax(scores, dim=-1)
-    masked = ~keep.unsqueeze(1)  # (b, 1, m, T2)
-    scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1).masked_fill(masked, 0.0)
-
-
-def flash_attention(q, k, v, keep, *, causal, dropout_p, module):
-    """Attention through the flash-attn package.
-
-    Args:
-        q: ``(B, H, T1, d_k)``; k, v: ``(B, H, T2, d_k)``, last dim contiguous.
-        keep: None, or a bool key-padding mask ``(b, 1, T2)`` with no empty rows
-            (zero-length keys made flash-attn write out of bounds before 2.6.3, PR #1155).
-        causal: causal mask (self-attention, T1 == T2, ``keep=None`` only).
-        dropout_p: dropout on the attention weights.
-        module: the ``flash_attn`` module (or a stand-in with its signatures).
-
-    Returns:
-        ``(B, H, T1, d_k)``.
-    """
-    scale = q.size(-1) ** -0.5  # the stock 1/sqrt(d_k), passed explicitly
-    # flash-attn's backward is deterministic only when asked (it does not read torch's flag).
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # flash-attn's (B, T, H, d_k)
-    if keep is None:
-        out = module.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal,
-                                     deterministic=deterministic)
-        return out.transpose(1, 2)
-    batch, t1, heads, d_k = q.shape
-    t2 = k.size(1)
-    keep_k = keep[:, 0].expand(batch, t2)
-    lengths = keep_k.sum(dim=-1, dtype=torch.int32)
-    cu_seqlens_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    cu_seqlens_q = torch.arange(
-        0, (batch + 1) * t1, t1, dtype=torch.int32, device=q.device
-    )
-    index = keep_k.reshape(-1).nonzero(as_tuple=True)[0]
-    k_unpadded = k.reshape(batch * t2, heads, d_k).index_select(0, index)
-    v_unpadded = v.reshape(batch * t2, heads, d_k).index_select(0, index)
-    # max_seqlen_k: the padded length, an upper bound known from the shape, so
-    # no data-dependent Python int becomes a compile guard.
-    out = module.flash_attn_varlen_func(
-        q.reshape(batch * t1, heads, d_k),
-        k_unpadded,
-        v_unpadded,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        t1,
-        t2,
-        dropout_p=dropout_p,
-        softmax_scale=scale,
-        causal=False,
-        deterministic=deterministic,
-    )
-    return out.view(batch, t1, heads, d_k).transpose(1, 2)
-
-
 def run(backend, q, k, v, keep, *, causal, dropout_p, training):
     """Run one attention call on ``backend`` with the stock mask semantics.
 
@@ -350,14 +217,14 @@ def run(backend, q, k, v, keep, *, causal, dropout_p, training):
         keep = masks.causal_keep(t1, t2, q.device)
     weights, rows_ok = None, None
     if backend == MATH:
-        context, weights = math_attention(q, k, v, keep, dropout_p=dropout_p, training=training)
+        context, weights = kernels.math_attention(q, k, v, keep, dropout_p=dropout_p, training=training)
     else:
         if keep is not None:
             keep, rows_ok = masks.guard_empty_rows(keep)
         if backend == SDPA:
-            context = sdpa_attention(q, k, v, keep, causal=causal, dropout_p=dropout_p)
+            context = kernels.sdpa_attention(q, k, v, keep, causal=causal, dropout_p=dropout_p)
         else:
-            context = flash_attention(
+            context = kernels.flash_attention(
                 q, k, v, keep, causal=causal, dropout_p=dropout_p,
                 module=optional.flash_attn().module,
             )

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from espnet_mha import dispatch, packing
+from espnet_mha import dispatch, kernels, packing
 
 
 def heads(x, n_head):
@@ -193,10 +193,10 @@ def cached_context(q, kv, keep, *, backend, dropout_p=0.0):
     if dropout_p > 0:
         context, weights = dispatch.run(backend, q, k, v, keep, causal=False, dropout_p=dropout_p, training=True)
     elif keep is None and backend == dispatch.SDPA:
-        context, weights = dispatch.sdpa_attention(q, k, v, None, causal=False, dropout_p=0.0), None
+        context, weights = kernels.sdpa_attention(q, k, v, None, causal=False, dropout_p=0.0), None
         context = context.transpose(1, 2)  # (b, B or 1, H, d_k)
     elif keep is None and backend == dispatch.MATH:
-        context, weights = dispatch.math_attention(q, k, v, None, dropout_p=0.0, training=False)
+        context, weights = kernels.math_attention(q, k, v, None, dropout_p=0.0, training=False)
         context = context.transpose(1, 2)
     else:
         context, weights = dispatch.run(backend, q, k, v, keep, causal=False, dropout_p=0.0, training=False)

@@ -8,7 +8,7 @@ on our fused parameters. The layer's own ``forward`` does not use them.
 import torch
 from torch import nn
 
-from espnet_mha import dispatch, masks, quantized
+from espnet_mha import kernels, masks, quantized
 
 
 class StockHelpers:
@@ -72,7 +72,7 @@ class StockHelpers:
             raise ValueError(f"value {tuple(value.shape)} and scores {tuple(scores.shape)} must be "
                              f"(B, H, T2, d_k) and (B, H, T1, T2) with H={self.h}, d_k={self.d_k}")
         keep = masks.keep_mask(mask, batch=batch, t1=t1, t2=t2, device=scores.device)
-        self.attn = dispatch.stock_weights(scores, keep)
+        self.attn = kernels.stock_weights(scores, keep)
         x = torch.matmul(self.dropout(self.attn), value)
         x = x.transpose(1, 2).reshape(value.size(0), -1, self.h * self.d_k)
         return self.linear_out(x)

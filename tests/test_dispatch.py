@@ -1,6 +1,6 @@
 """Kernel dispatch: the selection rules, and the flash-attn glue against a CPU stand-in.
 
-The glue tests run our real layer through ``dispatch.flash_attention`` with
+The glue tests run our real layer through ``kernels.flash_attention`` with
 ``tests/flash_attn_standin.py`` in place of the flash-attn package (same
 signatures, reference math). They check layouts, unpadding into cu_seqlens,
 flags and the scale, not the CUDA kernels: those are checked on a GPU by
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from espnet_mha import dispatch, masks, optional
+from espnet_mha import dispatch, kernels, masks, optional
 from espnet_mha.dispatch import AttentionCall, BackendUnavailableError, select_backend
 from espnet_mha.testing import stock_and_flash
 
@@ -219,7 +219,7 @@ def test_the_flash_attn_lookup_traces_without_a_graph_break(standin):
 
 def test_gpu_masks_are_copied_contiguous_and_aligned():
     mask = (torch.rand(3, 1, 5, 13) > 0.5)[..., :11]  # a view: rows 13 apart, 11 long
-    aligned = dispatch.aligned_mask(mask)
+    aligned = kernels.aligned_mask(mask)
     assert torch.equal(aligned, mask)
     assert aligned.stride(-1) == 1 and aligned.stride(-2) % 8 == 0
 
