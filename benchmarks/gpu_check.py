@@ -17,12 +17,25 @@ Checks:
 - fully masked rows give the output bias, never NaN, forward and backward;
 - lengths upstream trackers report as fragile: T2 % 128 == 64 with a mask and
   gradients (cuDNN attention NaN, pytorch #196678), kv length % 32 == 1 with
-  a beam-expanded (stride-0) memory (memory-efficient kernel, #191937);
+  a beam-expanded (stride-0) memory, and with the stride-0 state a step
+  returns for it handed back as it is (memory-efficient kernel, #191937);
 - NaN is never hidden: a NaN query row or a NaN key column (from a NaN
   weight), unmasked, gives NaN wherever the stock layer does, per backend, in
   ``forward`` and ``step`` (SDPA's CPU kernel returns zeros there without a
   mask, pytorch #141128; whether CUDA kernels do is what this checks);
 - torch.compile(fullgraph=True) of every path, no graph breaks;
+- the flash-attn cases of ``benchmarks/gpu_cases.py``, per backend (auto, flash_attn
+  where it can serve the call, sdpa, math) and dtype, forward and gradients, our
+  error against the fp64 stock result at most twice the stock layer's in the
+  same dtype (our math backend's where the stock layer cannot run: bf16 with a
+  mask): causal self-attention against the stock layer given an explicit causal
+  mask, alone and with padding (auto must route that to SDPA); attention dropout
+  (eval matches stock; in training one-hot values expose the dropped weights:
+  rate p, scale 1/(1-p), the same ones dropped in the backward, per seed); key
+  masks with holes (flash-attn's varlen call) and per-query masks (auto must
+  route them to SDPA); T % 128 == 64 with masks and gradients under each of
+  PyTorch's SDPA kernels forced in turn. Without flash-attn they run the other
+  backends and record why it was left out;
 - timings of stock vs ours: cross-attention training step (fp32 and fp16
   autocast) and 50 decoding steps with a beam of 10.
 """
@@ -35,38 +48,11 @@ import time
 import torch
 from torch._dynamo.utils import counters
 
-from espnet_mha import dispatch, optional
+from benchmarks import gpu_cases
+from benchmarks.gpu_cases import backends, compare, key_padding, max_err, note_flash, pairs, rand, record
+from espnet_mha import FlashMultiHeadedAttention, dispatch, optional
+from espnet_mha.dispatch import MATH, SDPA
 from espnet_mha.testing import stock_and_flash
-
-RESULTS = []
-
-
-def record(check, ok, **details):
-    RESULTS.append({"check": check, "ok": bool(ok), **details})
-    status = "ok  " if ok else "FAIL"
-    print(f"[{status}] {check} " + " ".join(f"{k}={v}" for k, v in details.items()), flush=True)
-
-
-def rand(*shape, seed, device, dtype=torch.float32):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
-
-
-def key_padding(batch, t2, device, seed=0):
-    lengths = torch.randint(1, t2 + 1, (batch,), generator=torch.Generator().manual_seed(seed))
-    keep = torch.arange(t2)[None] < lengths[:, None]
-    keep[-1] = False  # one utterance with no valid key at all
-    return keep.unsqueeze(1).to(device)
-
-
-def max_err(a, b):
-    return float((a.detach().double() - b.detach().double()).abs().max())
-
-
-def backends(device):
-    names = ["sdpa", "math"]
-    if device.type == "cuda" and optional.flash_attn().available:
-        names.insert(0, "flash_attn")
-    return names
 
 
 def check_equivalence(device, quick):
@@ -127,6 +113,42 @@ def check_expanded_memory_steps(device, quick):
             tol = 1e-4 if dtype == torch.float32 else 2e-2
             record("expanded_memory_step", err <= tol, dtype=str(dtype).replace("torch.", ""), t2=t2,
                    backend=ours.last_backend, err=f"{err:.2e}")
+
+
+def check_expanded_state_steps(device, quick):
+    """The decoding state a step returns for a beam-expanded memory is a stride-0 view; handed
+    back as it is, its keys and values reach the kernel with stride 0 (kv length % 32 == 1:
+    memory-efficient kernel, pytorch #191937), with and without a key mask; against the stock
+    ``step``, per backend and per SDPA kernel."""
+    note_flash("expanded_state_step", device)
+    n_feat, n_head, beam = (32, 4, 4) if quick else (256, 4, 10)
+    make_pair = pairs(n_feat, n_head, device)
+    for t2 in ((33,) if quick else (33, 97, 289)):
+        memory = rand(1, t2, n_feat, seed=60 + t2, device=device)
+        first, second = rand(beam, n_feat, seed=61, device=device), rand(beam, n_feat, seed=62, device=device)
+        holes = torch.rand(beam, 1, t2, generator=torch.Generator().manual_seed(t2)) > 0.3
+        holes[..., 0] = True  # no hypothesis without keys
+
+        def run(layer, mask):
+            dtype = layer.linear_out.weight.dtype
+            expanded = memory.to(dtype).expand(beam, -1, -1)
+            with torch.no_grad():
+                if not isinstance(layer, FlashMultiHeadedAttention):  # the stock step re-projects the memory
+                    return [layer.step(second.to(dtype), None, memory=expanded, mask=mask)[0].double()]
+                # Unmasked: with a shared memory the first step folds the beam into one batch, where a
+                # per-hypothesis key mask becomes a per-query mask that forced flash_attn refuses.
+                _, state = layer.step(first.to(dtype), None, memory=expanded)
+                out, _ = layer.step(second.to(dtype), state, memory=expanded, mask=mask)
+            if state.stride(0) != 0 or layer.last_cache != "reused":
+                raise RuntimeError(f"not the case under test: state strides {state.stride()}, "
+                                   f"cache {layer.last_cache!r}")
+            return [out.double()]
+
+        for mask in (None, holes.to(device)):
+            unmasked_cpu = mask is None and device.type == "cpu"  # unmasked CPU steps run the math backend
+            compare("expanded_state_step", device, make_pair, run, stock_mask=mask, mask=mask, expressible=True,
+                    auto_fallback=MATH if unmasked_cpu else SDPA, sdpa_kernels=True, t2=t2,
+                    masked=mask is not None)
 
 
 def check_nan_rows(device, quick):
@@ -260,17 +282,20 @@ def main(argv=None):
         info["gpu"] = torch.cuda.get_device_name(device)
         info["capability"] = optional.capability_str(optional.device_capability(device))
     print(json.dumps(info, indent=1))
+    results = gpu_cases.RESULTS
+    results.clear()
     for check in (check_equivalence, check_masked_rows_and_gradients, check_expanded_memory_steps, check_nan_rows,
-                  check_compile):
+                  check_compile, gpu_cases.check_causal, gpu_cases.check_dropout, gpu_cases.check_holed_masks,
+                  gpu_cases.check_fragile_lengths, check_expanded_state_steps):
         check(device, args.quick)
     rows = timings(device, args.quick)
     print("\n| scenario | impl | median | speed-up |\n|---|---|---|---|")
     for row in rows:
         print(f"| {row['scenario']} | {row['impl']} | {row['median_ms']:.3f} ms | {row['speedup']:.2f}x |")
-    failed = [r for r in RESULTS if not r["ok"]]
+    failed = [r for r in results if not r["ok"]]
     with open(args.out, "w") as f:
-        json.dump({"info": info, "checks": RESULTS, "timings": rows, "failed": len(failed)}, f, indent=1)
-    print(f"\n{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed; wrote {args.out}")
+        json.dump({"info": info, "checks": results, "timings": rows, "failed": len(failed)}, f, indent=1)
+    print(f"\n{len(results) - len(failed)}/{len(results)} checks passed; wrote {args.out}")
     return 1 if failed else 0
 
 
