@@ -77,10 +77,17 @@ def check_features(name, x, ndim, layout, *, n_feat, weight, feature_dim=-1):
         weight: one of the layer's parameters.
 
     Raises:
-        TypeError: not a tensor, not floating point, or a dtype the layer cannot take.
+        TypeError: not a tensor (also a torch.fx Proxy: the layer does not trace
+            symbolically), not floating point, or a dtype the layer cannot take.
         ValueError: wrong rank, feature size or device.
     """
     if not isinstance(x, torch.Tensor):
+        if isinstance(x, torch.fx.Proxy):
+            raise TypeError(
+                f"{name} is a torch.fx Proxy: torch.fx.symbolic_trace cannot trace into "
+                "FlashMultiHeadedAttention (its kernel choice reads sizes); keep it a leaf module "
+                "(a Tracer whose is_leaf_module returns True for it), or use torch.export or torch.jit.trace"
+            )
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")

@@ -97,3 +97,18 @@ def pick(fn, setting, mode, device_type):
     if torch.compiler.is_compiling() or not wants_compile(setting, device_type):
         return fn
     return compiled(fn, mode)
+
+
+def capturing():
+    """Whether a graph is being captured with fixed Python control flow: ``torch.jit.trace``
+    (and the TorchScript ONNX exporter built on it) or ``torch.export`` (and the dynamo
+    ONNX exporter). Such graphs keep only the branches the example took, so the layer
+    then takes the stock computation (no padded-key skipping, no decoding cache, no
+    size-1 shortcuts): what it branches on is the form of the call (self- or
+    cross-attention, which mask shape), never mask values, strides or batch sizes."""
+    # Not torch.compiler.is_exporting(): dynamo reads it as True under torch.compile too
+    # (pytorch PR #164721), where the layer keeps its cache; the flag it returns outside
+    # dynamo is set by torch.export only.
+    exporting = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.jit.is_tracing() or bool(torch.compiler.is_exporting() if exporting is None else exporting)
+

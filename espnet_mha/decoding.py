@@ -8,6 +8,7 @@ in :mod:`espnet_mha.functional`.
 """
 
 import logging
+import math
 
 import torch
 
@@ -47,6 +48,9 @@ class DecodingSteps:
             ``(1, 2, H, T2, d_k)`` projection when the memory is shared).
             With ``causal``: the grown self-attention cache. Otherwise (stock
             behaviour: the token attends to itself only) ``state`` unchanged.
+            Also unchanged, computed as the stock step (no cache), while
+            ``torch.jit.trace``/``torch.export`` capture the step, and when the
+            layer's dropout module is replaced or hooked (see ``README``).
 
         Raises:
             TypeError, ValueError: bad shapes, or a malformed state (see :mod:`espnet_mha.cache`).
@@ -62,8 +66,12 @@ class DecodingSteps:
         if self.causal:
             # As forward: the encoder memory, and the mask that comes with it, are not ours.
             return self._step_self(query, state, mask if memory is None else None)
-        if memory is None:
-            return self._sequence(query.unsqueeze(1), None, mask).squeeze(1), state
+        if memory is None or self._custom_dropout() is not None or compile_policy.capturing():
+            # The stock step (forward over one position, the state passed through): for a
+            # dropout module the layer must call, and in a traced or exported graph, where
+            # the cache's checks cannot run and its shortcuts (a stride-0 memory, a batch-1
+            # state) would be frozen for every later input.
+            return self._sequence(query.unsqueeze(1), memory, mask).squeeze(1), state
         self._check_memory(query, memory)
         proj = quantized.projections(self)
         params = self._params() if proj is None else None
@@ -107,8 +115,9 @@ class DecodingSteps:
         fast path does not apply: subclassed tensors, autocast, tracing, dropout).
         Every call of a decoding step makes one, so it is kept to plain lookups."""
         if (type(query) is not torch.Tensor or type(state) is not torch.Tensor or type(memory) is not torch.Tensor
-                or self.causal or self.keep_attn or (self.training and self._modules["dropout"].p > 0)
-                or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()):
+                or self.causal or self.keep_attn or self._custom_dropout() is not None or self._dropout_p() > 0
+                or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
+                or compile_policy.capturing()):
             return None
         return (query.shape, memory.shape, state.shape, query.dtype, memory.dtype, state.dtype,
                 query.device, memory.device, state.device, self.backend, self.compile_setting,
@@ -204,6 +213,8 @@ class DecodingSteps:
                                    dtype=checks.compute_dtype(query), device=query.device)
         t2 = 1 if state is None else state.size(3) + 1
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
+        if self._custom_dropout() is not None:
+            return self._step_self_stock(query, state, keep)
         backend = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True,
                                empty=batch == 0)
         proj = quantized.projections(self)
@@ -217,6 +228,18 @@ class DecodingSteps:
         if self.keep_attn:
             self.attn = weights
         return out, new_state
+
+    def _step_self_stock(self, query, state, keep):
+        """A causal step through the stock helpers, which call the dropout module (see
+        :meth:`_stock_sequence`): (output ``(B, D)``, the grown cache)."""
+        self._select_stock_math(self._modules["dropout"])
+        x = query.unsqueeze(1)
+        q, k, v = self.forward_qkv(x, x, x)  # (B, H, 1, d_k) each
+        new = torch.stack([k, v], dim=1)  # (B, 2, H, 1, d_k)
+        if state is not None:
+            new = torch.cat([state.expand(query.size(0), -1, -1, -1, -1), new], dim=3)
+        scores = torch.matmul(q, new[:, 0].transpose(-2, -1)) / math.sqrt(self.d_k)
+        return self.forward_attention(new[:, 1], scores, keep).squeeze(1), new
 
     def default_state(self, *batch_shape, device=None):
         """The state at the start of an utterance: None (the cache is made on the first step)."""

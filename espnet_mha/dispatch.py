@@ -16,8 +16,10 @@ Backends (names used everywhere, in options, ``last_backend`` and logs):
 
 ``auto`` takes the first of flash_attn, sdpa that can serve a call, and math
 when weights are requested, for unmasked decoding steps on CPU (no mask needed
-to keep NaN there, pytorch #141128), or when SDPA is known broken for the call
-(compiled float64 backward on CPU in torch <= 2.11, pytorch #185539). Asking for a backend that cannot serve a call
+to keep NaN there, pytorch #141128), for unmasked CPU calls captured by
+``torch.jit.trace``/``torch.export`` (that mask would be frozen at the example's
+size), or when SDPA is known broken for the call (compiled float64 backward on
+CPU in torch <= 2.11, pytorch #185539). Asking for a backend that cannot serve a call
 raises :class:`BackendUnavailableError` with the reason; nothing is switched off
 permanently, and kernel errors propagate.
 """
@@ -96,6 +98,8 @@ class AttentionCall:
         decode_step: a decoding step (one query row per hypothesis).
         empty: the batch or a time axis is empty (flash-attn needs positive sizes).
         grad: gradients are recorded (a backward may follow).
+        captured: the call is captured by ``torch.jit.trace`` or ``torch.export``
+            (see :func:`espnet_mha.compile_policy.capturing`).
     """
 
     device: torch.device
@@ -108,6 +112,7 @@ class AttentionCall:
     decode_step: bool = False
     empty: bool = False
     grad: bool = False
+    captured: bool = False
 
 
 def flash_attn_refusal(call):
@@ -187,9 +192,12 @@ def select_backend(requested, call):
         )
     if not refusal:
         return FLASH_ATTN, ""
-    if requested == AUTO and call.decode_step and call.device.type == "cpu" and call.mask_kind == masks.NO_MASK:
-        # SDPA's CPU kernel needs an explicit mask to keep NaN (see sdpa_attention),
-        # which costs a beam step ~20 us; the explicit math keeps it for ~10 us (measured).
+    if requested == AUTO and call.device.type == "cpu" and call.mask_kind == masks.NO_MASK \
+            and (call.decode_step or call.captured):
+        # SDPA's CPU kernel needs an explicit mask to keep NaN (see kernels.sdpa_attention).
+        # It costs a beam step ~20 us, where the explicit math keeps NaN for ~10 us
+        # (measured); and a traced graph would keep that mask at the example's size
+        # (the TorchScript ONNX exporter stores it as a constant).
         return MATH, refusal
     sdpa = sdpa_refusal(call)
     return (MATH, f"{refusal}; {sdpa}") if sdpa else (SDPA, refusal)

@@ -182,12 +182,15 @@ def cached_context(q, kv, keep, *, backend, dropout_p=0.0):
         (context ``(B, D)``, weights ``(B, H, 1, T2)`` from the math backend or None).
     """
     n_head, batch, d_k = q.shape
-    shared = kv.size(0) == 1
+    # With dropout, the weights keep the stock (B, H, 1, T2) layout, so the dropout
+    # mask is drawn in the stock order (the same random numbers as the stock step).
+    shared = kv.size(0) == 1 and not dropout_p
     if shared:
         q = q.unsqueeze(0)  # (1, H, B, d_k)
         keep = None if keep is None else keep.transpose(0, 1)  # (1, b', T2)
     else:
         q = q.transpose(0, 1).unsqueeze(2)  # (B, H, 1, d_k)
+        kv = kv.expand(batch, -1, -1, -1, -1)
     k, v = kv.unbind(1)
     # Unmasked steps skip dispatch.run's mask handling.
     if dropout_p > 0:

@@ -69,7 +69,7 @@ def math_attention(q, k, v, keep, *, dropout_p, training):
     # A single batch (a decoding step against a shared beam cache) takes 3-D products,
     # and dividing in place and skipping an inactive dropout save a few microseconds
     # of a ~100 us step (same values).
-    single = q.size(0) == 1
+    single = q.size(0) == 1 and not torch.jit.is_tracing()  # a trace would keep it for every batch
     if single:
         scores = torch.bmm(q[0], k[0].transpose(-2, -1)).unsqueeze(0)
     else:

@@ -162,7 +162,7 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         # The decision depends only on static properties of the call, so it is
         # memoised per layer: decoding steps pay a dict lookup, not the rules.
         key = (x.device, checks.compute_dtype(x), masks.mask_kind(keep), causal, need_weights, decode_step,
-               self.backend, self.compile_setting, empty, torch.is_grad_enabled())
+               self.backend, self.compile_setting, empty, compile_policy.capturing(), torch.is_grad_enabled())
         decision = self._decisions.get(key)
         if decision is None:
             device, dtype, mask_kind = key[:3]
@@ -170,7 +170,7 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
                 device=device, dtype=dtype, d_k=self.d_k, mask_kind=mask_kind, causal=causal,
                 need_weights=need_weights, decode_step=decode_step,
                 compiled=compile_policy.wants_compile(self.compile_setting, device.type), empty=empty,
-                grad=key[-1],
+                captured=key[-2], grad=key[-1],
             )
             try:
                 decision = self._decisions[key] = dispatch.select_backend(self.backend, call)
@@ -248,6 +248,8 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         batch, t1, _ = query.shape
         t2 = t1 if memory is None else memory.size(1)
         keep = masks.keep_mask(mask, batch=batch, t1=t1, t2=t2, device=query.device)
+        if self._custom_dropout() is not None:
+            return self._stock_sequence(query, memory, keep)
         backend = self._select(query, keep, causal=self.causal, need_weights=self.keep_attn,
                                empty=0 in (batch, t1, t2))
         proj = quantized.projections(self)
@@ -255,16 +257,19 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         if proj is not None:  # swapped (quantized) linears: called as modules, eager
             out, weights = quantized.attend(
                 proj, query, memory, keep, n_head=self.h, causal=self.causal,
-                dropout_p=self._dropout_p(), training=self.training, backend=backend,
+                dropout_p=self._dropout_p(), training=self._modules["dropout"].training, backend=backend,
             )
         else:
             fn = self._fn(functional.attend, query)
+            # Per-item calls draw dropout in other shapes than the stock layer's one call,
+            # so with dropout the batch runs whole (the same random numbers as stock).
             if (backend == dispatch.SDPA and not self.causal and query.device.type == "cpu"
-                    and fn is functional.attend and not torch.compiler.is_compiling()):
+                    and fn is functional.attend and not self._dropout_p()
+                    and not torch.compiler.is_compiling() and not compile_policy.capturing()):
                 key_lengths = packing.plan(keep, batch=batch, t1=t1, t2=t2, d=self.n_feat)
             out, weights = fn(
                 query, memory, keep, *self._params(), n_head=self.h, causal=self.causal,
-                dropout_p=self._dropout_p(), training=self.training, backend=backend,
+                dropout_p=self._dropout_p(), training=self._modules["dropout"].training, backend=backend,
                 key_lengths=key_lengths,
             )
         self._last["skipped_keys"] = 0.0 if key_lengths is None else 1.0 - sum(key_lengths) / (batch * t2)
@@ -291,11 +296,6 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
             del float_qkv.__dict__["qconfig"]
             state["_float_linear_qkv"] = float_qkv
         return state
-
-    def _dropout_p(self):
-        """Attention dropout of a call: the layer's ``p`` in training, 0 in eval (for
-        ``step`` too: the stock ``step`` runs ``forward``)."""
-        return self.dropout.p if self.training else 0.0
 
 
 class StockLayoutFlashMultiHeadedAttention(FlashMultiHeadedAttention):

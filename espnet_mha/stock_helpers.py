@@ -1,14 +1,20 @@
-"""The stock layer's helper methods, ``forward_qkv`` and ``forward_attention``.
+"""The stock layer's helper methods, ``forward_qkv`` and ``forward_attention``, and the
+attention dropout.
 
-ESPnet code and user code sometimes call them directly (e.g. to inspect
+ESPnet code and user code sometimes call the helpers directly (e.g. to inspect
 attention), so our layer keeps them, computing exactly what the stock ones do
-on our fused parameters. The layer's own ``forward`` does not use them.
+on our fused parameters. The layer's own ``forward`` uses them only when it must
+call a replaced or hooked dropout module, as the stock layer does (the stock
+path, :meth:`StockHelpers._stock_sequence`); otherwise the kernels apply the
+dropout module's ``p`` while the module is in training mode.
 """
+
+import math
 
 import torch
 from torch import nn
 
-from espnet_mha import kernels, masks, quantized
+from espnet_mha import dispatch, kernels, masks, quantized
 
 
 class StockHelpers:
@@ -76,3 +82,59 @@ class StockHelpers:
         x = torch.matmul(self.dropout(self.attn), value)
         x = x.transpose(1, 2).reshape(value.size(0), -1, self.h * self.d_k)
         return self.linear_out(x)
+
+    def _dropout_p(self):
+        """Attention dropout of a call: the dropout module's ``p`` while *it* is in training
+        mode, else 0 (the stock layer calls ``self.dropout(...)``, so the module's own flag
+        decides, e.g. MC dropout in eval or dropout switched off for training; for
+        ``step`` too: the stock ``step`` runs ``forward``). Only for a plain
+        ``nn.Dropout`` (see :meth:`_custom_dropout`)."""
+        dropout = self._modules["dropout"]
+        return dropout.p if dropout.training else 0.0
+
+    def _custom_dropout(self):
+        """The dropout module when the kernels cannot stand in for it, else None: when it
+        is not a plain ``nn.Dropout`` (a user's replacement or subclass) or it has hooks.
+        The layer then calls it on the attention weights, as the stock layer does, on
+        the math path (:meth:`_stock_sequence`)."""
+        dropout = self._modules["dropout"]
+        if type(dropout) is nn.Dropout and not (dropout._forward_hooks or dropout._forward_pre_hooks):
+            return None
+        return dropout
+
+    def _select_stock_math(self, dropout):
+        """Record the math path for a call that must call the ``dropout`` module itself.
+
+        Raises:
+            dispatch.BackendUnavailableError: a backend other than math is forced.
+            ValueError: the ``backend`` attribute is not a known backend.
+        """
+        self._last["backend"], self._last["fallback"] = None, ""
+        if self.backend not in dispatch.BACKENDS:
+            raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {self.backend!r}")
+        if self.backend not in (dispatch.AUTO, dispatch.MATH):
+            raise dispatch.BackendUnavailableError(
+                f"backend={self.backend!r} cannot call the layer's dropout module ({type(dropout).__name__}, "
+                "a replacement or a module with hooks): only the math path applies it to the attention "
+                "weights as the stock layer does. Use backend='math' or 'auto', or a plain nn.Dropout."
+            )
+        reason = f"the dropout module ({type(dropout).__name__}) is called on the attention weights"
+        self._last["backend"], self._last["fallback"] = dispatch.MATH, reason
+
+    def _stock_sequence(self, query, memory, keep):
+        """The stock computation through :meth:`forward_qkv` and :meth:`forward_attention`,
+        which call the dropout module (and the linears, as modules where needed).
+
+        Args:
+            query: ``(B, T1, D)``; memory: ``(B, T2, D)`` or None (self-attention).
+            keep: None or bool ``(b, m, T2)`` (not yet combined with ``causal``).
+        """
+        self._select_stock_math(self._modules["dropout"])
+        source = query if memory is None else memory
+        if self.causal:
+            causal = masks.causal_keep(query.size(1), source.size(1), query.device)
+            keep = causal if keep is None else keep & causal
+        q, k, v = self.forward_qkv(query, source, source)
+        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.d_k)
+        self._last["skipped_keys"] = 0.0
+        return self.forward_attention(v, scores, keep)

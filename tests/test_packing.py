@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from espnet_mha import packing
+from espnet2.asr.state_spaces.attention import MultiHeadedAttention
+
+from espnet_mha import FlashMultiHeadedAttention, packing
 from espnet_mha.testing import stock_and_flash
 
 FP64 = dict(rtol=1e-10, atol=1e-10)
@@ -101,13 +103,29 @@ def test_not_used_where_the_full_call_is_needed(options, always_per_item):
     assert ours.last_skipped_keys == 0.0
 
 
-def test_dropout_in_training_runs_per_item(always_per_item):
-    _, ours = stock_and_flash(24, 4, dropout=0.5)
-    ours.train()
-    query = torch.randn(4, 6, 24, dtype=torch.float64, requires_grad=True)
-    out, _ = ours(query, torch.randn(4, 13, 24, dtype=torch.float64), padding_mask((13, 5, 9, 1), 13))
-    out.sum().backward()
-    assert ours.last_skipped_keys > 0 and query.grad.isfinite().all()
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dropout_in_training_runs_the_batch_whole_with_the_stock_random_draws(always_per_item, seed):
+    """Per-item calls would draw the dropout mask in other shapes than the stock layer's
+    one call, so later layers would see other random numbers too. With dropout active
+    the batch runs whole: the same output, gradients and RNG state as the stock layer."""
+    stock = MultiHeadedAttention(24, 4, dropout=0.5).double().train()
+    ours = FlashMultiHeadedAttention(24, 4, dropout=0.5).double().train()
+    ours.load_state_dict(stock.state_dict())
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(4, 6, 24, generator=gen, dtype=torch.float64)
+    memory = torch.randn(4, 13, 24, generator=gen, dtype=torch.float64)
+    mask = padding_mask((13, 5, 9, 1), 13)
+    results = []
+    for layer in (stock, ours):
+        torch.manual_seed(seed)
+        out, query_grad, memory_grad, _ = forward_backward(layer, query, memory, mask)
+        results.append((out, query_grad, memory_grad, torch.rand(3)))  # the RNG after the layer
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert ours.last_skipped_keys == 0.0
+    ours.eval()  # no dropout: per item again
+    ours(query, memory, mask)
+    assert ours.last_skipped_keys > 0
 
 
 def test_non_finite_values_with_skipped_keys(always_per_item):

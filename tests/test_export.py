@@ -1,0 +1,168 @@
+"""Graphs captured from the layer (``torch.jit.trace``, ``torch.export``, the TorchScript
+ONNX exporter that espnet_onnx uses) against the stock layer, on inputs other than the
+capture example.
+
+A capture keeps only the Python branches its example took. The layer's shortcuts
+(skipping padded keys, the stride-0 memory and batch-1 cache of decoding, the mask
+SDPA gets on CPU) depend on mask values, strides and sizes, so a captured graph
+takes the stock computation instead (``compile_policy.capturing``); these tests run
+each captured graph on other lengths, masks, batches and memories.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from espnet_mha import packing
+from espnet_mha.testing import stock_and_flash
+
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def quiet_tracer():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings: what the tests check instead
+        yield
+
+
+def padding(lengths, t2):
+    return (torch.arange(t2)[None, :] < torch.tensor(lengths)[:, None]).unsqueeze(1)
+
+
+def rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+class Forward(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, query, memory, mask):
+        return self.layer(query, memory, mask)[0]
+
+
+class NoMask(Forward):
+    def forward(self, query, memory):
+        return self.layer(query, memory)[0]
+
+
+class Step(Forward):
+    def forward(self, query, state, memory):
+        return self.layer.step(query, state, memory=memory)[0]
+
+
+class FirstStep(Forward):
+    def forward(self, query, memory):
+        return self.layer.step(query, None, memory=memory)[0]
+
+
+def other_inputs():
+    """(query, memory, mask): other lengths, no padding, a fully masked item, other B and T2."""
+    return [
+        (rand(2, 5, 32, seed=3), rand(2, 40, 32, seed=4), padding((13, 40), 40)),
+        (rand(2, 5, 32, seed=5), rand(2, 40, 32, seed=6), padding((40, 40), 40)),
+        (rand(2, 5, 32, seed=7), rand(2, 40, 32, seed=8), padding((0, 22), 40)),
+        (rand(3, 2, 32, seed=9), rand(3, 57, 32, seed=10), padding((57, 9, 30), 57)),
+    ]
+
+
+def test_a_forward_traced_on_a_padded_batch_serves_other_masks(monkeypatch):
+    """The padded-key skip read the example's lengths and dropped the mask from the trace."""
+    monkeypatch.setattr(packing, "ITEM_COST_MACS", 0)  # the example would be split per item
+    stock, ours = stock_and_flash(32, 4, dtype=torch.float32)
+    example = (rand(2, 5, 32, seed=1), rand(2, 40, 32, seed=2), padding((40, 8), 40))
+    with torch.no_grad():
+        traced = torch.jit.trace(Forward(ours), example, check_trace=False)
+        for query, memory, mask in [example, *other_inputs()]:
+            torch.testing.assert_close(traced(query, memory, mask), stock(query, memory, mask)[0], **FP32)
+
+
+@pytest.mark.parametrize("keep_attn", [False, True])
+def test_a_forward_traced_without_a_mask_serves_other_lengths_and_batches(keep_attn):
+    """The all-True mask SDPA gets on CPU, and the math path's batch-1 shortcut, were
+    frozen at the example's T2 and batch."""
+    stock, ours = stock_and_flash(32, 4, dtype=torch.float32, keep_attn=keep_attn)
+    with torch.no_grad():
+        traced = torch.jit.trace(NoMask(ours), (rand(1, 5, 32, seed=1), rand(1, 40, 32, seed=2)), check_trace=False)
+        for query, memory, _ in other_inputs():
+            torch.testing.assert_close(traced(query, memory), stock(query, memory)[0], **FP32)
+
+
+def test_traced_decoding_steps_serve_distinct_memories_and_stale_states():
+    """A step traced the way BatchBeamSearch calls it (memory expanded with stride 0; later a
+    batch-1 state) kept item 0's memory for every item and skipped the stale-state check."""
+    stock, ours = stock_and_flash(32, 4, dtype=torch.float32)
+    beam = rand(1, 20, 32, seed=1).expand(4, -1, -1)
+    with torch.no_grad():
+        _, state = ours.step(rand(1, 32, seed=2), None, memory=beam[:1])
+        first = torch.jit.trace(FirstStep(ours), (rand(4, 32, seed=3), beam), check_trace=False)
+        later = torch.jit.trace(Step(ours), (rand(4, 32, seed=3), state[:1], beam), check_trace=False)
+        distinct, other = rand(4, 20, 32, seed=4), rand(1, 20, 32, seed=5).expand(4, -1, -1)
+        query = rand(4, 32, seed=6)
+        _, distinct_state = ours.step(query, None, memory=distinct)
+        for memory, given_state in ((distinct, distinct_state), (other, state[:1])):  # the second is stale
+            expected, _ = stock.step(query, None, memory=memory)
+            torch.testing.assert_close(first(query, memory), expected, **FP32)
+            torch.testing.assert_close(later(query, given_state, memory), expected, **FP32)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_an_exported_decoding_step_serves_other_memories(strict):
+    """torch.export of a cached step failed on the cache's record (a data pointer)."""
+    stock, ours = stock_and_flash(32, 4, dtype=torch.float32)
+    beam = rand(1, 20, 32, seed=1).expand(4, -1, -1)
+    with torch.no_grad():
+        _, state = ours.step(rand(1, 32, seed=2), None, memory=beam[:1])
+        program = torch.export.export(Step(ours), (rand(4, 32, seed=3), state[:1], beam), strict=strict)
+        query, memory = rand(4, 32, seed=4), rand(4, 20, 32, seed=5)
+        torch.testing.assert_close(program.module()(query, state[:1], memory), stock.step(query, None, memory=memory)[0],
+                                   **FP32)
+
+
+def test_torch_compile_of_a_step_keeps_the_cache():
+    """Under torch.compile (unlike export) the cache stays: dynamo reads
+    torch.compiler.is_exporting() as True there too, which must not switch it off."""
+    torch._dynamo.reset()
+    _, ours = stock_and_flash(16, 2, dtype=torch.float32)
+    step = torch.compile(ours.step, backend="eager")
+    memory = rand(1, 6, 16, seed=1)
+    with torch.no_grad():
+        _, state = step(rand(1, 16, seed=2), None, memory=memory)
+        step(rand(3, 16, seed=3), state[:1], memory=memory.expand(3, -1, -1))
+    assert ours.last_cache == "reused"
+
+
+def test_the_torchscript_onnx_export_serves_other_shapes_and_masks(tmp_path, monkeypatch):
+    """espnet_onnx exports decoders with torch.onnx's TorchScript exporter; run in onnxruntime."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(packing, "ITEM_COST_MACS", 0)
+    stock, ours = stock_and_flash(32, 4, dtype=torch.float32)
+    example = (rand(2, 5, 32, seed=1), rand(2, 40, 32, seed=2), padding((40, 8), 40))
+    axes = {"query": {0: "B", 1: "T1"}, "memory": {0: "B", 1: "T2"}, "mask": {0: "B", 2: "T2"}}
+    for with_mask in (True, False):
+        path = tmp_path / f"layer_{with_mask}.onnx"
+        module, args, names = ((Forward(ours), example, ["query", "memory", "mask"]) if with_mask else
+                               (NoMask(ours), example[:2], ["query", "memory"]))
+        with torch.no_grad():
+            torch.onnx.export(module, args, str(path), dynamo=False, input_names=names, output_names=["out"],
+                              dynamic_axes={name: axes[name] for name in names}, opset_version=17)
+        onnx.checker.check_model(str(path))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for query, memory, mask in other_inputs():
+            feeds = {"query": query.numpy(), "memory": memory.numpy()}
+            if with_mask:
+                feeds["mask"] = mask.numpy()
+            got = torch.from_numpy(session.run(None, feeds)[0])
+            with torch.no_grad():
+                expected, _ = stock(query, memory, mask if with_mask else None)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fx_symbolic_trace_gets_a_clear_error():
+    _, ours = stock_and_flash(16, 2)
+    with pytest.raises(TypeError, match=r"query is a torch.fx Proxy: .*keep it a leaf module"):
+        torch.fx.symbolic_trace(Forward(ours), concrete_args={"mask": None})
