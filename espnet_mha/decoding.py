@@ -87,8 +87,9 @@ class DecodingSteps:
             self._last["cache"] = "reused"
         self._remember_source(kv, memory, key, weights)
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
-        keep_call = None if keep is None else (keep.transpose(0, 1) if kv.size(0) == 1 else keep)
-        backend = self._select(query, keep_call, causal=False, need_weights=self.keep_attn, decode_step=True,
+        # The mask as the kernel gets it: (1 or B, 1, T2) whether or not functional.cached_context
+        # folds the beam (it folds only with a (1, 1, T2) mask, which folding leaves as it is).
+        backend = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True,
                                empty=0 in (batch, memory.size(1)))
         if proj is not None:
             out, weights = quantized.attend_cached(proj, query, kv, keep, backend=backend,

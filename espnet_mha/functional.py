@@ -182,9 +182,12 @@ def cached_context(q, kv, keep, *, backend, dropout_p=0.0):
         (context ``(B, D)``, weights ``(B, H, 1, T2)`` from the math backend or None).
     """
     n_head, batch, d_k = q.shape
-    # With dropout, the weights keep the stock (B, H, 1, T2) layout, so the dropout
-    # mask is drawn in the stock order (the same random numbers as the stock step).
-    shared = kv.size(0) == 1 and not dropout_p
+    # The beam is folded into one batch only when that changes nothing but speed: with
+    # dropout the weights keep the stock (B, H, 1, T2) layout, so the dropout mask is
+    # drawn in the stock order (the same random numbers as the stock step); and a mask
+    # per hypothesis stays a key-padding mask (flash-attn's varlen call can serve it,
+    # where folded it would be one per query).
+    shared = kv.size(0) == 1 and not dropout_p and (keep is None or keep.size(0) == 1)
     if shared:
         q = q.unsqueeze(0)  # (1, H, B, d_k)
         keep = None if keep is None else keep.transpose(0, 1)  # (1, b', T2)

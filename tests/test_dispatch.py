@@ -196,6 +196,28 @@ def test_flash_step_with_a_shared_cache(flash_on_cpu):
     assert (record["fn"], record["q"], record["k"]) == ("flash_attn_func", (1, 5, 4, 4), (1, 9, 4, 4))
 
 
+@pytest.mark.standin
+@pytest.mark.parametrize("backend", ["auto", "flash_attn"])
+def test_flash_masked_steps_with_a_shared_cache(flash_on_cpu, backend):
+    """A mask per hypothesis with a batch-1 state (ESPnet's protocol): the beam is not folded,
+    so the mask stays key padding and flash-attn serves it (forced, it raised, naming a
+    per-query mask the caller never passed). A (1, 1, T2) mask still folds."""
+    stock, ours = stock_and_flash(16, 4, backend=backend)
+    memory = torch.randn(1, 9, 16, dtype=torch.float64).expand(5, -1, -1)
+    query = torch.randn(5, 16, dtype=torch.float64)
+    mask = torch.rand(5, 1, 9, generator=torch.Generator().manual_seed(0)) > 0.3
+    mask[2] = False  # a hypothesis with no memory frame
+    _, state = ours.step(query[:1], None, memory=memory[:1])
+    for given, folded in ((mask, False), (mask[:1], True)):
+        for state_ in (None, state[:1]):
+            got, _ = ours.step(query, state_, memory=memory, mask=given)
+            torch.testing.assert_close(got, stock.step(query, None, memory=memory, mask=given)[0], **FP64)
+            assert ours.last_backend == "flash_attn"
+            record = flash_on_cpu.calls[-1]
+            assert record["fn"] == "flash_attn_varlen_func"
+            assert record["cu_seqlens_q"] == ([0, 5] if folded else [0, 1, 2, 3, 4, 5])
+
+
 def test_compiled_float64_on_cpu_avoids_the_broken_sdpa_backward(monkeypatch):
     monkeypatch.setattr(dispatch, "_COMPILED_FP64_CPU_SDPA_BROKEN", True)
     cpu64 = call(device=torch.device("cpu"), dtype=torch.float64, compiled=True)
