@@ -34,25 +34,25 @@ these weights is *recomputed* from the memory given (the layer's
   forgotten: each layer keeps records of up to 1024 caches, then starts over);
 - its record names another memory or other weights. Per cache storage, a
   layer keeps :func:`record`: the memory's address, strides and in-place
-  write counter, a weak reference to the tensor owning its rows (so a new
-  memory allocated where a freed one was does not match), and the address
-  and write counter of the projection's weight and bias. No tensor is kept
-  alive: this can force a recomputation, never change a result.
+  write counter, and the address and write counter of the projection's
+  weight and bias, each with a weak reference to its storage (so a new memory
+  or new weights allocated where freed ones were do not match). No tensor is
+  kept alive: this can force a recomputation, never change a result.
 
 A malformed state (not a tensor, wrong rank, heads, head size, or a batch that
 is neither 1 nor the query's) raises ``TypeError``/``ValueError``. What cannot
 be seen: writes into the memory or the weights that bypass the write counter
-(through ``.data``, from numpy through shared memory, or on tensors made under
-``torch.inference_mode``, which have no counter). And after a backward through
+(through ``.data`` or ``untyped_storage()``, from numpy, from another process
+through shared memory, or on tensors made under ``torch.inference_mode``, which
+have no counter). And after a backward through
 a step, the state's graph is freed as for any tensor: the next step with
 gradients needs ``retain_graph=True`` on that backward, or ``state=None``.
 Start each utterance with ``default_state()`` (``state=None``), as ESPnet
 does.
 """
 
-import weakref
-
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 # Per layer: the records of up to this many caches are kept (then forgotten at once; a
 # forgotten cache is recomputed on its next step).
@@ -101,12 +101,14 @@ def _version(tensor):
         return -1
 
 
-def memory_root(memory):
-    """The tensor that owns the memory's rows: the base of a view (``BatchBeamSearch``
-    passes ``x.expand(...)``, a new view of the same encoder output every step), else
-    the memory itself."""
-    base = memory._base
-    return memory if base is None else base
+def storage_ref(tensor):
+    """A weak reference to the storage holding ``tensor``'s elements: ``expired()`` once that
+    storage is freed, ``cdata`` its identity while it is not. Shared by every view (``BatchBeamSearch`` passes ``x.expand(...)``,
+    a new view of the same encoder output every step), also of inference tensors, whose
+    views have no ``_base``; and it tells a freed tensor from a new one allocated at the
+    same address, which its address and write counter cannot (``param.data = ...`` and
+    ``.half()``/``.float()`` round trips free the old weights without a write)."""
+    return StorageWeakRef(tensor.untyped_storage())
 
 
 def weights_key(weight, bias):
@@ -115,13 +117,14 @@ def weights_key(weight, bias):
     return (weight.data_ptr(), _version(weight), bias.data_ptr(), _version(bias))
 
 
-def record(memory, key, weights, kv):
+def record(memory, key, weights, kv, weight_tensors):
     """What a layer keeps about a cache ``kv`` it made: ``key`` (:func:`memory_key` of the
-    memory), a weak reference to the tensor owning its rows (so a freed memory never
-    matches a new one allocated at the same address), the projection's ``weights`` key,
-    and the cache's own write counter (shared by every view of it, such as the states
-    ``BatchBeamSearch`` splits off: an in-place change to a state is seen)."""
-    return (key, weakref.ref(memory_root(memory)), weights, _version(kv))
+    memory), a :func:`storage_ref` of the memory (so a freed memory never matches a new
+    one allocated at the same address), the projection's ``weights`` key with a
+    :func:`storage_ref` of each of its ``weight_tensors`` (the same for new weights at a
+    freed one's address), and the cache's own write counter (shared by every view of it,
+    such as the states ``BatchBeamSearch`` splits off: an in-place change to a state is seen)."""
+    return (key, storage_ref(memory), weights, _version(kv), tuple(storage_ref(t) for t in weight_tensors))
 
 
 def provenance_problem(sources, state, key, memory, weights):
@@ -131,9 +134,11 @@ def provenance_problem(sources, state, key, memory, weights):
     kept = sources.get(source_slot(state))
     if kept is None:
         return "this layer has no record of the state (not made by it, or forgotten)"
-    if kept[0] != key or kept[1]() is not memory_root(memory):
+    # The storage itself (not only its address): two tensors over one numpy buffer share
+    # an address but not a storage, and a rewrite of the buffer moves neither write counter.
+    if kept[0] != key or kept[1].expired() or kept[1].cdata != memory.untyped_storage()._cdata:
         return "the state was made from another memory"
-    if kept[2] != weights:
+    if kept[2] != weights or any(ref.expired() for ref in kept[4]):
         return "the key/value weights changed since the state was made"
     if kept[3] != _version(state):
         return "the state was changed in place since it was made"

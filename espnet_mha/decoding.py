@@ -89,8 +89,9 @@ class DecodingSteps:
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         # The mask as the kernel gets it: (1 or B, 1, T2) whether or not functional.cached_context
         # folds the beam (it folds only with a (1, 1, T2) mask, which folding leaves as it is).
-        backend = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True,
-                               empty=0 in (batch, memory.size(1)))
+        decision = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True,
+                                empty=0 in (batch, memory.size(1)))
+        backend = decision[0]
         if proj is not None:
             out, weights = quantized.attend_cached(proj, query, kv, keep, backend=backend,
                                                    dropout_p=self._dropout_p())
@@ -108,7 +109,8 @@ class DecodingSteps:
             if key is not None and not compile_policy.wants_compile(self.compile_setting, query.device.type):
                 if len(self._checked_steps) >= _MAX_CHECKED_STEPS:
                     self._checked_steps.clear()
-                self._checked_steps[key] = (self._last["backend"], self._last["fallback"])
+                # The decision of this call, not _last: another thread may have written it since.
+                self._checked_steps[key] = decision
         return out, cache.batch_state(kv, batch)
 
     def _cached_step_key(self, query, state, memory):
@@ -185,7 +187,10 @@ class DecodingSteps:
             # clear(), not evicting the oldest: atomic when threads share the layer. Caches
             # forgotten here are recomputed on their next step.
             self._cache_sources.clear()
-        self._cache_sources[slot] = cache.record(memory, key, weights, kv)
+        qkv = self._modules["linear_qkv"]
+        tensors = ((qkv._parameters["weight"], qkv._parameters["bias"]) if quantized.is_plain(qkv)
+                   else tuple(qkv.parameters()))
+        self._cache_sources[slot] = cache.record(memory, key, weights, kv, tensors)
 
     def _decoding_params(self):
         """(w_q_heads, b_q_heads, w_out, b_out) for cached steps (see
@@ -216,8 +221,8 @@ class DecodingSteps:
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
         if self._custom_dropout() is not None:
             return self._step_self_stock(query, state, keep)
-        backend = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True,
-                               empty=batch == 0)
+        backend, _ = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True,
+                                  empty=batch == 0)
         proj = quantized.projections(self)
         if proj is not None:
             out, new_state, weights = quantized.step_self(proj, query, state, keep, n_head=self.h, backend=backend,

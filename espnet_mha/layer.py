@@ -181,7 +181,7 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
             if fallback and device.type == "cuda":
                 logger.info("espnet_mha: using %s instead of flash_attn: %s", backend, fallback)
         self._last["backend"], self._last["fallback"] = decision
-        return decision[0]
+        return decision
 
     @property
     def last_backend(self):
@@ -250,7 +250,7 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         keep = masks.keep_mask(mask, batch=batch, t1=t1, t2=t2, device=query.device)
         if self._custom_dropout() is not None:
             return self._stock_sequence(query, memory, keep)
-        backend = self._select(query, keep, causal=self.causal, need_weights=self.keep_attn,
+        backend, _ = self._select(query, keep, causal=self.causal, need_weights=self.keep_attn,
                                empty=0 in (batch, t1, t2))
         proj = quantized.projections(self)
         key_lengths = None

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import assert_same_nbest
 from espnet_mha import cache
+from espnet_mha.checkpoint import to_stock
 from espnet_mha.testing import beam_search, prepare_for_decoding, s4_decoder_pair, stock_and_flash
 
 FP64 = dict(rtol=1e-10, atol=1e-10)
@@ -220,6 +221,62 @@ def test_a_state_is_recomputed_when_the_weights_change_within_an_utterance():
             got, state = ours.step(query, state[:1], memory=memory)
             torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
         assert ours.last_cache == "reused"  # the recomputed state is kept again
+
+
+@pytest.mark.parametrize("change", ["data_assignment", "dtype_round_trip"])
+def test_a_state_is_recomputed_when_new_weights_land_where_the_old_ones_were(change):
+    """``param.data = ...`` and ``.half().float()`` free the old weights without a write, and
+    the allocator often hands their address to the new ones (the write counters match
+    too): the record's storage reference tells them apart (reused before: up to 0.97 off)."""
+    stock, ours = stock_and_flash(64, 4, dtype=torch.float32)
+    memory, query = seq(1, 9, 64, dtype=torch.float32).expand(3, -1, -1), seq(3, 64, seed=1, dtype=torch.float32)
+    with torch.no_grad():
+        for attempt in range(12):
+            _, state = ours.step(query, None, memory=memory)  # a filled cache (no query views kept)
+            if change == "data_assignment":
+                for scale in (0.5, 4.0 if attempt % 2 else 1.0):  # the second lands where the first was
+                    for p in ours.linear_qkv.parameters():
+                        p.data = p.data * scale
+            else:
+                ours.half().float()
+            stock.load_state_dict(to_stock(ours.state_dict()))
+            got, _ = ours.step(query, state[:1], memory=memory)
+            torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], rtol=1e-5, atol=1e-5)
+            assert ours.last_cache.startswith("recomputed")
+
+
+def test_under_inference_mode_a_state_serves_the_next_steps():
+    """Views of inference tensors have no ``_base``: BatchBeamSearch's fresh ``expand`` of the
+    encoder output looked like another memory on every step, so every step recomputed."""
+    stock, ours = stock_and_flash(16, 4)
+    with torch.inference_mode():
+        encoded = seq(1, 7, 16)
+        query = seq(3, 16, seed=1)
+        _, state = ours.step(query[:1], None, memory=encoded.expand(1, -1, -1))
+        for _ in range(3):
+            got, state = ours.step(query, state[:1], memory=encoded.expand(3, -1, -1))
+            assert ours.last_cache == "reused"
+            torch.testing.assert_close(got, stock.step(query, None, memory=encoded.expand(3, -1, -1))[0], **FP64)
+
+
+def test_a_remembered_step_keeps_the_backend_its_own_call_chose(monkeypatch):
+    """Threads sharing a layer: the memo stored ``_last`` after the kernel ran, which a masked
+    forward in another thread may have overwritten meanwhile (a step then ran on sdpa)."""
+    from espnet_mha import functional
+
+    _, ours = stock_and_flash(16, 4)
+    real = functional.attend_cached
+
+    def another_thread_writes(*args, **kwargs):
+        ours._last["backend"], ours._last["fallback"] = "sdpa", "another thread's call"
+        return real(*args, **kwargs)
+
+    memory = seq(1, 5, 16).expand(3, -1, -1)
+    with torch.no_grad():
+        _, state = ours.step(seq(1, 16), None, memory=memory[:1])
+        monkeypatch.setattr(functional, "attend_cached", another_thread_writes)
+        ours.step(seq(3, 16), state[:1], memory=memory)
+    assert {backend for backend, _ in ours._checked_steps.values()} == {"math"}
 
 
 def test_foreign_forgotten_and_copied_states_are_recomputed(monkeypatch):
