@@ -94,7 +94,8 @@ def compiled(fn, mode):
 
 def pick(fn, setting, mode, device_type):
     """``fn`` itself or its compiled version, according to the policy."""
-    if torch.compiler.is_compiling() or not wants_compile(setting, device_type):
+    # A capture cannot trace into a dynamo-compiled function (jit.trace refuses it).
+    if torch.compiler.is_compiling() or not wants_compile(setting, device_type) or capturing():
         return fn
     return compiled(fn, mode)
 

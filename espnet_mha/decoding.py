@@ -71,6 +71,8 @@ class DecodingSteps:
             # dropout module the layer must call, and in a traced or exported graph, where
             # the cache's checks cannot run and its shortcuts (a stride-0 memory, a batch-1
             # state) would be frozen for every later input.
+            if memory is not None:
+                self._last["cache"] = None  # no cache used
             return self._sequence(query.unsqueeze(1), memory, mask).squeeze(1), state
         self._check_memory(query, memory)
         proj = quantized.projections(self)

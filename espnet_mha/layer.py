@@ -197,7 +197,8 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
     def last_cache(self):
         """What the last cross-attention ``step`` did with the key/value cache: "filled"
         (``state=None``), "reused", or "recomputed: <why>" (the state was made from
-        another memory, see :mod:`espnet_mha.cache`); None before the first."""
+        another memory, see :mod:`espnet_mha.cache`); None before the first, and after a
+        step that used no cache (the stock step: a replaced dropout module, or a capture)."""
         return self._last["cache"]
 
     @property
@@ -264,8 +265,7 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
             # Per-item calls draw dropout in other shapes than the stock layer's one call,
             # so with dropout the batch runs whole (the same random numbers as stock).
             if (backend == dispatch.SDPA and not self.causal and query.device.type == "cpu"
-                    and fn is functional.attend and not self._dropout_p()
-                    and not torch.compiler.is_compiling() and not compile_policy.capturing()):
+                    and fn is functional.attend and not self._dropout_p() and packing.plain_eager()):
                 key_lengths = packing.plan(keep, batch=batch, t1=t1, t2=t2, d=self.n_feat)
             out, weights = fn(
                 query, memory, keep, *self._params(), n_head=self.h, causal=self.causal,

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from espnet_mha import dispatch, functional
+from espnet_mha import compile_policy, dispatch, functional
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,14 @@ def projections(layer):
     qkv, out = layer._modules["linear_qkv"], layer._modules["linear_out"]
     if is_plain(qkv) and is_plain(out):
         return None
+    if isinstance(qkv, torch.ao.nn.quantized.dynamic.Linear) and compile_policy.capturing():
+        # The re-quantized q/k/v parts are not submodules, so a trace cannot hold their
+        # packed weights; the fused module alone would change the numbers.
+        raise RuntimeError(
+            "a quantize_dynamic'd FlashMultiHeadedAttention cannot be traced or exported "
+            "(torch.jit.trace, torch.export, ONNX): its re-quantized q/k/v parts are not "
+            "submodules. Trace or export the float model and quantize the result instead."
+        )
     # A quantized module's weights change by replacing its packed parameters
     # (load_state_dict): the re-quantized parts are then made again.
     key = (qkv, out, _packed(qkv))

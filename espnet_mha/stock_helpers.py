@@ -45,7 +45,13 @@ class StockHelpers:
             return x.view(n_batch, -1, self.h, self.d_k).transpose(1, 2)
 
         proj = quantized.projections(self)
-        if proj is not None:  # quantize_dynamic swapped the linears
+        if proj is not None and proj.fused is not None:  # linear_qkv called as a module, once per input
+            d = self.h * self.d_k
+            q = proj.fused(query)
+            kv = q if key is query else proj.fused(key)
+            v = kv if value is key else proj.fused(value)
+            return heads(q[..., :d]), heads(kv[..., d:2 * d]), heads(v[..., 2 * d:])
+        if proj is not None:  # quantize_dynamic swapped the linears: re-quantized parts
             return heads(proj.q(query)), heads(proj.k(key)), heads(proj.v(value))
         w_q, w_k, w_v = self.linear_qkv.weight.chunk(3)
         b_q, b_k, b_v = self.linear_qkv.bias.chunk(3)
@@ -94,11 +100,16 @@ class StockHelpers:
 
     def _custom_dropout(self):
         """The dropout module when the kernels cannot stand in for it, else None: when it
-        is not a plain ``nn.Dropout`` (a user's replacement or subclass) or it has hooks.
-        The layer then calls it on the attention weights, as the stock layer does, on
-        the math path (:meth:`_stock_sequence`)."""
+        is not a plain ``nn.Dropout`` (a user's replacement or subclass, a ``forward``
+        set on the instance), has hooks of its own (forward or backward; global module
+        hooks are not looked at, as for the linears), or is ``inplace`` (the stock
+        layer's ``self.attn`` then holds the dropped weights). The layer then calls it
+        on the attention weights, as the stock layer does, on the math path
+        (:meth:`_stock_sequence`)."""
         dropout = self._modules["dropout"]
-        if type(dropout) is nn.Dropout and not (dropout._forward_hooks or dropout._forward_pre_hooks):
+        if (type(dropout) is nn.Dropout and not dropout.inplace and "forward" not in dropout.__dict__
+                and not (dropout._forward_hooks or dropout._forward_pre_hooks or dropout._backward_hooks
+                         or dropout._backward_pre_hooks)):
             return None
         return dropout
 

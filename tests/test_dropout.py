@@ -98,8 +98,13 @@ class HalfWeights(nn.Module):
 def replacements():
     hooked = nn.Dropout(0.3)
     hooked.register_forward_hook(lambda module, args, out: out * 2.0)
+    backward_hooked = nn.Dropout(0.3)
+    backward_hooked.register_full_backward_hook(lambda module, grad_in, grad_out: (grad_in[0] * 3.0,))
+    wrapped = nn.Dropout(0.3)  # a forward set on the instance, as wrappers (accelerate...) do
+    wrapped.forward = lambda x, _forward=wrapped.forward: _forward(x) * 0.5
     return {"identity": nn.Identity(), "custom": HalfWeights(), "hooked_dropout": hooked,
-            "dropout_subclass": type("MyDropout", (nn.Dropout,), {})(0.3)}
+            "dropout_subclass": type("MyDropout", (nn.Dropout,), {})(0.3),
+            "backward_hooked_dropout": backward_hooked, "instance_forward": wrapped}
 
 
 @pytest.mark.parametrize("name", sorted(replacements()))
@@ -125,7 +130,7 @@ def test_a_replaced_or_hooked_dropout_module_is_called_as_the_stock_layer_calls_
             (expected, stock_state), stock_rng = seeded(stock, t, lambda layer: layer.step(
                 query[:, t], stock_state, memory=memory, mask=mask[:, :1]))
             assert_same((got, rng), (expected, stock_rng))
-            assert state is None
+            assert state is None and ours.last_cache is None
 
 
 def test_a_causal_layer_with_a_replaced_dropout_module():
@@ -154,3 +159,31 @@ def test_a_forced_kernel_backend_refuses_a_dropout_module_it_cannot_call(backend
                                                       r"\(HalfWeights"):
         ours(torch.randn(1, 2, 16, dtype=torch.float64))
     assert ours.last_backend is None
+
+
+def test_an_inplace_dropout_leaves_the_dropped_weights_in_attn_as_the_stock_one():
+    """The stock ``self.dropout(self.attn)`` with ``inplace=True`` overwrites ``self.attn``."""
+    stock, ours = pair(16, 4, 0.0, keep_attn=True)
+    for layer in (stock, ours):
+        layer.dropout = nn.Dropout(0.4, inplace=True)
+    query, memory = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 6, 16, dtype=torch.float64)
+    with torch.no_grad():
+        got, expected = seeded(ours, 0, lambda layer: layer(query, memory)[0]), seeded(stock, 0,
+                                                                                     lambda layer: layer(query, memory)[0])
+    assert_same(got, expected)
+    torch.testing.assert_close(ours.attn, stock.attn, **FP64)
+
+
+@pytest.mark.parametrize("self_attention", [True, False], ids=["self", "cross"])
+def test_with_a_replaced_dropout_a_called_linear_qkv_runs_once_per_input(self_attention):
+    """The stock path calls a non-plain linear_qkv (hooks, LoRA...) once per distinct input,
+    as the layer's own path does, not once per q, k and v."""
+    stock, ours = pair(16, 4, 0.0)
+    calls = []
+    ours.linear_qkv.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    ours.dropout = nn.Identity()
+    stock.dropout = nn.Identity()
+    query = torch.randn(2, 3, 16, dtype=torch.float64)
+    memory = None if self_attention else torch.randn(2, 5, 16, dtype=torch.float64)
+    torch.testing.assert_close(ours(query, memory)[0], stock(query, memory)[0], **FP64)
+    assert len(calls) == (1 if self_attention else 2)

@@ -166,3 +166,36 @@ def test_fx_symbolic_trace_gets_a_clear_error():
     _, ours = stock_and_flash(16, 2)
     with pytest.raises(TypeError, match=r"query is a torch.fx Proxy: .*keep it a leaf module"):
         torch.fx.symbolic_trace(Forward(ours), concrete_args={"mask": None})
+
+
+def test_a_layer_built_with_compile_traces_eagerly():
+    """jit.trace refuses dynamo-compiled functions: the layer's compile policy steps aside."""
+    stock, ours = stock_and_flash(32, 4, dtype=torch.float32, compile=True)
+    example = (rand(2, 5, 32, seed=1), rand(2, 40, 32, seed=2), padding((40, 8), 40))
+    with torch.no_grad():
+        traced = torch.jit.trace(Forward(ours), example, check_trace=False)
+        for query, memory, mask in other_inputs():
+            torch.testing.assert_close(traced(query, memory, mask), stock(query, memory, mask)[0], **FP32)
+
+
+def test_a_quantized_layer_refuses_to_be_traced_with_a_clear_error():
+    _, ours = stock_and_flash(32, 4, dtype=torch.float32)
+    model = torch.ao.quantization.quantize_dynamic(Forward(ours), {torch.nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(RuntimeError, match=r"quantize_dynamic'd FlashMultiHeadedAttention cannot be traced"):
+        torch.jit.trace(model, (rand(2, 5, 32, seed=1), rand(2, 40, 32, seed=2), padding((40, 8), 40)))
+
+
+@pytest.mark.parametrize("transform", ["vmap", "make_fx"])
+def test_transforms_over_a_masked_call_match_stock(transform, monkeypatch):
+    """The padded-key split reads the mask's values, which vmap and make_fx cannot give."""
+    monkeypatch.setattr(packing, "ITEM_COST_MACS", 0)
+    stock, ours = stock_and_flash(32, 4, dtype=torch.float32)
+    query, memory = rand(3, 2, 5, 32, seed=1), rand(3, 2, 40, 32, seed=2)
+    mask = torch.stack([padding((40, 8), 40), padding((3, 40), 40), padding((0, 21), 40)])
+    if transform == "vmap":
+        got = torch.func.vmap(lambda q, m, k: ours(q, m, k)[0])(query, memory, mask)
+    else:
+        graph = torch.fx.experimental.proxy_tensor.make_fx(lambda q, m, k: ours(q, m, k)[0])(query[0], memory[0], mask[0])
+        got = torch.stack([graph(*inputs) for inputs in zip(query, memory, mask)])
+    expected = torch.stack([stock(*inputs)[0] for inputs in zip(query, memory, mask)])
+    torch.testing.assert_close(got, expected, **FP32)
