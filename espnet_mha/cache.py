@@ -54,6 +54,9 @@ does.
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+# StorageWeakRef.expired() without its Python frame: every decoding step checks three.
+_expired = torch.UntypedStorage._expired
+
 # Per layer: the records of up to this many caches are kept (then forgotten at once; a
 # forgotten cache is recomputed on its next step).
 MAX_SOURCES = 1024
@@ -136,10 +139,14 @@ def provenance_problem(sources, state, key, memory, weights):
         return "this layer has no record of the state (not made by it, or forgotten)"
     # The storage itself (not only its address): two tensors over one numpy buffer share
     # an address but not a storage, and a rewrite of the buffer moves neither write counter.
-    if kept[0] != key or kept[1].expired() or kept[1].cdata != memory.untyped_storage()._cdata:
+    memory_ref = kept[1]
+    if kept[0] != key or _expired(memory_ref.cdata) or memory_ref.cdata != memory.untyped_storage()._cdata:
         return "the state was made from another memory"
-    if kept[2] != weights or any(ref.expired() for ref in kept[4]):
+    if kept[2] != weights:
         return "the key/value weights changed since the state was made"
+    for ref in kept[4]:
+        if _expired(ref.cdata):
+            return "the key/value weights changed since the state was made"
     if kept[3] != _version(state):
         return "the state was changed in place since it was made"
     return ""

@@ -119,8 +119,10 @@ class DecodingSteps:
         """What the checks of a cached cross-attention step depend on (None where the
         fast path does not apply: subclassed tensors, autocast, tracing, dropout).
         Every call of a decoding step makes one, so it is kept to plain lookups."""
+        dropout = self._modules["dropout"]
         if (type(query) is not torch.Tensor or type(state) is not torch.Tensor or type(memory) is not torch.Tensor
-                or self.causal or self.keep_attn or self._custom_dropout() is not None or self._dropout_p() > 0
+                or self.causal or self.keep_attn or self._custom_dropout() is not None
+                or (dropout.training and dropout.p > 0)
                 or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
                 or compile_policy.capturing()):
             return None
