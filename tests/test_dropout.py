@@ -187,3 +187,40 @@ def test_with_a_replaced_dropout_a_called_linear_qkv_runs_once_per_input(self_at
     memory = None if self_attention else torch.randn(2, 5, 16, dtype=torch.float64)
     torch.testing.assert_close(ours(query, memory)[0], stock(query, memory)[0], **FP64)
     assert len(calls) == (1 if self_attention else 2)
+
+
+def test_an_espnet_asr_model_trains_as_with_the_stock_layer_under_dropout(tmp_path, monkeypatch):
+    """ASRTask's model from the recipe config, dropout 0.2 in every nn.Dropout (ours
+    included), four Adam steps from the same seed: the same losses and parameters as with
+    the stock ``mha``, since ours draws the stock random numbers (also where the padded
+    encoder frames would be skipped without dropout)."""
+    from espnet_asr import batch, build
+
+    from espnet_mha import packing
+    from espnet_mha.checkpoint import to_stock
+
+    monkeypatch.setattr(packing, "ITEM_COST_MACS", 0)
+
+    models = []
+    for attention in ("mha", "flash_mha"):
+        model, _ = build(tmp_path, attention, seed=0)
+        model.double().train()
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.2
+        models.append(model)
+    stock, ours = models
+    torch.testing.assert_close(to_stock(ours.state_dict()), stock.state_dict(), rtol=0, atol=0)
+    losses = {id(model): [] for model in models}
+    for model in models:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for step in range(4):
+            torch.manual_seed(step)
+            inputs = {k: v.double() if v.is_floating_point() else v for k, v in batch(seed=step).items()}
+            loss, _, _ = model(**inputs)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses[id(model)].append(loss.item())
+    assert losses[id(ours)] == pytest.approx(losses[id(stock)], rel=1e-9)
+    torch.testing.assert_close(to_stock(ours.state_dict()), stock.state_dict(), rtol=1e-8, atol=1e-9)
