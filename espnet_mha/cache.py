@@ -106,11 +106,12 @@ def _version(tensor):
 
 def storage_ref(tensor):
     """A weak reference to the storage holding ``tensor``'s elements: ``expired()`` once that
-    storage is freed, ``cdata`` its identity while it is not. Shared by every view (``BatchBeamSearch`` passes ``x.expand(...)``,
-    a new view of the same encoder output every step), also of inference tensors, whose
-    views have no ``_base``; and it tells a freed tensor from a new one allocated at the
-    same address, which its address and write counter cannot (``param.data = ...`` and
-    ``.half()``/``.float()`` round trips free the old weights without a write)."""
+    storage is freed, ``cdata`` its identity while it is not. Shared by every view
+    (``BatchBeamSearch`` passes ``x.expand(...)``, a new view of the same encoder output
+    every step), also of inference tensors, whose views have no ``_base``; and it tells a
+    freed tensor from a new one allocated at the same address, which its address and
+    write counter cannot (``param.data = ...`` and ``.half()``/``.float()`` round trips
+    free the old weights without a write)."""
     return StorageWeakRef(tensor.untyped_storage())
 
 

@@ -125,8 +125,8 @@ class StockHelpers:
             raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {self.backend!r}")
         if self.backend not in (dispatch.AUTO, dispatch.MATH):
             raise dispatch.BackendUnavailableError(
-                f"backend={self.backend!r} cannot call the layer's dropout module ({type(dropout).__name__}, "
-                "a replacement or a module with hooks): only the math path applies it to the attention "
+                f"backend={self.backend!r} cannot call the layer's dropout module ({type(dropout).__name__}: "
+                "replaced, hooked or in-place): only the math path applies it to the attention "
                 "weights as the stock layer does. Use backend='math' or 'auto', or a plain nn.Dropout."
             )
         reason = f"the dropout module ({type(dropout).__name__}) is called on the attention weights"
