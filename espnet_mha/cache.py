@@ -121,20 +121,32 @@ def weights_key(weight, bias):
     return (weight.data_ptr(), _version(weight), bias.data_ptr(), _version(bias))
 
 
+def grad_flags(memory, weight_tensors):
+    """Which of the memory and the projection weights a cache made now would carry a graph
+    to: their ``requires_grad`` flags with gradients on, None with gradients off (the
+    record of a cache made then holds all False: it carries no graph)."""
+    if not torch.is_grad_enabled():
+        return None
+    return (memory.requires_grad, *(t.requires_grad for t in weight_tensors))
+
+
 def record(memory, key, weights, kv, weight_tensors):
     """What a layer keeps about a cache ``kv`` it made: ``key`` (:func:`memory_key` of the
     memory), a :func:`storage_ref` of the memory (so a freed memory never matches a new
     one allocated at the same address), the projection's ``weights`` key with a
     :func:`storage_ref` of each of its ``weight_tensors`` (the same for new weights at a
     freed one's address), and the cache's own write counter (shared by every view of it,
-    such as the states ``BatchBeamSearch`` splits off: an in-place change to a state is seen)."""
-    return (key, storage_ref(memory), weights, _version(kv), tuple(storage_ref(t) for t in weight_tensors))
+    such as the states ``BatchBeamSearch`` splits off: an in-place change to a state is seen),
+    and its :func:`grad_flags` (what its graph reaches back to)."""
+    flags = grad_flags(memory, weight_tensors) or (False,) * (1 + len(weight_tensors))
+    return (key, storage_ref(memory), weights, _version(kv), tuple(storage_ref(t) for t in weight_tensors), flags)
 
 
-def provenance_problem(sources, state, key, memory, weights):
+def provenance_problem(sources, state, key, memory, weights, grads=None):
     """Why the cache ``state`` cannot serve ``memory`` (whose :func:`memory_key` is ``key``)
-    with the projection's current ``weights`` key, by the layer's ``sources`` (its
-    :func:`record` per :func:`source_slot`); "" if it can."""
+    with the projection's current ``weights`` key and, with gradients on, current
+    :func:`grad_flags` ``grads``, by the layer's ``sources`` (its :func:`record` per
+    :func:`source_slot`); "" if it can."""
     kept = sources.get(source_slot(state))
     if kept is None:
         return "this layer has no record of the state (not made by it, or forgotten)"
@@ -150,6 +162,10 @@ def provenance_problem(sources, state, key, memory, weights):
             return "the key/value weights changed since the state was made"
     if kept[3] != _version(state):
         return "the state was changed in place since it was made"
+    if grads is not None and kept[5] != grads:
+        # Made without gradients (or from a memory or weights that required grad, and now
+        # do not, e.g. memory.detach()): its graph would give other gradients than the stock step.
+        return "the state's graph does not reach the memory and weights that now need gradients"
     return ""
 
 

@@ -55,8 +55,13 @@ class DecodingSteps:
         Raises:
             TypeError, ValueError: bad shapes, or a malformed state (see :mod:`espnet_mha.cache`).
         """
-        if type(query) is torch.Tensor and query.dim() == 3 and query.size(1) == 1:
-            query = query.squeeze(1)  # (B, 1, D): the stock step takes it too, and returns (B, D)
+        if type(query) is torch.Tensor and query.dim() == 3:
+            if query.size(1) == 1:
+                query = query.squeeze(1)  # (B, 1, D): the stock step takes it too, and returns (B, D)
+            elif not self.causal:  # the stock step is forward over all T1 positions: (B, T1, D)
+                if memory is not None:
+                    self._last["cache"] = None
+                return self._sequence(query, memory, mask), state
         if mask is None and state is not None and memory is not None:
             fast = self._checked_cached_step(query, state, memory)
             if fast is not None:
@@ -66,11 +71,13 @@ class DecodingSteps:
         if self.causal:
             # As forward: the encoder memory, and the mask that comes with it, are not ours.
             return self._step_self(query, state, mask if memory is None else None)
-        if memory is None or self._custom_dropout() is not None or compile_policy.capturing():
+        if (memory is None or self._custom_dropout() is not None or compile_policy.capturing()
+                or torch._C._are_functorch_transforms_active()):
             # The stock step (forward over one position, the state passed through): for a
-            # dropout module the layer must call, and in a traced or exported graph, where
-            # the cache's checks cannot run and its shortcuts (a stride-0 memory, a batch-1
-            # state) would be frozen for every later input.
+            # dropout module the layer must call; in a traced or exported graph, where the
+            # cache's checks cannot run and its shortcuts (a stride-0 memory, a batch-1
+            # state) would be frozen for every later input; and under torch.func
+            # transforms, whose tensors have no address for the cache's records.
             if memory is not None:
                 self._last["cache"] = None  # no cache used
             return self._sequence(query.unsqueeze(1), memory, mask).squeeze(1), state
@@ -124,7 +131,7 @@ class DecodingSteps:
                 or self.causal or self.keep_attn or self._custom_dropout() is not None
                 or (dropout.training and dropout.p > 0)
                 or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
-                or compile_policy.capturing()):
+                or compile_policy.capturing() or torch._C._are_functorch_transforms_active()):
             return None
         return (query.shape, memory.shape, state.shape, query.dtype, memory.dtype, state.dtype,
                 query.device, memory.device, state.device, self.backend, self.compile_setting,
@@ -147,9 +154,9 @@ class DecodingSteps:
         if not (quantized.is_plain(qkv) and quantized.is_plain(self._modules["linear_out"])):
             return None  # linears called as modules (quantized, LoRA, hooks): the checked path does that
         key = cache.memory_key(memory)
-        weights = qkv._parameters
-        if cache.provenance_problem(self._cache_sources, state, key, memory,
-                                    cache.weights_key(weights["weight"], weights["bias"])) \
+        weight, bias = qkv._parameters["weight"], qkv._parameters["bias"]
+        if cache.provenance_problem(self._cache_sources, state, key, memory, cache.weights_key(weight, bias),
+                                    cache.grad_flags(memory, (weight, bias))) \
                 or cache.batch1_meets_distinct(state, key):
             return None  # the checked path decides: recompute, or reuse and remember
         self._last["backend"], self._last["fallback"] = decision
@@ -180,7 +187,8 @@ class DecodingSteps:
             return key, weights, ""
         stale = cache.stale_reason(state, memory, key, batch=batch, n_head=self.h,
                                    dtype=checks.compute_dtype(memory))
-        return key, weights, stale or cache.provenance_problem(self._cache_sources, state, key, memory, weights)
+        return key, weights, stale or cache.provenance_problem(
+            self._cache_sources, state, key, memory, weights, cache.grad_flags(memory, self._weight_tensors()))
 
     @torch.compiler.disable
     def _remember_source(self, kv, memory, key, weights):
@@ -191,10 +199,15 @@ class DecodingSteps:
             # clear(), not evicting the oldest: atomic when threads share the layer. Caches
             # forgotten here are recomputed on their next step.
             self._cache_sources.clear()
+        self._cache_sources[slot] = cache.record(memory, key, weights, kv, self._weight_tensors())
+
+    def _weight_tensors(self):
+        """The tensors the key/value projection reads: a plain linear's weight and bias, else
+        the parameters of the module the layer calls."""
         qkv = self._modules["linear_qkv"]
-        tensors = ((qkv._parameters["weight"], qkv._parameters["bias"]) if quantized.is_plain(qkv)
-                   else tuple(qkv.parameters()))
-        self._cache_sources[slot] = cache.record(memory, key, weights, kv, tensors)
+        if quantized.is_plain(qkv):
+            return qkv._parameters["weight"], qkv._parameters["bias"]
+        return tuple(qkv.parameters())
 
     def _decoding_params(self):
         """(w_q_heads, b_q_heads, w_out, b_out) for cached steps (see

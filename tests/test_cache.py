@@ -1,5 +1,6 @@
 """step() with the key/value cache: against forward, the stock step and ESPnet's beam search."""
 
+import contextlib
 import copy
 import pickle
 import threading
@@ -585,3 +586,70 @@ def test_a_state_changed_in_place_is_recomputed():
         got, _ = ours.step(query, state, memory=memory.expand(3, -1, -1))
     assert ours.last_cache == "recomputed: the state was changed in place since it was made"
     torch.testing.assert_close(got, stock.step(query, None, memory=memory.expand(3, -1, -1))[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["no_grad_first_step", "detached_memory", "frozen_weights"])
+def test_a_state_whose_graph_does_not_fit_the_step_is_recomputed(case):
+    """A state carries the autograd graph of its projection. Made under no_grad and reused
+    with gradients, the memory and the k/v weights got no gradient (stock: norms 1.3 and
+    1.7); made from a memory that required grad and reused with ``memory.detach()``, or
+    with weights frozen since, gradients leaked to where the stock step sends none."""
+    stock, ours = stock_and_flash(16, 4)
+    leaf, query = seq(1, 7, 16).requires_grad_(True), seq(3, 16, seed=1)
+    memory = leaf.expand(3, -1, -1)  # as BatchBeamSearch passes it
+    _, good = ours.step(query[:1], None, memory=leaf)
+    ours.step(query, good[:1], memory=memory)  # reused: the signature is remembered (the fast path)
+    assert ours.last_cache == "reused" and ours._checked_steps
+    context = torch.no_grad() if case == "no_grad_first_step" else contextlib.nullcontext()
+    with context:
+        _, state = ours.step(query[:1], None, memory=leaf)
+    given = memory.detach() if case == "detached_memory" else memory
+    if case == "frozen_weights":
+        for layer in (stock, ours):
+            layer.requires_grad_(False)
+    for layer in (stock, ours):
+        layer.zero_grad(set_to_none=True)
+    leaf.grad = None
+    out, _ = ours.step(query, state[:1], memory=given)
+    out.sum().backward()
+    got = (leaf.grad, *(None if p.grad is None else p.grad.clone() for p in ours.linear_qkv.parameters()))
+    assert ours.last_cache.startswith("recomputed")
+    leaf.grad = None
+    stock.step(query, None, memory=given)[0].sum().backward()
+    expected = (leaf.grad, *stock_qkv_grads(stock))
+    for g, e in zip(got, expected):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, **FP64)
+
+
+def stock_qkv_grads(stock):
+    """The stock layer's q/k/v gradients in our fused layout (None when it has none)."""
+    grads = [[getattr(stock, f"linear_{x}").weight.grad for x in "qkv"],
+             [getattr(stock, f"linear_{x}").bias.grad for x in "qkv"]]
+    return tuple(None if any(g is None for g in part) else torch.cat(part) for part in grads)
+
+
+def test_torch_func_transforms_over_a_step_match_stock():
+    """vmap and grad over step: their tensors have no address for the cache's records
+    (it raised "Cannot access data pointer"); the step then computes as the stock one."""
+    stock, ours = stock_and_flash(16, 4)
+    memory, query = seq(4, 7, 16), seq(4, 16, seed=1)
+
+    def one(layer):
+        return lambda q, m: layer.step(q[None], None, memory=m[None])[0][0]
+
+    torch.testing.assert_close(torch.func.vmap(one(ours))(query, memory), torch.func.vmap(one(stock))(query, memory),
+                               **FP64)
+    grad = [torch.func.grad(lambda m, layer=layer: layer.step(query, None, memory=m)[0].sum())(memory)
+            for layer in (ours, stock)]
+    torch.testing.assert_close(grad[0], grad[1], **FP64)
+
+
+@pytest.mark.parametrize("causal_memory", [False, True], ids=["cross", "self"])
+def test_a_step_with_several_query_positions_is_forward_as_in_the_stock_step(causal_memory):
+    stock, ours = stock_and_flash(16, 4)
+    query, memory = seq(2, 3, 16), None if causal_memory else seq(2, 5, 16, seed=1)
+    got, state = ours.step(query, None, memory=memory)
+    torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
+    assert got.shape == (2, 3, 16) and state is None

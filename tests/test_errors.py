@@ -99,7 +99,8 @@ def test_query_dtype_must_match_the_parameters_outside_autocast(layer):
 @pytest.mark.parametrize(
     "query,memory,error,match",
     [
-        (torch.randn(2, 3, 8), torch.randn(2, 5, 8), ValueError, r"query must be 2-D \(B, D\), got shape \(2, 3, 8\)"),
+        (torch.randn(2, 3, 1, 8), torch.randn(2, 5, 8), ValueError,
+         r"query must be 2-D \(B, D\), got shape \(2, 3, 1, 8\)"),
         (torch.randn(2, 6), torch.randn(2, 5, 8), ValueError, r"query has feature size 6"),
         (torch.randn(2, 8), torch.randn(1, 5, 8), ValueError, r"memory batch 1 \(shape \(1, 5, 8\)\) != query batch 2"),
     ],
