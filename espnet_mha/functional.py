@@ -21,11 +21,6 @@ def heads(x, n_head):
     return x.unflatten(-1, (n_head, x.size(-1) // n_head)).transpose(-3, -2)
 
 
-def merge_heads(x):
-    """Heads-first ``(B, H, T, d_k)`` -> ``(B, T, D)``."""
-    return x.transpose(-3, -2).flatten(-2)
-
-
 def kv_cache(kv, n_head):
     """Projected keys/values ``(b, T, 2D)`` -> the cache layout ``(b, 2, H, T, d_k)``."""
     b, t, two_d = kv.shape

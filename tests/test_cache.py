@@ -653,3 +653,21 @@ def test_a_step_with_several_query_positions_is_forward_as_in_the_stock_step(cau
     got, state = ours.step(query, None, memory=memory)
     torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
     assert got.shape == (2, 3, 16) and state is None
+
+
+def test_the_memo_of_step_signatures_starts_over_when_full(monkeypatch):
+    """More remembered signatures than the memo holds (one per memory length and beam):
+    it is emptied and refilled, and every step still equals the stock step."""
+    from espnet_mha import decoding
+
+    monkeypatch.setattr(decoding, "_MAX_CHECKED_STEPS", 4)
+    stock, ours = stock_and_flash(8, 2)
+    query = seq(3, 8)
+    with torch.no_grad():
+        for t2 in range(1, 12):
+            memory = seq(1, t2, 8, seed=t2)
+            _, state = ours.step(query[:1], None, memory=memory)
+            for _ in range(2):
+                got, _ = ours.step(query, state[:1], memory=memory.expand(3, -1, -1))
+                torch.testing.assert_close(got, stock.step(query, None, memory=memory.expand(3, -1, -1))[0], **FP64)
+            assert 1 <= len(ours._checked_steps) <= 4
