@@ -51,6 +51,8 @@ Start each utterance with ``default_state()`` (``state=None``), as ESPnet
 does.
 """
 
+import weakref
+
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -116,35 +118,49 @@ def storage_ref(tensor):
 
 
 def weights_key(weight, bias):
-    """Addresses and write counters of the fused projection's weight and bias (a plain
+    """Addresses, strides and write counters of the fused projection's weight and bias (a plain
     ``nn.Linear``'s; other modules: :func:`espnet_mha.quantized.modules_key`)."""
-    return (weight.data_ptr(), _version(weight), bias.data_ptr(), _version(bias))
+    return (weight.data_ptr(), weight.stride(), _version(weight), bias.data_ptr(), _version(bias))
 
 
 def grad_flags(memory, weight_tensors):
-    """Which of the memory and the projection weights a cache made now would carry a graph
-    to: their ``requires_grad`` flags with gradients on, None with gradients off (the
-    record of a cache made then holds all False: it carries no graph)."""
+    """What a cache made now would carry an autograd graph to, with gradients on (None with
+    them off): the ``requires_grad`` flags of the memory and the projection weights, and
+    the tensors themselves (the memory's base for a view: ``BatchBeamSearch`` passes a new
+    ``expand`` of the encoder output every step). A ``detach().requires_grad_()`` copy has
+    the flags, address and write counter of the original, but the graph reaches only the
+    original."""
     if not torch.is_grad_enabled():
         return None
-    return (memory.requires_grad, *(t.requires_grad for t in weight_tensors))
+    base = memory._base
+    return (memory.requires_grad, *(t.requires_grad for t in weight_tensors)), \
+        (memory if base is None else base, *weight_tensors)
 
 
-def record(memory, key, weights, kv, weight_tensors):
-    """What a layer keeps about a cache ``kv`` it made: ``key`` (:func:`memory_key` of the
-    memory), a :func:`storage_ref` of the memory (so a freed memory never matches a new
-    one allocated at the same address), the projection's ``weights`` key with a
+def record(memory, key, weights, kv, weight_tensors, previous=None):
+    """What a layer keeps about a cache ``kv`` it made or reused: ``key`` (:func:`memory_key`
+    of the memory), a :func:`storage_ref` of the memory (so a freed memory never matches a
+    new one allocated at the same address), the projection's ``weights`` key with a
     :func:`storage_ref` of each of its ``weight_tensors`` (the same for new weights at a
-    freed one's address), and the cache's own write counter (shared by every view of it,
-    such as the states ``BatchBeamSearch`` splits off: an in-place change to a state is seen),
-    and its :func:`grad_flags` (what its graph reaches back to)."""
-    flags = grad_flags(memory, weight_tensors) or (False,) * (1 + len(weight_tensors))
-    return (key, storage_ref(memory), weights, _version(kv), tuple(storage_ref(t) for t in weight_tensors), flags)
+    freed one's address), the cache's own write counter (shared by every view of it, such
+    as the states ``BatchBeamSearch`` splits off: an in-place change to a state is seen),
+    and its :func:`grad_flags` with weak references to the tensors its graph reaches:
+    none if it was made without gradients, those of ``previous`` (its record before) if
+    it is reused without gradients (it keeps the graph it had)."""
+    grads = grad_flags(memory, weight_tensors)
+    if grads is not None:
+        flags, reached = grads[0], tuple(weakref.ref(t) for t in grads[1])
+    elif previous is not None:
+        flags, reached = previous[5], previous[6]
+    else:
+        flags, reached = (False,) * (1 + len(weight_tensors)), ()
+    return (key, storage_ref(memory), weights, _version(kv), tuple(storage_ref(t) for t in weight_tensors),
+            flags, reached)
 
 
 def provenance_problem(sources, state, key, memory, weights, grads=None):
     """Why the cache ``state`` cannot serve ``memory`` (whose :func:`memory_key` is ``key``)
-    with the projection's current ``weights`` key and, with gradients on, current
+    with the projection's current ``weights`` key and, with gradients on, the current
     :func:`grad_flags` ``grads``, by the layer's ``sources`` (its :func:`record` per
     :func:`source_slot`); "" if it can."""
     kept = sources.get(source_slot(state))
@@ -162,10 +178,14 @@ def provenance_problem(sources, state, key, memory, weights, grads=None):
             return "the key/value weights changed since the state was made"
     if kept[3] != _version(state):
         return "the state was changed in place since it was made"
-    if grads is not None and kept[5] != grads:
-        # Made without gradients (or from a memory or weights that required grad, and now
-        # do not, e.g. memory.detach()): its graph would give other gradients than the stock step.
-        return "the state's graph does not reach the memory and weights that now need gradients"
+    if grads is not None:
+        # Made without gradients, or its graph reaches other tensors than those that need
+        # gradients now (memory.detach(), frozen or swapped weights): other gradients than
+        # the stock step's.
+        flags, reached = grads
+        if kept[5] != flags or (any(flags) and (len(kept[6]) != len(reached)
+                                                or any(r() is not t for r, t in zip(kept[6], reached)))):
+            return "the state's graph does not reach the memory and weights that now need gradients"
     return ""
 
 

@@ -72,12 +72,13 @@ class DecodingSteps:
             # As forward: the encoder memory, and the mask that comes with it, are not ours.
             return self._step_self(query, state, mask if memory is None else None)
         if (memory is None or self._custom_dropout() is not None or compile_policy.capturing()
-                or torch._C._are_functorch_transforms_active()):
+                or torch._C._are_functorch_transforms_active() or type(memory) is not torch.Tensor):
             # The stock step (forward over one position, the state passed through): for a
             # dropout module the layer must call; in a traced or exported graph, where the
             # cache's checks cannot run and its shortcuts (a stride-0 memory, a batch-1
             # state) would be frozen for every later input; and under torch.func
-            # transforms, whose tensors have no address for the cache's records.
+            # transforms or for tensor subclasses (wrappers such as TwoTensor), whose
+            # tensors may have no storage for the cache's records.
             if memory is not None:
                 self._last["cache"] = None  # no cache used
             return self._sequence(query.unsqueeze(1), memory, mask).squeeze(1), state
@@ -94,7 +95,7 @@ class DecodingSteps:
         else:
             kv = state
             self._last["cache"] = "reused"
-        self._remember_source(kv, memory, key, weights)
+        self._remember_source(kv, memory, key, weights, reused=kv is state)
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         # The mask as the kernel gets it: (1 or B, 1, T2) whether or not functional.cached_context
         # folds the beam (it folds only with a (1, 1, T2) mask, which folding leaves as it is).
@@ -191,15 +192,17 @@ class DecodingSteps:
             self._cache_sources, state, key, memory, weights, cache.grad_flags(memory, self._weight_tensors()))
 
     @torch.compiler.disable
-    def _remember_source(self, kv, memory, key, weights):
+    def _remember_source(self, kv, memory, key, weights, reused):
         """Remember what the cache ``kv`` was made from (up to ``cache.MAX_SOURCES`` caches):
-        the memory whose :func:`cache.memory_key` is ``key``, with the weights ``weights``."""
+        the memory whose :func:`cache.memory_key` is ``key``, with the weights ``weights``
+        (``reused``: ``kv`` is the state the step was given, which keeps its graph)."""
         slot = cache.source_slot(kv)
         if slot not in self._cache_sources and len(self._cache_sources) >= cache.MAX_SOURCES:
             # clear(), not evicting the oldest: atomic when threads share the layer. Caches
             # forgotten here are recomputed on their next step.
             self._cache_sources.clear()
-        self._cache_sources[slot] = cache.record(memory, key, weights, kv, self._weight_tensors())
+        previous = self._cache_sources.get(slot) if reused else None
+        self._cache_sources[slot] = cache.record(memory, key, weights, kv, self._weight_tensors(), previous)
 
     def _weight_tensors(self):
         """The tensors the key/value projection reads: a plain linear's weight and bias, else

@@ -39,6 +39,10 @@ def project_memory(memory, w_qkv, b_qkv, n_head):
     """
     d = memory.size(-1)
     memory = shared_memory(memory)
+    if memory.is_inference() and torch.is_grad_enabled():
+        # A frozen encoder run under inference_mode, a decoder trained on it: the batched
+        # GEMM would save the inference tensor for backward, which autograd refuses.
+        memory = memory.clone()
     if memory.size(0) == 1:
         # One memory: a GEMM per key/value head writes the cache layout directly,
         # where one GEMM plus the permuted copy of kv_cache costs ~25% more

@@ -671,3 +671,99 @@ def test_the_memo_of_step_signatures_starts_over_when_full(monkeypatch):
                 got, _ = ours.step(query, state[:1], memory=memory.expand(3, -1, -1))
                 torch.testing.assert_close(got, stock.step(query, None, memory=memory.expand(3, -1, -1))[0], **FP64)
             assert 1 <= len(ours._checked_steps) <= 4
+
+
+class StepOf(torch.nn.Module):
+    """``forward`` is the layer's ``step`` (what torch.func.functional_call calls)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, query, state, memory):
+        return self.layer.step(query, state, memory=memory)[0]
+
+
+@pytest.mark.parametrize("swap", ["memory", "weights"])
+def test_a_state_is_recomputed_for_a_detached_copy_that_requires_grad(swap):
+    """``x.detach().requires_grad_()`` has the address, write counter and flags of ``x``, but
+    a state's graph reaches only ``x`` (a memory swapped so, or weights through
+    torch.func.functional_call): the copy got no gradient (stock: 0.66 on the k/v rows)."""
+    stock, ours = stock_and_flash(16, 4)
+    leaf, query = seq(1, 7, 16).requires_grad_(True), seq(3, 16, seed=1)
+    _, state = ours.step(query[:1], None, memory=leaf)
+    memory = leaf.detach().requires_grad_(True) if swap == "memory" else leaf
+    wrapper = StepOf(ours)
+    params = {name: p.detach().requires_grad_(True) for name, p in wrapper.named_parameters()}
+    if swap == "memory":
+        out = wrapper(query, state[:1], memory.expand(3, -1, -1))
+    else:
+        out = torch.func.functional_call(wrapper, params, (query, state[:1], memory.expand(3, -1, -1)))
+    assert ours.last_cache.startswith("recomputed")
+    got = torch.autograd.grad(out.sum(), memory if swap == "memory" else params["layer.linear_qkv.weight"])[0]
+    stock_out = stock.step(query, None, memory=memory.expand(3, -1, -1))[0]
+    if swap == "memory":
+        expected = torch.autograd.grad(stock_out.sum(), memory)[0]
+    else:
+        stock_out.sum().backward()
+        expected = torch.cat([getattr(stock, f"linear_{x}").weight.grad for x in "qkv"])
+    torch.testing.assert_close(got, expected, **FP64)
+
+
+def test_a_state_reused_without_gradients_keeps_its_graph():
+    """A no-grad step that reuses a state made with gradients must not record it as made
+    without them: the next step with gradients reuses it (it recomputed needlessly)."""
+    _, ours = stock_and_flash(16, 4)
+    leaf, query = seq(1, 7, 16).requires_grad_(True), seq(3, 16, seed=1)
+    _, state = ours.step(query[:1], None, memory=leaf)
+    with torch.no_grad():
+        ours.step(query, state[:1], memory=leaf.expand(3, -1, -1))
+    assert ours.last_cache == "reused"
+    ours.step(query, state[:1], memory=leaf.expand(3, -1, -1))
+    assert ours.last_cache == "reused"
+
+
+def test_a_weight_at_the_same_address_with_other_strides_is_another_weight():
+    stock, ours = stock_and_flash(16, 4)
+    memory, query = seq(1, 7, 16), seq(3, 16, seed=1)
+    with torch.no_grad():
+        _, state = ours.step(query[:1], None, memory=memory)
+        weight = ours.linear_qkv.weight
+        transposed = weight.as_strided((48, 16), (1, 48))  # same storage and address, other layout
+        wrapper = StepOf(ours)
+        got = torch.func.functional_call(wrapper, {"layer.linear_qkv.weight": transposed},
+                                         (query, state[:1], memory.expand(3, -1, -1)))
+        assert ours.last_cache.startswith("recomputed")
+        stock_params = {f"linear_{x}.weight": w for x, w in zip("qkv", transposed.chunk(3))}
+        expected = torch.func.functional_call(StepOf(stock), {f"layer.{k}": v for k, v in stock_params.items()},
+                                              (query, None, memory.expand(3, -1, -1)))
+    torch.testing.assert_close(got, expected, **FP64)
+
+
+def test_an_inference_mode_memory_serves_a_step_with_gradients():
+    """A frozen encoder run under inference_mode feeding decoder training: the batched GEMM
+    saved the inference tensor for backward, which autograd refuses (stock: fine)."""
+    stock, ours = stock_and_flash(16, 4)
+    with torch.inference_mode():
+        memory = seq(1, 7, 16)
+    query = seq(3, 16, seed=1)
+    out, _ = ours.step(query, None, memory=memory.expand(3, -1, -1))
+    out.sum().backward()
+    stock.step(query, None, memory=memory.expand(3, -1, -1))[0].sum().backward()
+    torch.testing.assert_close(out, stock.step(query, None, memory=memory.expand(3, -1, -1))[0], **FP64)
+    torch.testing.assert_close(ours.linear_qkv.weight.grad,
+                               torch.cat([getattr(stock, f"linear_{x}").weight.grad for x in "qkv"]), **FP64)
+
+
+def test_a_wrapper_subclass_memory_gets_the_stock_step():
+    """A tensor subclass without a storage of its own (TwoTensor) has nothing for the
+    cache's records (it raised "invalid python storage"): the stock step serves it."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    stock, ours = stock_and_flash(16, 4)
+    a, query = seq(2, 7, 16), seq(2, 16, seed=1)
+    memory = TwoTensor(a, a.clone())
+    with torch.no_grad():
+        got, state = ours.step(query, None, memory=memory)
+        torch.testing.assert_close(got.a, stock.step(query, None, memory=a)[0], **FP64)
+    assert state is None and ours.last_cache is None
