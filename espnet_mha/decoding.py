@@ -258,7 +258,8 @@ class DecodingSteps:
     def _step_self_stock(self, query, state, keep):
         """A causal step through the stock helpers, which call the dropout module (see
         :meth:`_stock_sequence`): (output ``(B, D)``, the grown cache)."""
-        self._select_stock_math(self._modules["dropout"])
+        self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True,
+                     empty=query.size(0) == 0, dropout_module=type(self._modules["dropout"]).__name__)
         x = query.unsqueeze(1)
         q, k, v = self.forward_qkv(x, x, x)  # (B, H, 1, d_k) each
         new = torch.stack([k, v], dim=1)  # (B, 2, H, 1, d_k)

@@ -100,6 +100,8 @@ class AttentionCall:
         grad: gradients are recorded (a backward may follow).
         captured: the call is captured by ``torch.jit.trace`` or ``torch.export``
             (see :func:`espnet_mha.compile_policy.capturing`).
+        dropout_module: the type name of a dropout module only the math path can call
+            (replaced, hooked or in-place, see ``StockHelpers._custom_dropout``), or "".
     """
 
     device: torch.device
@@ -113,6 +115,7 @@ class AttentionCall:
     empty: bool = False
     grad: bool = False
     captured: bool = False
+    dropout_module: str = ""
 
 
 def flash_attn_refusal(call):
@@ -175,6 +178,14 @@ def select_backend(requested, call):
     """
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if call.dropout_module:
+        if requested in (AUTO, MATH):
+            return MATH, f"the dropout module ({call.dropout_module}) is called on the attention weights"
+        raise BackendUnavailableError(
+            f"backend={requested!r} cannot call the layer's dropout module ({call.dropout_module}: "
+            "replaced, hooked or in-place): only the math path applies it to the attention "
+            "weights as the stock layer does. Use backend='math' or 'auto', or a plain nn.Dropout."
+        )
     if call.need_weights:
         if requested in (AUTO, MATH):
             return MATH, ""

@@ -158,11 +158,12 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         checks.check_same_batch(query, memory)
 
     # ---------------------------------------------------------------- dispatch
-    def _select(self, x, keep, *, causal, need_weights, decode_step=False, empty=False):
+    def _select(self, x, keep, *, causal, need_weights, decode_step=False, empty=False, dropout_module=""):
         # The decision depends only on static properties of the call, so it is
         # memoised per layer: decoding steps pay a dict lookup, not the rules.
         key = (x.device, checks.compute_dtype(x), masks.mask_kind(keep), causal, need_weights, decode_step,
-               self.backend, self.compile_setting, empty, compile_policy.capturing(), torch.is_grad_enabled())
+               self.backend, self.compile_setting, empty, dropout_module, compile_policy.capturing(),
+               torch.is_grad_enabled())
         decision = self._decisions.get(key)
         if decision is None:
             device, dtype, mask_kind = key[:3]
@@ -170,7 +171,7 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
                 device=device, dtype=dtype, d_k=self.d_k, mask_kind=mask_kind, causal=causal,
                 need_weights=need_weights, decode_step=decode_step,
                 compiled=compile_policy.wants_compile(self.compile_setting, device.type), empty=empty,
-                captured=key[-2], grad=key[-1],
+                dropout_module=dropout_module, captured=key[-2], grad=key[-1],
             )
             try:
                 decision = self._decisions[key] = dispatch.select_backend(self.backend, call)

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from espnet_mha import dispatch, kernels, masks, quantized
+from espnet_mha import kernels, masks, quantized
 
 
 class StockHelpers:
@@ -113,25 +113,6 @@ class StockHelpers:
             return None
         return dropout
 
-    def _select_stock_math(self, dropout):
-        """Record the math path for a call that must call the ``dropout`` module itself.
-
-        Raises:
-            dispatch.BackendUnavailableError: a backend other than math is forced.
-            ValueError: the ``backend`` attribute is not a known backend.
-        """
-        self._last["backend"], self._last["fallback"] = None, ""
-        if self.backend not in dispatch.BACKENDS:
-            raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {self.backend!r}")
-        if self.backend not in (dispatch.AUTO, dispatch.MATH):
-            raise dispatch.BackendUnavailableError(
-                f"backend={self.backend!r} cannot call the layer's dropout module ({type(dropout).__name__}: "
-                "replaced, hooked or in-place): only the math path applies it to the attention "
-                "weights as the stock layer does. Use backend='math' or 'auto', or a plain nn.Dropout."
-            )
-        reason = f"the dropout module ({type(dropout).__name__}) is called on the attention weights"
-        self._last["backend"], self._last["fallback"] = dispatch.MATH, reason
-
     def _stock_sequence(self, query, memory, keep):
         """The stock computation through :meth:`forward_qkv` and :meth:`forward_attention`,
         which call the dropout module (and the linears, as modules where needed).
@@ -140,8 +121,10 @@ class StockHelpers:
             query: ``(B, T1, D)``; memory: ``(B, T2, D)`` or None (self-attention).
             keep: None or bool ``(b, m, T2)`` (not yet combined with ``causal``).
         """
-        self._select_stock_math(self._modules["dropout"])
         source = query if memory is None else memory
+        self._select(query, keep, causal=self.causal, need_weights=self.keep_attn,
+                     empty=0 in (query.size(0), query.size(1), source.size(1)),
+                     dropout_module=type(self._modules["dropout"]).__name__)
         if self.causal:
             causal = masks.causal_keep(query.size(1), source.size(1), query.device)
             keep = causal if keep is None else keep & causal
