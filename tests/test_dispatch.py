@@ -64,6 +64,7 @@ RULES = [
     (dict(causal=True, mask_kind=masks.KEY_PADDING), "sdpa", "causal attention with a padding mask"),
     (dict(compiled=True, mask_kind=masks.KEY_PADDING), "sdpa", "key padding under torch.compile"),
     (dict(need_weights=True), "math", ""),
+    (dict(dropout_module="Identity"), "math", "the dropout module (Identity) is called"),
     # Unmasked decoding steps on CPU: math keeps NaN without a mask (pytorch #141128).
     (dict(device=torch.device("cpu"), dtype=torch.float32, decode_step=True), "math", "tensors are on cpu"),
     (dict(device=torch.device("cpu"), decode_step=True, mask_kind=masks.KEY_PADDING), "sdpa", "tensors are on cpu"),
