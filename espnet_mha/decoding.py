@@ -127,10 +127,8 @@ class DecodingSteps:
         """What the checks of a cached cross-attention step depend on (None where the
         fast path does not apply: subclassed tensors, autocast, tracing, dropout).
         Every call of a decoding step makes one, so it is kept to plain lookups."""
-        dropout = self._modules["dropout"]
         if (type(query) is not torch.Tensor or type(state) is not torch.Tensor or type(memory) is not torch.Tensor
-                or self.causal or self.keep_attn or self._custom_dropout() is not None
-                or (dropout.training and dropout.p > 0)
+                or self.causal or self.keep_attn or self._custom_dropout() is not None or self._dropout_p() > 0
                 or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
                 or compile_policy.capturing() or torch._C._are_functorch_transforms_active()):
             return None
@@ -166,12 +164,16 @@ class DecodingSteps:
         out, _ = functional.attend_cached(query, state, None, *params, backend=decision[0], need_weights=False)
         return out, cache.batch_state(state, query.size(0))
 
-    def _weights_key(self):
-        """What tells the key/value projection's current weights (see :func:`cache.record`)."""
+    def _weights(self):
+        """(what tells the key/value projection's current weights, the tensors it reads):
+        a plain linear's :func:`cache.weights_key` and its weight and bias, else
+        :func:`quantized.modules_key` and the parameters of the module the layer calls
+        (see :func:`cache.record`)."""
         qkv = self._modules["linear_qkv"]
         if quantized.is_plain(qkv):
-            return cache.weights_key(qkv._parameters["weight"], qkv._parameters["bias"])
-        return quantized.modules_key(self, qkv)
+            weight, bias = qkv._parameters["weight"], qkv._parameters["bias"]
+            return cache.weights_key(weight, bias), (weight, bias)
+        return quantized.modules_key(self, qkv), tuple(qkv.parameters())
 
     # The records of which memory and weights a cache holds live in Python dicts and
     # read addresses and write counters, which a trace cannot see: when a user compiles
@@ -180,37 +182,30 @@ class DecodingSteps:
     # from another memory of the same length (a streaming window).
     @torch.compiler.disable
     def _check_state(self, state, memory, batch):
-        """(:func:`cache.memory_key` of ``memory``, :meth:`_weights_key`, why ``state`` cannot
-        be reused for it: "" if it can, or if ``state`` is None). The two keys are handed
-        on to :meth:`_remember_source`, so a step computes each once."""
-        key, weights = cache.memory_key(memory), self._weights_key()
+        """(:func:`cache.memory_key` of ``memory``, :meth:`_weights`, why ``state`` cannot
+        be reused for it: "" if it can, or if ``state`` is None). The memory key and the
+        weights are handed on to :meth:`_remember_source`, so a step computes each once."""
+        key, weights = cache.memory_key(memory), self._weights()
         if state is None:
             return key, weights, ""
         stale = cache.stale_reason(state, memory, key, batch=batch, n_head=self.h,
                                    dtype=checks.compute_dtype(memory))
         return key, weights, stale or cache.provenance_problem(
-            self._cache_sources, state, key, memory, weights, cache.grad_flags(memory, self._weight_tensors()))
+            self._cache_sources, state, key, memory, weights[0], cache.grad_flags(memory, weights[1]))
 
     @torch.compiler.disable
     def _remember_source(self, kv, memory, key, weights, reused):
         """Remember what the cache ``kv`` was made from (up to ``cache.MAX_SOURCES`` caches):
         the memory whose :func:`cache.memory_key` is ``key``, with the weights ``weights``
-        (``reused``: ``kv`` is the state the step was given, which keeps its graph)."""
+        (:meth:`_weights`; ``reused``: ``kv`` is the state the step was given, which keeps
+        its graph)."""
         slot = cache.source_slot(kv)
         if slot not in self._cache_sources and len(self._cache_sources) >= cache.MAX_SOURCES:
             # clear(), not evicting the oldest: atomic when threads share the layer. Caches
             # forgotten here are recomputed on their next step.
             self._cache_sources.clear()
         previous = self._cache_sources.get(slot) if reused else None
-        self._cache_sources[slot] = cache.record(memory, key, weights, kv, self._weight_tensors(), previous)
-
-    def _weight_tensors(self):
-        """The tensors the key/value projection reads: a plain linear's weight and bias, else
-        the parameters of the module the layer calls."""
-        qkv = self._modules["linear_qkv"]
-        if quantized.is_plain(qkv):
-            return qkv._parameters["weight"], qkv._parameters["bias"]
-        return tuple(qkv.parameters())
+        self._cache_sources[slot] = cache.record(memory, key, weights[0], kv, weights[1], previous)
 
     def _decoding_params(self):
         """(w_q_heads, b_q_heads, w_out, b_out) for cached steps (see
