@@ -59,9 +59,7 @@ class DecodingSteps:
             if query.size(1) == 1:
                 query = query.squeeze(1)  # (B, 1, D): the stock step takes it too, and returns (B, D)
             elif not self.causal:  # the stock step is forward over all T1 positions: (B, T1, D)
-                if memory is not None:
-                    self._last["cache"] = None
-                return self._sequence(query, memory, mask), state
+                return self._stock_step(query, memory, mask), state
         if mask is None and state is not None and memory is not None:
             fast = self._checked_cached_step(query, state, memory)
             if fast is not None:
@@ -79,9 +77,7 @@ class DecodingSteps:
             # state) would be frozen for every later input; and under torch.func
             # transforms or for tensor subclasses (wrappers such as TwoTensor), whose
             # tensors may have no storage for the cache's records.
-            if memory is not None:
-                self._last["cache"] = None  # no cache used
-            return self._sequence(query.unsqueeze(1), memory, mask).squeeze(1), state
+            return self._stock_step(query.unsqueeze(1), memory, mask).squeeze(1), state
         self._check_memory(query, memory)
         proj = quantized.projections(self)
         params = self._params() if proj is None else None
@@ -122,6 +118,12 @@ class DecodingSteps:
                 # The decision of this call, not _last: another thread may have written it since.
                 self._checked_steps[key] = decision
         return out, cache.batch_state(kv, batch)
+
+    def _stock_step(self, query, memory, mask):
+        """The stock step, ``forward`` over the query's ``(B, T1, D)`` positions, with no cache."""
+        if memory is not None:
+            self._last["cache"] = None
+        return self._sequence(query, memory, mask)
 
     def _cached_step_key(self, query, state, memory):
         """What the checks of a cached cross-attention step depend on (None where the
