@@ -10,10 +10,10 @@ PYTEST_ARGS ?=
 .PHONY: setup test test-fast demo demo-quick bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt $(RECIPE)/requirements.txt
-	@$(PYTHON) -c "import shutil; f = shutil.disk_usage('.').free / 2**30; print(f'setup: {f:.1f} GiB free on this disk; the pinned stack (torch with its CUDA libraries) takes about 6 GiB in $(VENV), plus about 3 GiB of downloads while pip runs' + ('' if f >= 9.5 else '. pip may stop with No space left on device.'))"
+	@$(PYTHON) -c "import shutil; f = shutil.disk_usage('.').free / 2**30; print(f'setup: {f:.1f} GiB free on this disk; the pinned stack (torch with its CUDA libraries) takes about 5.5 GiB in $(VENV) and up to 7.5 GiB while pip runs' + ('' if f >= 8.5 else '. pip may stop with No space left on device.'))"
 	$(PYTHON) -m venv $(VENV)
 	# The venv's own pip (23.x here) on purpose: newer pip rejects an espnet dependency's metadata.
-	# --no-cache-dir: pip would otherwise keep a second copy of the ~3 GiB of wheels in ~/.cache/pip.
+	# --no-cache-dir: pip would otherwise keep a second copy of the ~2 GiB of downloaded wheels in ~/.cache/pip.
 	$(BIN)/pip install --no-cache-dir -c constraints.txt -e ".[test,bench]" -r $(RECIPE)/requirements.txt
 	touch $@
 
