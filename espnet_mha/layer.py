@@ -19,6 +19,18 @@ logger = logging.getLogger(__name__)
 _ESPNET_INITIALIZE = "espnet2.torch_utils.initialize"  # the module whose initialize() calls our hook
 
 
+def _undrawn_linear(n_in, n_out):
+    """``nn.Linear(n_in, n_out)`` with its parameters allocated (default device and dtype)
+    but not initialised, and no random numbers drawn. Built on the meta device rather
+    than by ``nn.utils.skip_init``, whose ``to_empty`` cannot swap parameters under
+    ``FakeTensorMode`` (construction there raised)."""
+    with torch.device("meta"):
+        linear = nn.Linear(n_in, n_out)
+    linear.weight = nn.Parameter(torch.empty(n_out, n_in))
+    linear.bias = nn.Parameter(torch.empty(n_out))
+    return linear
+
+
 class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
     """Multi-head attention with the stock ESPnet interface, fused and cached.
 
@@ -89,8 +101,7 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         self.state_dict_layout = state_dict_layout
         self.backend = dispatch.resolve_backend(backend)
         self.compile_setting, self.compile_mode = compile_policy.resolve_compile(compile, compile_mode)
-        # skip_init: no random draws here, _reset_qkv draws them in the stock order.
-        self.linear_qkv = torch.nn.utils.skip_init(nn.Linear, n_feat, 3 * n_feat, device=torch.get_default_device())
+        self.linear_qkv = _undrawn_linear(n_feat, 3 * n_feat)  # _reset_qkv draws in the stock order
         self._reset_qkv()
         # Unregistered: after quantize_dynamic swaps linear_qkv, its float weights
         # re-quantize q, k and v separately, as the stock layer's (see espnet_mha.quantized).

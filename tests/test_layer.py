@@ -127,6 +127,31 @@ def test_same_seed_gives_the_stock_initialisation():
     assert torch.equal(ours.linear_out.bias, stock.linear_out.bias)
 
 
+def test_constructs_where_the_stock_layer_does():
+    """Under FakeTensorMode (shape-only runs, memory estimators) and on the meta device
+    (allocate, then materialise), as the stock layer; and leaving the global RNG where
+    the stock constructor leaves it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        query, memory, mask = torch.randn(2, 5, 24), torch.randn(2, 7, 24), torch.ones(2, 1, 7, dtype=torch.bool)
+        shapes = [tuple(cls(24, 3)(query, memory)[0].shape) for cls in (MultiHeadedAttention,
+                                                                          FlashMultiHeadedAttention)]
+        # (The stock layer's masked path calls .numpy(), which fake tensors refuse.)
+        shapes.append(tuple(FlashMultiHeadedAttention(24, 3)(query, memory, mask)[0].shape))
+    assert shapes == [(2, 5, 24)] * 3
+    with torch.device("meta"):
+        layer = FlashMultiHeadedAttention(24, 3)
+    assert {p.device.type for p in layer.parameters()} == {"meta"}
+    assert layer.to_empty(device="cpu")(torch.randn(2, 5, 24))[0].shape == (2, 5, 24)
+    states = []
+    for cls in (MultiHeadedAttention, FlashMultiHeadedAttention):
+        torch.manual_seed(0)
+        cls(24, 3)
+        states.append(torch.random.get_rng_state())
+    assert torch.equal(*states)
+
+
 def test_stock_attributes_and_state():
     layer = FlashMultiHeadedAttention(24, 3, dropout=0.1, transposed=False, unknown_option=1)
     assert (layer.h, layer.d_k, layer.d_model, layer.d_output) == (3, 8, 24, 24)
