@@ -176,13 +176,17 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
     parameters are therefore the model's, and the file wins: beside a file's
     stock keys they fill in the q/k/v parts the file lacks (as the stock layer
     keeps its excluded ``linear_q``), and beside a file's fused keys they are
-    dropped. Any other mix of layouts (incomplete stock keys, stock and fused
-    keys from a file) is logged as a warning with ``fuse_keys``'s explanation
-    and left as it is, so ``load_state_dict`` reports the keys as
-    missing/unexpected: it raises under ``strict=True`` and returns them under
-    ``strict=False``, as for any other module. (The hook cannot raise only when
-    strict: ``load_state_dict`` gives every hook ``strict=True`` whatever the
-    caller asked.)
+    dropped. A state dict with only some of the six stock keys (a partial
+    checkpoint) loads what it has, as into the stock layer: the layer's current
+    rows stand in for the absent parts, which are added to ``load_state_dict``'s
+    missing keys under their stock names (it raises under ``strict=True`` and
+    returns them under ``strict=False``, as the stock layer). Any other mix of
+    layouts (stock and fused keys from a file, parts that differ in dtype or
+    device from the layer's) is logged as a warning with ``fuse_keys``'s
+    explanation and left as it is, so ``load_state_dict`` reports the keys as
+    missing/unexpected. (The hook cannot raise only when strict:
+    ``load_state_dict`` gives every hook ``strict=True`` whatever the caller
+    asked.)
 
     Raises:
         ValueError: a stock tensor has the wrong shape (see ``fuse_keys``).
@@ -201,11 +205,36 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
             # The model's current stock-layout tensors beside a file's fused keys.
             for key in stock:
                 del state_dict[key]
+    if len(args) > 2:  # (local_metadata, strict, missing_keys, ...)
+        _fill_absent_parts(state_dict, prefix, params, args[2])
     try:
         fuse_keys(state_dict, prefix, n_feat=module.n_feat)
     except KeyError as error:
         logger.warning("espnet_mha: %s; these keys are left as they are for load_state_dict to report",
                        error.args[0])
+
+
+def _fill_absent_parts(state_dict, prefix, params, missing_keys):
+    """Where ``state_dict`` has some but not all of a layer's stock keys and no fused
+    ones, put the layer's current rows (``params``) under the absent keys and add
+    those keys to ``missing_keys``: ``load_state_dict`` then loads the present parts
+    and reports the absent ones, as it does for the stock layer's own linears."""
+    keys = _stock_keys(prefix)
+    present = [key for key in keys if key in state_dict]
+    if not present or len(present) == len(keys):
+        return
+    if any(f"{prefix}{FUSED_PROJECTION}.{param}" in state_dict for param in PARAMS):
+        return
+    if any(params.get(param) is None or params[param].is_meta for param in PARAMS):
+        return
+    current = _stock_parts(prefix, params)
+    if any(not isinstance(state_dict[key], torch.Tensor) or state_dict[key].dtype != current[key].dtype
+           or state_dict[key].device != current[key].device for key in present):
+        return  # fuse_keys cannot stack them with the current rows: its warning says why
+    for key in keys:
+        if key not in state_dict:
+            state_dict[key] = current[key].detach()
+            missing_keys.append(key)
 
 
 def _stock_parts(prefix, params):

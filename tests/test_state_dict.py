@@ -7,6 +7,7 @@ import torch
 from espnet2.asr.state_spaces.attention import MultiHeadedAttention
 
 from espnet_mha import FlashMultiHeadedAttention, fuse_keys, unfuse_keys
+from espnet_mha.testing import stock_and_flash
 
 
 def test_stock_state_dict_loads_strictly_and_round_trips():
@@ -38,10 +39,33 @@ def test_wrong_size_names_the_key_and_shapes():
         ours.load_state_dict(stock.state_dict())
 
 
-def test_half_converted_state_dict_lists_missing_keys(caplog):
-    """Incomplete stock keys: a warning names them, and load_state_dict reports them as
-    for any module (raises when strict, returns them when not)."""
+@pytest.mark.parametrize("absent", [("linear_v.weight", "linear_k.bias"), ("linear_k.weight", "linear_k.bias",
+                                     "linear_v.weight", "linear_v.bias", "linear_out.weight")])
+def test_a_partial_stock_state_dict_loads_as_into_the_stock_layer(absent):
+    """Some stock keys absent (a partial checkpoint): the present parts load and the absent
+    ones are reported under their stock names, as by the stock layer (strict raises,
+    strict=False returns them)."""
     state = MultiHeadedAttention(8, 2).state_dict()
+    for key in absent:
+        del state[key]
+    stock, ours = stock_and_flash(8, 2, dtype=torch.float32, seed=5)
+    for layer in (stock, ours):
+        with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict") as error:
+            layer.load_state_dict(state)
+        assert all(f'"{key}"' in str(error.value) for key in absent)
+    results = [layer.load_state_dict(state, strict=False) for layer in (stock, ours)]
+    assert sorted(results[0].missing_keys) == sorted(results[1].missing_keys) == sorted(absent)
+    assert results[0].unexpected_keys == results[1].unexpected_keys == []
+    fused = torch.cat([stock.linear_q.weight, stock.linear_k.weight, stock.linear_v.weight])
+    assert torch.equal(ours.linear_qkv.weight, fused)
+    assert torch.equal(ours.linear_qkv.bias, torch.cat([stock.linear_q.bias, stock.linear_k.bias, stock.linear_v.bias]))
+    assert torch.equal(ours.linear_out.weight, stock.linear_out.weight)
+
+
+def test_stock_parts_the_layer_cannot_stack_are_reported(caplog):
+    """Partial stock keys in another dtype than the layer's: a warning names the keys, and
+    load_state_dict reports them (raises when strict, returns them when not)."""
+    state = {key: value.double() for key, value in MultiHeadedAttention(8, 2).state_dict().items()}
     del state["linear_v.weight"], state["linear_k.bias"]
     layer = FlashMultiHeadedAttention(8, 2)
     before = layer.linear_qkv.weight.clone()
@@ -54,7 +78,7 @@ def test_half_converted_state_dict_lists_missing_keys(caplog):
     assert result.missing_keys == ["linear_qkv.weight", "linear_qkv.bias"]
     assert sorted(result.unexpected_keys) == ["linear_k.weight", "linear_q.bias", "linear_q.weight", "linear_v.bias"]
     assert torch.equal(layer.linear_qkv.weight, before)
-    torch.testing.assert_close(layer.linear_out.weight, state["linear_out.weight"])
+    torch.testing.assert_close(layer.linear_out.weight, state["linear_out.weight"].float())
 
 
 def test_mixed_layouts_are_refused():
