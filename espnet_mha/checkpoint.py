@@ -147,7 +147,7 @@ def _our_layer_sizes(model):
 
     sizes = {}
     for name, module in _unwrap(model).named_modules():
-        if isinstance(module, FlashMultiHeadedAttention):
+        if isinstance(module, FlashMultiHeadedAttention) and FUSED_PROJECTION in module._modules:
             name = ".".join(s for s in name.split(".") if s != COMPILE_SEGMENT)
             sizes[f"{name}." if name else ""] = module.n_feat
     return sizes
@@ -165,7 +165,8 @@ def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
     """Our layers' stock ``linear_q/k/v`` keys -> the fused ``linear_qkv`` (every other key kept).
 
     Which layers are ours: with ``model``, its ``FlashMultiHeadedAttention``
-    modules (sizes checked against them); without, the layers whose key prefix
+    modules with the fused parameter (sizes checked against them; layers built
+    with the stock parameters keep their keys); without, the layers whose key prefix
     matches ``layer_pattern``. Layers already fused stay as they are; other
     modules with the same key names (a transformer encoder's) are untouched.
 

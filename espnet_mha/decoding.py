@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from espnet_mha import cache, checks, compile_policy, functional, masks, quantized
+from espnet_mha import cache, checks, compile_policy, functional, masks, quantized, state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +80,9 @@ class DecodingSteps:
             return self._stock_step(query.unsqueeze(1), memory, mask).squeeze(1), state
         self._check_memory(query, memory)
         proj = quantized.projections(self)
-        params = self._params() if proj is None else None
         key, weights, stale = self._check_state(state, memory, batch)
         if state is None or stale:
-            kv = (functional.project_memory(memory, params[0], params[1], self.h) if proj is None
+            kv = (functional.project_memory(memory, *self._params()[:2], self.h) if proj is None
                   else quantized.project_memory(proj, memory, self.h))
             self._last["cache"] = f"recomputed: {stale}" if stale else "filled"
             if stale:
@@ -103,8 +102,8 @@ class DecodingSteps:
                                                    dropout_p=self._dropout_p())
         else:
             out, weights = self._fn(functional.attend_cached, query)(
-                query, kv, keep, *functional.query_head_weights(params[0], params[1], self.h), params[2], params[3],
-                backend=backend, dropout_p=self._dropout_p(), need_weights=self.keep_attn,
+                query, kv, keep, *self._decoding_params(), backend=backend, dropout_p=self._dropout_p(),
+                need_weights=self.keep_attn,
             )
         if self.keep_attn:
             self.attn = weights
@@ -151,13 +150,12 @@ class DecodingSteps:
         # The signature covers shapes, dtypes and devices; what it leaves open is
         # whether the state was made from this very memory with these weights, and
         # whether a batch-1 state meets distinct memories.
-        qkv = self._modules["linear_qkv"]
-        if not (quantized.is_plain(qkv) and quantized.is_plain(self._modules["linear_out"])):
+        weights = self._plain_weights()
+        if weights is None or not quantized.is_plain(self._modules["linear_out"]):
             return None  # linears called as modules (quantized, LoRA, hooks): the checked path does that
         key = cache.memory_key(memory)
-        weight, bias = qkv._parameters["weight"], qkv._parameters["bias"]
-        if cache.provenance_problem(self._cache_sources, state, key, memory, cache.weights_key(weight, bias),
-                                    cache.grad_flags(memory, (weight, bias))) \
+        if cache.provenance_problem(self._cache_sources, state, key, memory, weights[0],
+                                    cache.grad_flags(memory, weights[1])) \
                 or cache.batch1_meets_distinct(state, key):
             return None  # the checked path decides: recompute, or reuse and remember
         self._last["backend"], self._last["fallback"] = decision
@@ -166,16 +164,32 @@ class DecodingSteps:
         out, _ = functional.attend_cached(query, state, None, *params, backend=decision[0], need_weights=False)
         return out, cache.batch_state(state, query.size(0))
 
-    def _weights(self):
-        """(what tells the key/value projection's current weights, the tensors it reads):
-        a plain linear's :func:`cache.weights_key` and its weight and bias, else
-        :func:`quantized.modules_key` and the parameters of the module the layer calls
-        (see :func:`cache.record`)."""
-        qkv = self._modules["linear_qkv"]
-        if quantized.is_plain(qkv):
+    def _plain_weights(self):
+        """(what tells the key/value projection's current weights, the tensors it reads) when
+        the q/k/v projection is plain (:func:`quantized.is_plain`), else None: the fused
+        linear's :func:`cache.weights_key` and its weight and bias, or those of the stock
+        ``linear_k`` and ``linear_v``. On the decoding hot path: plain lookups."""
+        modules = self._modules
+        qkv = modules.get(state_dict.FUSED_PROJECTION)
+        if qkv is not None:
+            if not quantized.is_plain(qkv):
+                return None
             weight, bias = qkv._parameters["weight"], qkv._parameters["bias"]
             return cache.weights_key(weight, bias), (weight, bias)
-        return quantized.modules_key(self, qkv), tuple(qkv.parameters())
+        q, k, v = (modules[name] for name in state_dict.STOCK_PROJECTIONS)
+        if not (quantized.is_plain(q) and quantized.is_plain(k) and quantized.is_plain(v)):
+            return None
+        (w_k, b_k), (w_v, b_v) = ((m._parameters["weight"], m._parameters["bias"]) for m in (k, v))
+        return (cache.weights_key(w_k, b_k), cache.weights_key(w_v, b_v)), (w_k, b_k, w_v, b_v)
+
+    def _weights(self):
+        """:meth:`_plain_weights`, else :func:`quantized.modules_key` of the modules the layer
+        calls for the keys and values, and their parameters (see :func:`cache.record`)."""
+        plain = self._plain_weights()
+        if plain is not None:
+            return plain
+        modules = self._qkv_modules()[-2:]
+        return quantized.modules_key(self, modules), tuple(p for module in modules for p in module.parameters())
 
     # The records of which memory and weights a cache holds live in Python dicts and
     # read addresses and write counters, which a trace cannot see: when a user compiles
@@ -219,7 +233,9 @@ class DecodingSteps:
         ``.to()`` or ``param.data = ...`` make new storage and new views).
         Made and used only with gradients off, so no view can cut a gradient
         path."""
-        w_qkv, b_qkv, w_out, b_out = self._params()
+        w_qkv, b_qkv = self._query_projection()
+        out = self._modules["linear_out"]._parameters
+        w_out, b_out = out["weight"], out["bias"]
         if torch.is_grad_enabled():
             return (*functional.query_head_weights(w_qkv, b_qkv, self.h), w_out, b_out)
         views = self._query_views

@@ -58,15 +58,21 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
             ``$ESPNET_MHA_BACKEND`` overrides it.
         compile: True, False or "auto" (default); ``$ESPNET_MHA_COMPILE`` overrides it.
         compile_mode: a ``torch.compile`` mode; ``$ESPNET_MHA_COMPILE_MODE`` overrides it.
-        state_dict_layout: "fused" (default: ``linear_qkv``) or "stock" (``state_dict()``
-            writes ``linear_q``/``linear_k``/``linear_v``, so the checkpoints load
-            into the stock layer as they are; what the ``mha`` name builds under
-            ``use_for_mha()``). Either layout loads.
+        state_dict_layout: "fused" (default: one ``linear_qkv``) or "stock": the stock
+            layer's own parameters, ``linear_q``/``linear_k``/``linear_v``, stacked
+            into the fused projection at each call. Its ``state_dict()`` then loads
+            into the stock layer as it is, and whatever selects parameters or
+            modules by name or treats each ``nn.Linear`` as a unit (ESPnet's
+            ``--freeze_param``, ``--init_param`` exclusions, LoRA
+            ``target_modules``, per-parameter optimizers, ``model.apply`` inits)
+            sees the stock layer. What the ``mha`` name builds under
+            ``use_for_mha()``. Either layout loads the other's state dict.
         **kwargs: ignored, as by the stock layer (logged).
 
     Attributes:
         h, d_k, n_feat: heads, head size, features (stock names).
-        linear_qkv: fused ``nn.Linear(D, 3D)``, rows q, k, v.
+        linear_qkv: fused ``nn.Linear(D, 3D)``, rows q, k, v (``state_dict_layout="fused"``).
+        linear_q, linear_k, linear_v: ``nn.Linear(D, D)`` each (``state_dict_layout="stock"``).
         linear_out: ``nn.Linear(D, D)``.
         attn: the last attention weights when ``keep_attn=True``, else None.
         last_backend: the backend the last call ran on.
@@ -101,11 +107,16 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         self.state_dict_layout = state_dict_layout
         self.backend = dispatch.resolve_backend(backend)
         self.compile_setting, self.compile_mode = compile_policy.resolve_compile(compile, compile_mode)
-        self.linear_qkv = _undrawn_linear(n_feat, 3 * n_feat)  # _reset_qkv draws in the stock order
-        self._reset_qkv()
-        # Unregistered: after quantize_dynamic swaps linear_qkv, its float weights
-        # re-quantize q, k and v separately, as the stock layer's (see espnet_mha.quantized).
-        object.__setattr__(self, "_float_linear_qkv", self.linear_qkv)
+        if state_dict_layout == "stock":
+            # The stock layer's parameters, made in its order (the same random draws).
+            for name in state_dict.STOCK_PROJECTIONS:
+                self.add_module(name, nn.Linear(n_feat, n_feat))
+        else:
+            self.linear_qkv = _undrawn_linear(n_feat, 3 * n_feat)  # _reset_qkv draws in the stock order
+            self._reset_qkv()
+            # Unregistered: after quantize_dynamic swaps linear_qkv, its float weights
+            # re-quantize q, k and v separately, as the stock layer's (see espnet_mha.quantized).
+            object.__setattr__(self, "_float_linear_qkv", self.linear_qkv)
         self.linear_out = nn.Linear(n_feat, n_feat)
         self.dropout = nn.Dropout(p=dropout)
         self.attn = None
@@ -119,7 +130,6 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         # backend selection and cannot trace the import (it then refused every call).
         optional.flash_attn()
         self.register_load_state_dict_pre_hook(state_dict.load_state_dict_pre_hook)
-        self.register_state_dict_post_hook(state_dict.state_dict_post_hook)
 
     def _reset_qkv(self):
         # Initialise q, k, v exactly as three stock nn.Linear(D, D) would, in the
@@ -145,8 +155,9 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         caller = sys._getframe(1)
         if caller.f_code.co_name != "initialize" or caller.f_globals.get("__name__") != _ESPNET_INITIALIZE:
             return
-        if caller.f_locals.get("init") in ("xavier_uniform", "xavier_normal"):
-            weight = self._modules["linear_qkv"]._parameters.get("weight")
+        qkv = self._modules.get(state_dict.FUSED_PROJECTION)  # the stock parameters need no correction
+        if qkv is not None and caller.f_locals.get("init") in ("xavier_uniform", "xavier_normal"):
+            weight = qkv._parameters.get("weight")
             if weight is not None:
                 with torch.no_grad():
                     weight.mul_(math.sqrt(2.0))
@@ -159,7 +170,7 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
     # ------------------------------------------------------------------ checks
     def _check_features(self, name, x, ndim, layout, feature_dim=-1):
         weight = self._modules["linear_out"]._parameters.get("weight")
-        if weight is None or not quantized.is_plain(self._modules["linear_qkv"]):
+        if weight is None or not self._qkv_plain():
             weight = quantized.projections(self).reference
         checks.check_features(name, x, ndim, layout, n_feat=self.n_feat, weight=weight, feature_dim=feature_dim)
 
@@ -222,11 +233,45 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
     def _fn(self, fn, x):
         return compile_policy.pick(fn, self.compile_setting, self.compile_mode, x.device.type)
 
+    def _qkv_modules(self):
+        """The modules of the q/k/v projection: ``(linear_qkv,)``, or with the stock
+        parameters ``(linear_q, linear_k, linear_v)``."""
+        modules = self._modules
+        qkv = modules.get(state_dict.FUSED_PROJECTION)
+        return (qkv,) if qkv is not None else tuple(modules[name] for name in state_dict.STOCK_PROJECTIONS)
+
+    def _qkv_plain(self):
+        """Whether the q/k/v projection's parameters may be read (see :func:`quantized.is_plain`)."""
+        return all(quantized.is_plain(module) for module in self._qkv_modules())
+
+    def _qkv_rows(self):
+        """``((w_q, b_q), (w_k, b_k), (w_v, b_v))``: views of the fused rows, or the stock parameters."""
+        modules = self._qkv_modules()
+        if len(modules) == 3:
+            return tuple((module.weight, module.bias) for module in modules)
+        return tuple(zip(modules[0].weight.chunk(3), modules[0].bias.chunk(3)))
+
+    def _query_projection(self):
+        """``(w, b)`` whose first D rows project the query: the fused parameters, or ``linear_q``'s."""
+        modules = self._modules
+        module = modules.get(state_dict.FUSED_PROJECTION)
+        params = (modules["linear_q"] if module is None else module)._parameters
+        return params["weight"], params["bias"]
+
     def _params(self):
+        """``(w_qkv (3D, D), b_qkv (3D,), w_out, b_out)``: the fused parameters, or the stock
+        ones stacked (a new ``torch.cat`` per call, so gradients reach the three linears
+        and no copy can go stale)."""
         # Plain dict lookups: nn.Module.__getattr__ costs about a microsecond per
         # hop, which adds up on the decoding hot path (one call per layer and step).
-        qkv, out = self._modules["linear_qkv"]._parameters, self._modules["linear_out"]._parameters
-        return qkv["weight"], qkv["bias"], out["weight"], out["bias"]
+        modules = self._modules
+        out, qkv = modules["linear_out"]._parameters, modules.get(state_dict.FUSED_PROJECTION)
+        if qkv is not None:
+            qkv = qkv._parameters
+            return qkv["weight"], qkv["bias"], out["weight"], out["bias"]
+        q, k, v = (modules[name]._parameters for name in state_dict.STOCK_PROJECTIONS)
+        return (torch.cat([q["weight"], k["weight"], v["weight"]]), torch.cat([q["bias"], k["bias"], v["bias"]]),
+                out["weight"], out["bias"])
 
     # ------------------------------------------------------------------ public
     def forward(self, query, memory=None, mask=None, *args, **kwargs):
@@ -311,14 +356,15 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
 
 
 class StockLayoutFlashMultiHeadedAttention(FlashMultiHeadedAttention):
-    """:class:`FlashMultiHeadedAttention` whose checkpoints are in the stock layout.
+    """:class:`FlashMultiHeadedAttention` with the stock parameters (``linear_q/k/v``).
 
     What the plain ``mha`` name builds under ``use_for_mha()`` /
     ``ESPNET_MHA_REPLACE_MHA=1``: the config (and ESPnet's ``config.yaml``) then
     says ``mha``, so whoever loads the checkpoint may build the stock layer,
     and ESPnet's ``build_model_from_file`` loads with ``strict=False``: fused
-    keys would be dropped without a word. Same arguments; ``state_dict_layout``
-    defaults to "stock".
+    keys would be dropped without a word. And whatever in the config selects
+    parameters by their stock names (``--freeze_param``, LoRA targets) finds
+    them. Same arguments; ``state_dict_layout`` defaults to "stock".
     """
 
     def __init__(self, *args, state_dict_layout="stock", **kwargs):

@@ -1,6 +1,7 @@
 """Projections the layer must call as modules: quantized, LoRA, parametrized, hooked.
 
-The fast path reads ``linear_qkv`` and ``linear_out``'s parameters directly. Where
+The fast path reads the q/k/v projection's parameters (``linear_qkv``, or the
+stock ``linear_q/k/v``) and ``linear_out``'s directly. Where
 that would skip what calling them does (:func:`is_plain`: a subclass such as
 loralib's ``Linear``, a parametrization, forward or backward hooks, a quantized
 swap), the layer calls the modules instead (:class:`Projections`), once per input.
@@ -22,7 +23,9 @@ quantized stock layer computes. Where that check fails (another observer, an
 unknown module) the fused module is called as it is and a warning says that
 results are close to, not the same as, the quantized stock layer's. Per-channel
 int8 and float16 weights need no re-quantization: their rounding does not
-depend on the fusion.
+depend on the fusion. Nor does a layer with the stock parameters
+(``state_dict_layout="stock"``): ``quantize_dynamic`` swaps its ``linear_q/k/v``
+one by one, as the stock layer's, and they are called as they are.
 """
 
 import logging
@@ -116,9 +119,12 @@ def projections(layer):
     """:class:`Projections` for a layer whose linears were swapped (None if they were not):
     by ``quantize_dynamic``, or by any module that holds no ``weight`` parameter
     (e.g. a ``torch.nn.utils.parametrize`` parametrization), which is then called as it is."""
-    qkv, out = layer._modules["linear_qkv"], layer._modules["linear_out"]
-    if is_plain(qkv) and is_plain(out):
+    modules, out = layer._qkv_modules(), layer._modules["linear_out"]
+    if all(is_plain(module) for module in modules) and is_plain(out):
         return None
+    if len(modules) == 3:
+        return _stock_projections(layer, modules, out)
+    qkv = modules[0]
     if isinstance(qkv, torch.ao.nn.quantized.dynamic.Linear) and compile_policy.capturing():
         # The re-quantized q/k/v parts are not submodules, so a trace cannot hold their
         # packed weights; the fused module alone would change the numbers.
@@ -156,16 +162,36 @@ def projections(layer):
     return result
 
 
-def modules_key(layer, module):
-    """What tells the current weights of a ``linear_qkv`` the layer calls as a module (the
-    decoding cache's record, see :func:`espnet_mha.cache.record`): how many times the
-    layer made its projections (a new module, new quantized weights), the addresses and
-    write counters of the module's parameters (LoRA's, a parametrization's originals),
-    and its hooks."""
+def _stock_projections(layer, modules, out):
+    """:class:`Projections` of a layer with the stock parameters (``linear_q/k/v``): its
+    modules themselves, called as the stock layer calls them (``quantize_dynamic`` swaps
+    each as it swaps the stock layer's, so no re-quantization is needed)."""
+    key = (*modules, out, *(_packed(module) for module in modules))
+    cached = layer.__dict__.get("_projections")
+    if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
+        return cached[1]
+    called = [f"{name}: {_why_called(module)}" for name, module in zip(("linear_q", "linear_k", "linear_v", "linear_out"),
+                                                                        (*modules, out)) if not is_plain(module)]
+    logger.info("espnet_mha: the layer calls its linears as modules (%s)", "; ".join(called))
+    reference = next((p for module in modules for p in module.parameters() if p.is_floating_point()), None)
+    result = Projections(*modules, out, torch.empty(0) if reference is None else reference, True)
+    layer.__dict__["_projections"] = (key, result)
+    layer.__dict__["_projections_made"] = layer.__dict__.get("_projections_made", 0) + 1
+    return result
+
+
+def modules_key(layer, modules):
+    """What tells the current weights of the key/value projection's ``modules`` when the
+    layer calls them (the decoding cache's record, see :func:`espnet_mha.cache.record`):
+    how many times the layer made its projections (a new module, new quantized weights),
+    the addresses and write counters of the modules' parameters (LoRA's, a
+    parametrization's originals), and their hooks."""
     projections(layer)
     return (layer.__dict__["_projections_made"],
-            tuple((p.data_ptr(), p._version if not p.is_inference() else -1) for p in module.parameters()),
-            tuple(module._forward_pre_hooks), tuple(module._forward_hooks))
+            tuple((p.data_ptr(), p._version if not p.is_inference() else -1)
+                  for module in modules for p in module.parameters()),
+            tuple(hook for module in modules for hook in module._forward_pre_hooks),
+            tuple(hook for module in modules for hook in module._forward_hooks))
 
 
 def _packed(module):

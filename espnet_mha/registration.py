@@ -15,8 +15,8 @@ logger = logging.getLogger(__name__)
 FLASH_MHA = "flash_mha"
 STOCK_MHA = "mha"
 LAYER_PATH = "espnet_mha.layer.FlashMultiHeadedAttention"
-# What ``mha`` builds when it is ours: our layer saving checkpoints in the stock layout,
-# because the config names the stock layer and may be loaded without espnet-mha.
+# What ``mha`` builds when it is ours: our layer with the stock parameters (and so stock
+# checkpoints), because the config names the stock layer and may be loaded without espnet-mha.
 MHA_LAYER_PATH = "espnet_mha.layer.StockLayoutFlashMultiHeadedAttention"
 STOCK_LAYER_PATH = "espnet2.asr.state_spaces.attention.MultiHeadedAttention"
 ENV_REPLACE_MHA = "ESPNET_MHA_REPLACE_MHA"
@@ -45,9 +45,9 @@ def use_for_mha():
     workers read at startup).
 
     For configs you cannot edit. ``restore_mha()`` undoes it. Layers that are
-    already built are not affected. The layers it builds save their
-    ``state_dict`` in the stock layout (the config says ``mha``, so its
-    checkpoints must load into the stock layer too).
+    already built are not affected. The layers it builds have the stock
+    parameters, ``linear_q/k/v`` (the config says ``mha``, so its checkpoints
+    must load into the stock layer too, and its options may name them).
     """
     register()[STOCK_MHA] = MHA_LAYER_PATH
     # Child interpreters (ESPnet's spawned DDP workers, subprocess decoders) build

@@ -8,7 +8,8 @@ bit-exact.
 
 The pre-hook registered on every ``FlashMultiHeadedAttention`` makes a plain
 strict ``model.load_state_dict(stock_state_dict)`` work for a whole ESPnet
-model. Whole state dicts (wrapper prefixes, export to the stock layout, files)
+model (and a fused state dict load into a layer built with the stock
+parameters, ``state_dict_layout="stock"``). Whole state dicts (wrapper prefixes, export to the stock layout, files)
 are handled in :mod:`espnet_mha.checkpoint` and :mod:`espnet_mha.convert`.
 """
 
@@ -136,31 +137,6 @@ def check_layout(state_dict_layout):
         raise ValueError(f"state_dict_layout must be one of {LAYOUTS}, got {state_dict_layout!r}")
 
 
-def state_dict_post_hook(module, state_dict, prefix, local_metadata):
-    """``state_dict`` post-hook of our layer: write the stock layout where the layer
-    asks for it (``state_dict_layout="stock"``; what a config that says ``mha`` builds
-    under ``use_for_mha()``, so its checkpoints load into the stock layer too).
-
-    The q/k/v entries are views of the fused parameters (as a state dict's entries
-    share the parameters' storage: in-place updates through them, as an EMA does,
-    reach the layer), in the stock layer's key order. Left as they are: under
-    ``state_dict(keep_vars=True)`` the entries are the parameters themselves, which
-    have only the fused names; and a ``linear_qkv`` without a plain weight and bias
-    (parametrized, pruned, quantized) has no stock counterpart.
-    """
-    if getattr(module, "state_dict_layout", "fused") != "stock":
-        return
-    fused = [f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS]
-    if any(key not in state_dict or isinstance(state_dict[key], torch.nn.Parameter) for key in fused):
-        return
-    parts = {param: state_dict.pop(key).chunk(3, dim=0) for param, key in zip(PARAMS, fused)}
-    rest = {key: state_dict.pop(key) for key in [key for key in state_dict if key.startswith(prefix)]}
-    for i, name in enumerate(STOCK_PROJECTIONS):
-        for param in PARAMS:
-            state_dict[f"{prefix}{name}.{param}"] = parts[param][i]
-    state_dict.update(rest)
-
-
 def load_state_dict_pre_hook(module, state_dict, prefix, *args):
     """``load_state_dict`` pre-hook of our layer: accept the stock layout.
 
@@ -188,11 +164,18 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
     ``load_state_dict`` gives every hook ``strict=True`` whatever the caller
     asked.)
 
+    A layer with the stock parameters (``state_dict_layout="stock"``) takes the
+    fused layout the same way: a file's ``linear_qkv`` is split into its
+    ``linear_q/k/v`` keys (beside the model's own stock entries, the file wins).
+
     Raises:
         ValueError: a stock tensor has the wrong shape (see ``fuse_keys``).
     """
     stock = [key for key in _stock_keys(prefix) if key in state_dict]
     fused = {param: f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS}
+    if FUSED_PROJECTION not in module._modules:
+        _load_into_stock_parameters(module, state_dict, prefix, stock, fused)
+        return
     params = module.linear_qkv._parameters  # empty after quantize_dynamic swapped it
     if stock and all(key in state_dict for key in fused.values()) and all(params.get(param) is not None for param in PARAMS):
         if all(_equal(state_dict[key], params[param]) for param, key in fused.items()):
@@ -209,6 +192,29 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
         _fill_absent_parts(state_dict, prefix, params, args[2])
     try:
         fuse_keys(state_dict, prefix, n_feat=module.n_feat)
+    except KeyError as error:
+        logger.warning("espnet_mha: %s; these keys are left as they are for load_state_dict to report",
+                       error.args[0])
+
+
+def _load_into_stock_parameters(module, state_dict, prefix, stock, fused):
+    """The pre-hook for a layer with the stock ``linear_q/k/v``: split a fused file's keys
+    (``stock``: the stock keys present, ``fused``: the fused key per parameter)."""
+    if not any(key in state_dict for key in fused.values()):
+        return  # the stock layout: nothing to do
+    if stock:
+        current = {f"{prefix}{name}.{param}": module._modules[name]._parameters.get(param)
+                   for name in STOCK_PROJECTIONS for param in PARAMS}
+        if all(current[key] is not None and _equal(state_dict[key], current[key]) for key in stock):
+            for key in stock:  # the model's own entries beside a file's fused keys (--init_param)
+                del state_dict[key]
+    if any(key in state_dict for key in _stock_keys(prefix)):
+        logger.warning("espnet_mha: attention layer at %r has both fused keys %s and stock keys; these keys "
+                       "are left as they are for load_state_dict to report", prefix,
+                       [key for key in fused.values() if key in state_dict])
+        return
+    try:
+        unfuse_keys(state_dict, prefix)
     except KeyError as error:
         logger.warning("espnet_mha: %s; these keys are left as they are for load_state_dict to report",
                        error.args[0])

@@ -18,8 +18,8 @@ from espnet_mha import kernels, masks, quantized
 
 
 class StockHelpers:
-    """Mixin for :class:`espnet_mha.layer.FlashMultiHeadedAttention` (needs
-    ``linear_qkv``, ``linear_out``, ``dropout``, ``h``, ``d_k`` and ``attn``)."""
+    """Mixin for :class:`espnet_mha.layer.FlashMultiHeadedAttention` (needs ``_qkv_rows``,
+    ``linear_out``, ``dropout``, ``h``, ``d_k`` and ``attn``)."""
 
     def forward_qkv(self, query, key, value):
         """Project and split heads, as the stock layer does.
@@ -53,8 +53,7 @@ class StockHelpers:
             return heads(q[..., :d]), heads(kv[..., d:2 * d]), heads(v[..., 2 * d:])
         if proj is not None:  # quantize_dynamic swapped the linears: re-quantized parts
             return heads(proj.q(query)), heads(proj.k(key)), heads(proj.v(value))
-        w_q, w_k, w_v = self.linear_qkv.weight.chunk(3)
-        b_q, b_k, b_v = self.linear_qkv.bias.chunk(3)
+        (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._qkv_rows()
         linear = nn.functional.linear
         return heads(linear(query, w_q, b_q)), heads(linear(key, w_k, b_k)), heads(linear(value, w_v, b_v))
 

@@ -33,6 +33,18 @@ def stock_and_flash(n_feat, n_head, *, dtype=torch.float64, device="cpu", seed=0
     return stock.to(device, dtype).eval(), ours.to(device, dtype).eval()
 
 
+def under_stock_names(named):
+    """``{name: tensor}`` of our layer (its parameters, or their gradients, by
+    ``named_parameters()`` name) under the stock layer's names: the fused
+    ``linear_qkv`` rows split into ``linear_q/k/v`` (copies), the stock parameters
+    (``state_dict_layout="stock"``) as they are. For comparing with the stock layer."""
+    from espnet_mha.state_dict import unfuse_keys
+
+    named = dict(named)
+    unfuse_keys(named, "")
+    return named
+
+
 def s4_layer_config(name, *, n_head=4, **options):
     """``decoder_conf.layer`` of an ESPnet S4 decoder: ``[s4, <name>, ff]``."""
     return [

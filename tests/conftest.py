@@ -98,3 +98,23 @@ def assert_same_nbest(stock, ours, x, *, beam, maxlenratio, score_tol):
     for a, b in zip(*results):
         assert a.yseq.tolist() == b.yseq.tolist()
         assert abs(float(a.score) - float(b.score)) <= score_tol
+
+
+@pytest.fixture(scope="module", params=["fused", "stock"])
+def layout(request):
+    """Runs a module's tests with each parameter layout as our layer's default
+    (``state_dict_layout``: one fused ``linear_qkv``, or the stock ``linear_q/k/v``)."""
+    from espnet_mha.layer import FlashMultiHeadedAttention
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(FlashMultiHeadedAttention.__init__.__kwdefaults__, "state_dict_layout", request.param)
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _fused_only(request):
+    """Skips a test marked ``fused_only`` (it is about the fused ``linear_qkv``) under the
+    stock parameter layout."""
+    if request.node.get_closest_marker("fused_only") and "layout" in request.fixturenames \
+            and request.getfixturevalue("layout") == "stock":
+        pytest.skip("about the fused linear_qkv; tests/test_stock_layout.py covers the stock parameters")

@@ -14,6 +14,8 @@ from espnet_mha import cache
 from espnet_mha.checkpoint import to_stock
 from espnet_mha.testing import beam_search, prepare_for_decoding, s4_decoder_pair, stock_and_flash
 
+pytestmark = pytest.mark.usefixtures("layout")
+
 FP64 = dict(rtol=1e-10, atol=1e-10)
 
 
@@ -236,7 +238,7 @@ def test_a_state_is_recomputed_when_new_weights_land_where_the_old_ones_were(cha
             _, state = ours.step(query, None, memory=memory)  # a filled cache (no query views kept)
             if change == "data_assignment":
                 for scale in (0.5, 4.0 if attempt % 2 else 1.0):  # the second lands where the first was
-                    for p in ours.linear_qkv.parameters():
+                    for p in qkv_parameters(ours):
                         p.data = p.data * scale
             else:
                 ours.half().float()
@@ -314,7 +316,7 @@ def test_a_state_made_under_inference_mode_serves_a_step_with_gradients():
     got.sum().backward()
     stock.step(query, None, memory=memory)[0].sum().backward()
     torch.testing.assert_close(ours.linear_out.weight.grad, stock.linear_out.weight.grad, **FP64)
-    torch.testing.assert_close(ours.linear_qkv.weight.grad[16:32], stock.linear_k.weight.grad, **FP64)
+    torch.testing.assert_close(stock_named_grads(ours)["linear_k.weight"], stock.linear_k.weight.grad, **FP64)
 
 
 @pytest.mark.parametrize("window", [None, 6], ids=["growing", "sliding"])
@@ -372,7 +374,7 @@ def test_remembered_steps_follow_the_parameters():
     decode(ours, grad=True)[-1].sum().backward()
     decode(stock, grad=True)[-1].sum().backward()
     torch.testing.assert_close(ours.linear_out.weight.grad, stock.linear_out.weight.grad, **FP64)
-    torch.testing.assert_close(ours.linear_qkv.weight.grad[:16], stock.linear_q.weight.grad, **FP64)
+    torch.testing.assert_close(stock_named_grads(ours)["linear_q.weight"], stock.linear_q.weight.grad, **FP64)
 
 
 def test_state_none_always_recomputes():
@@ -612,22 +614,37 @@ def test_a_state_whose_graph_does_not_fit_the_step_is_recomputed(case):
     leaf.grad = None
     out, _ = ours.step(query, state[:1], memory=given)
     out.sum().backward()
-    got = (leaf.grad, *(None if p.grad is None else p.grad.clone() for p in ours.linear_qkv.parameters()))
+    got = (leaf.grad, *stock_named_grads(ours).values())
     assert ours.last_cache.startswith("recomputed")
     leaf.grad = None
     stock.step(query, None, memory=given)[0].sum().backward()
-    expected = (leaf.grad, *stock_qkv_grads(stock))
+    expected = (leaf.grad, *(p.grad for p in stock.parameters()))
     for g, e in zip(got, expected):
         assert (g is None) == (e is None)
         if g is not None:
             torch.testing.assert_close(g, e, **FP64)
 
 
-def stock_qkv_grads(stock):
-    """The stock layer's q/k/v gradients in our fused layout (None when it has none)."""
-    grads = [[getattr(stock, f"linear_{x}").weight.grad for x in "qkv"],
-             [getattr(stock, f"linear_{x}").bias.grad for x in "qkv"]]
-    return tuple(None if any(g is None for g in part) else torch.cat(part) for part in grads)
+def qkv_parameters(layer):
+    """Our layer's q/k/v parameters: the fused ones, or the stock linear_q/k/v's."""
+    return [p for name, p in layer.named_parameters() if not name.startswith("linear_out")]
+
+
+def stock_named_grads(layer):
+    """Our layer's gradients under the stock names, in the stock order (None where none)."""
+    named = {name: p.grad for name, p in layer.named_parameters()}
+    if "linear_qkv.weight" in named:
+        for param in ("weight", "bias"):
+            grad = named.pop(f"linear_qkv.{param}")
+            for x, part in zip("qkv", (None,) * 3 if grad is None else grad.chunk(3)):
+                named[f"linear_{x}.{param}"] = part
+    order = [f"linear_{x}.{param}" for x in ("q", "k", "v", "out") for param in ("weight", "bias")]
+    return {name: named[name] for name in order}
+
+
+def kv_weight_name(layer):
+    """The parameter name of the weight our layer projects keys from."""
+    return "linear_qkv.weight" if "linear_qkv" in layer._modules else "linear_k.weight"
 
 
 def test_torch_func_transforms_over_a_step_match_stock():
@@ -700,10 +717,13 @@ def test_a_state_is_recomputed_for_a_detached_copy_that_requires_grad(swap):
     else:
         out = torch.func.functional_call(wrapper, params, (query, state[:1], memory.expand(3, -1, -1)))
     assert ours.last_cache.startswith("recomputed")
-    got = torch.autograd.grad(out.sum(), memory if swap == "memory" else params["layer.linear_qkv.weight"])[0]
+    name = kv_weight_name(ours)
+    got = torch.autograd.grad(out.sum(), memory if swap == "memory" else params[f"layer.{name}"])[0]
     stock_out = stock.step(query, None, memory=memory.expand(3, -1, -1))[0]
     if swap == "memory":
         expected = torch.autograd.grad(stock_out.sum(), memory)[0]
+    elif name == "linear_k.weight":
+        expected = torch.autograd.grad(stock_out.sum(), stock.linear_k.weight)[0]
     else:
         stock_out.sum().backward()
         expected = torch.cat([getattr(stock, f"linear_{x}").weight.grad for x in "qkv"])
@@ -728,13 +748,16 @@ def test_a_weight_at_the_same_address_with_other_strides_is_another_weight():
     memory, query = seq(1, 7, 16), seq(3, 16, seed=1)
     with torch.no_grad():
         _, state = ours.step(query[:1], None, memory=memory)
-        weight = ours.linear_qkv.weight
-        transposed = weight.as_strided((48, 16), (1, 48))  # same storage and address, other layout
+        name = kv_weight_name(ours)
+        weight = ours.get_parameter(name)
+        rows = weight.size(0)
+        transposed = weight.as_strided((rows, 16), (1, rows))  # same storage and address, other layout
         wrapper = StepOf(ours)
-        got = torch.func.functional_call(wrapper, {"layer.linear_qkv.weight": transposed},
+        got = torch.func.functional_call(wrapper, {f"layer.{name}": transposed},
                                          (query, state[:1], memory.expand(3, -1, -1)))
         assert ours.last_cache.startswith("recomputed")
-        stock_params = {f"linear_{x}.weight": w for x, w in zip("qkv", transposed.chunk(3))}
+        stock_params = ({name: transposed} if rows == 16 else
+                        {f"linear_{x}.weight": w for x, w in zip("qkv", transposed.chunk(3))})
         expected = torch.func.functional_call(StepOf(stock), {f"layer.{k}": v for k, v in stock_params.items()},
                                               (query, None, memory.expand(3, -1, -1)))
     torch.testing.assert_close(got, expected, **FP64)
@@ -751,8 +774,8 @@ def test_an_inference_mode_memory_serves_a_step_with_gradients():
     out.sum().backward()
     stock.step(query, None, memory=memory.expand(3, -1, -1))[0].sum().backward()
     torch.testing.assert_close(out, stock.step(query, None, memory=memory.expand(3, -1, -1))[0], **FP64)
-    torch.testing.assert_close(ours.linear_qkv.weight.grad,
-                               torch.cat([getattr(stock, f"linear_{x}").weight.grad for x in "qkv"]), **FP64)
+    for name, grad in stock_named_grads(ours).items():
+        torch.testing.assert_close(grad, stock.get_parameter(name).grad, **FP64)
 
 
 def test_a_wrapper_subclass_memory_gets_the_stock_step():

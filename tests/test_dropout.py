@@ -9,6 +9,8 @@ from torch import nn
 from espnet_mha import FlashMultiHeadedAttention
 from espnet_mha.dispatch import BackendUnavailableError
 
+pytestmark = pytest.mark.usefixtures("layout")
+
 FP64 = dict(rtol=1e-10, atol=1e-10)
 
 
@@ -177,6 +179,7 @@ def test_an_inplace_dropout_leaves_the_dropped_weights_in_attn_as_the_stock_one(
     torch.testing.assert_close(ours.attn, stock.attn, **FP64)
 
 
+@pytest.mark.fused_only
 @pytest.mark.parametrize("self_attention", [True, False], ids=["self", "cross"])
 def test_with_a_replaced_dropout_a_called_linear_qkv_runs_once_per_input(self_attention):
     """The stock path calls a non-plain linear_qkv (hooks, LoRA...) once per distinct input,

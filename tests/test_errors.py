@@ -6,6 +6,8 @@ import torch
 from espnet_mha import FlashMultiHeadedAttention
 from espnet_mha.dispatch import BackendUnavailableError
 
+pytestmark = pytest.mark.usefixtures("layout")
+
 
 @pytest.fixture
 def layer():

@@ -7,6 +7,8 @@ import torch
 
 from espnet_mha.testing import stock_and_flash
 
+pytestmark = pytest.mark.usefixtures("layout")
+
 FP64 = dict(rtol=1e-10, atol=1e-10)
 NON_FINITE = [float("nan"), float("inf"), float("-inf")]
 B, T1, T2, D, H = 2, 3, 5, 12, 3

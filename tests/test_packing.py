@@ -6,7 +6,9 @@ import torch
 from espnet2.asr.state_spaces.attention import MultiHeadedAttention
 
 from espnet_mha import FlashMultiHeadedAttention, packing
-from espnet_mha.testing import stock_and_flash
+from espnet_mha.testing import stock_and_flash, under_stock_names
+
+pytestmark = pytest.mark.usefixtures("layout")
 
 FP64 = dict(rtol=1e-10, atol=1e-10)
 
@@ -39,11 +41,9 @@ def assert_matches_stock(stock, ours, query, memory, mask):
         if e is not None:
             torch.testing.assert_close(g, e, **FP64)
     stock_params, our_params = expected[3], got[3]
-    w = torch.cat([stock_params[f"linear_{x}.weight"] for x in "qkv"])
-    b = torch.cat([stock_params[f"linear_{x}.bias"] for x in "qkv"])
-    torch.testing.assert_close(our_params["linear_qkv.weight"], w, **FP64)
-    torch.testing.assert_close(our_params["linear_qkv.bias"], b, **FP64)
-    torch.testing.assert_close(our_params["linear_out.weight"], stock_params["linear_out.weight"], **FP64)
+    our_params = under_stock_names(our_params)
+    for name, grad in stock_params.items():
+        torch.testing.assert_close(our_params[name], grad, **FP64, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_random_cases_per_item_match_stock(case, always_per_item):

@@ -30,7 +30,11 @@ from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from espnet_mha.testing import stock_and_flash
+import pytest
+
+from espnet_mha.testing import stock_and_flash, under_stock_names
+
+pytestmark = pytest.mark.usefixtures("layout")
 
 DATABASE = DirectoryBasedExampleDatabase(Path(__file__).with_name("hypothesis-db"))
 
@@ -187,9 +191,6 @@ def assert_close(got, expected, scale, what):
     torch.testing.assert_close(got, expected, rtol=rel, atol=rel * size, msg=lambda m: f"{what}: {m}")
 
 
-PARAM_NAMES = ("linear_qkv.weight", "linear_qkv.bias", "linear_out.weight", "linear_out.bias")
-
-
 def gradients(output, cotangent, tensors):
     """d<output, cotangent>/d tensors, zeros where unused."""
     grads = torch.autograd.grad(output, tensors, cotangent, allow_unused=True)
@@ -200,17 +201,19 @@ def compare_gradients(case, stock, ours, expected_out, got_out, leaves):
     """Gradients of the inputs and of every parameter (stock q/k/v fused for comparison)."""
     cotangent = torch.randn(expected_out.shape, generator=torch.Generator().manual_seed(case.seed + 1),
                             dtype=torch.float64)
-    stock_params = [getattr(stock, f"linear_{n}").weight for n in "qkv"]
-    stock_params += [getattr(stock, f"linear_{n}").bias for n in "qkv"]
-    stock_params += [stock.linear_out.weight, stock.linear_out.bias]
-    expected = gradients(expected_out, cotangent, list(leaves) + stock_params)
+    stock_names, stock_params = zip(*stock.named_parameters())
+    our_names, our_params = zip(*ours.named_parameters())
+    expected = gradients(expected_out, cotangent, list(leaves) + list(stock_params))
+    got = gradients(got_out, cotangent, list(leaves) + list(our_params))
     n = len(leaves)
-    expected = expected[:n] + [torch.cat(expected[n : n + 3]), torch.cat(expected[n + 3 : n + 6])] + expected[n + 6 :]
-    ours_params = [ours.linear_qkv.weight, ours.linear_qkv.bias, ours.linear_out.weight, ours.linear_out.bias]
-    got = gradients(got_out, cotangent, list(leaves) + ours_params)
-    names = [f"grad of input {i}" for i in range(n)] + [f"grad of {name}" for name in PARAM_NAMES]
-    for name, g, e in zip(names, got, expected):
-        assert_close(g, e, case.scale, name)
+    for i in range(n):
+        assert_close(got[i], expected[i], case.scale, f"grad of input {i}")
+    got, expected = under_stock_names(zip(our_names, got[n:])), dict(zip(stock_names, expected[n:]))
+    # q, k and v compared stacked: the tolerance scales with the projection's largest gradient.
+    for group in (["linear_q.weight", "linear_k.weight", "linear_v.weight"], ["linear_q.bias", "linear_k.bias",
+                  "linear_v.bias"], ["linear_out.weight"], ["linear_out.bias"]):
+        assert_close(torch.cat([got[name] for name in group]), torch.cat([expected[name] for name in group]),
+                     case.scale, f"grad of {'/'.join(group)}")
 
 
 # A stride-0 memory with a batch-1 state of 31 keys and a per-query mask at 1e4.

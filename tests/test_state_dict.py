@@ -96,6 +96,13 @@ def test_unfuse_errors():
     assert not unfuse_keys({"x": torch.zeros(1)}, "")
 
 
+def stacked(layer):
+    """A layer's q/k/v weight as the fused (3D, D) rows, whichever its parameters."""
+    if "linear_qkv" in layer._modules:
+        return layer.linear_qkv.weight
+    return torch.cat([layer.linear_q.weight, layer.linear_k.weight, layer.linear_v.weight])
+
+
 def test_stock_layout_saves_what_the_stock_layer_loads():
     """state_dict_layout="stock" (what the mha name builds under use_for_mha): the state
     dict loads strictly into the stock layer, which then computes the same outputs,
@@ -111,15 +118,23 @@ def test_stock_layout_saves_what_the_stock_layer_loads():
     for layout in ("fused", "stock"):
         other = FlashMultiHeadedAttention(12, 3, state_dict_layout=layout).double()
         other.load_state_dict(state, strict=True)
-        assert torch.equal(other.linear_qkv.weight, ours.linear_qkv.weight)
+        assert torch.equal(stacked(other), stacked(ours))
         ours.load_state_dict(other.state_dict(), strict=True)
+        assert torch.equal(stacked(other), stacked(ours))
 
 
-def test_stock_layout_keeps_the_parameters_under_keep_vars():
-    """keep_vars=True hands out the parameters themselves, which have only fused names."""
+def test_stock_layout_has_the_stock_parameters():
+    """The stock layer's parameter names, shapes and order, so whatever selects parameters
+    by name sees the stock layer; the same seed gives the same values."""
+    torch.manual_seed(4)
+    stock = MultiHeadedAttention(8, 2)
+    torch.manual_seed(4)
     ours = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock")
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in stock.named_parameters()]
+    for (_, a), (_, b) in zip(ours.named_parameters(), stock.named_parameters()):
+        assert torch.equal(a, b)
     state = ours.state_dict(keep_vars=True)
-    assert state["linear_qkv.weight"] is ours.linear_qkv.weight and "linear_q.weight" not in state
+    assert state["linear_q.weight"] is ours.linear_q.weight and "linear_qkv.weight" not in state
 
 
 def test_bad_state_dict_layout_is_named():
@@ -149,36 +164,39 @@ def test_a_file_missing_some_projections_keeps_the_current_ones(layout):
 
 
 def test_a_fused_file_replaces_the_current_stock_layout_entries():
-    """--init_param with a fused file into a model whose state_dict is in the stock layout:
-    the file wins over the model's current entries."""
+    """--init_param with a fused file into a model with the stock parameters: the file
+    wins over the model's current entries."""
     ours = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock")
     file = FlashMultiHeadedAttention(8, 2).state_dict()
     state = ours.state_dict()
     state.update(file)
     ours.load_state_dict(state, strict=True)
-    assert torch.equal(ours.linear_qkv.weight, file["linear_qkv.weight"])
+    assert torch.equal(stacked(ours), file["linear_qkv.weight"])
+    ours.load_state_dict(FlashMultiHeadedAttention(8, 2).state_dict(), strict=True)  # a fused file as it is
 
 
 def test_stock_layout_entries_share_the_parameters_storage():
     """As for any module: an in-place update through state_dict() (an EMA does that)
     reaches the layer."""
-    ours = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock")
-    ours.state_dict()["linear_k.weight"].fill_(3.0)
-    assert torch.equal(ours.linear_qkv.weight[8:16], torch.full((8, 8), 3.0))
+    for layout in ("fused", "stock"):
+        ours = FlashMultiHeadedAttention(8, 2, state_dict_layout=layout)
+        key = "linear_qkv.weight" if layout == "fused" else "linear_k.weight"
+        ours.state_dict()[key].fill_(3.0)
+        assert torch.equal(stacked(ours)[8:16], torch.full((8, 8), 3.0))
 
 
-def test_stock_layout_leaves_a_parametrized_projection_as_it_is():
-    """A parametrized (or pruned) linear_qkv has no stock counterpart: its keys stay, and
-    the state dict loads back (it raised a KeyError before)."""
+def test_stock_layout_parametrizes_as_the_stock_layer():
+    """weight_norm on linear_q: the state dict has the stock layer's keys, loads into it,
+    and both compute the same."""
     from torch.nn.utils.parametrizations import weight_norm
 
-    ours = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock")
-    ours.linear_qkv = weight_norm(ours.linear_qkv)
-    state = ours.state_dict()
-    assert "linear_qkv.parametrizations.weight.original0" in state and "linear_q.weight" not in state
-    twin = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock")
-    twin.linear_qkv = weight_norm(twin.linear_qkv)
-    twin.load_state_dict(state, strict=True)
+    stock, ours = stock_and_flash(8, 2, dtype=torch.float64, seed=1, state_dict_layout="stock")
+    for layer in (stock, ours):
+        layer.linear_q = weight_norm(layer.linear_q)
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    stock.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    torch.testing.assert_close(ours(x)[0], stock(x)[0], rtol=1e-12, atol=1e-12)
 
 
 def test_helper_arguments_are_checked():
