@@ -1,10 +1,12 @@
 """Shared fixtures: seeded random attention cases compared with the stock ESPnet layer."""
 
 import random
+import warnings
 from dataclasses import dataclass
 
 import pytest
 import torch
+from torch import nn
 
 import espnet_mha  # noqa: F401  (registers flash_mha)
 from espnet_mha.testing import beam_search, prepare_for_decoding
@@ -118,3 +120,23 @@ def _fused_only(request):
     if request.node.get_closest_marker("fused_only") and "layout" in request.fixturenames \
             and request.getfixturevalue("layout") == "stock":
         pytest.skip("about the fused linear_qkv; tests/test_stock_layout.py covers the stock parameters")
+
+
+def quantize(model, dtype):
+    with warnings.catch_warnings():  # torch's deprecation notice for the eager quantization API
+        warnings.simplefilter("ignore")
+        return torch.quantization.quantize_dynamic(model, {nn.Linear}, dtype=dtype)
+
+
+class LowRankLinear(nn.Linear):
+    """What loralib's ``Linear`` does in training: its forward adds a low-rank update."""
+
+    def __init__(self, linear, rank=2):
+        super().__init__(linear.in_features, linear.out_features, dtype=linear.weight.dtype)
+        self.load_state_dict(linear.state_dict())
+        gen = torch.Generator().manual_seed(rank)
+        self.lora_a = nn.Parameter(torch.randn(rank, self.in_features, generator=gen, dtype=self.weight.dtype))
+        self.lora_b = nn.Parameter(torch.randn(self.out_features, rank, generator=gen, dtype=self.weight.dtype))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.lora_a.t() @ self.lora_b.t()

@@ -7,23 +7,16 @@ compute the same (fp32 tolerance), forward and step, and give the same n-best.
 """
 
 import logging
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import assert_same_nbest
+from conftest import LowRankLinear, assert_same_nbest, quantize
 from espnet_mha import quantized
 from espnet_mha.testing import s4_decoder_pair, stock_and_flash
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
-
-
-def quantize(model, dtype):
-    with warnings.catch_warnings():  # torch's deprecation notice for the eager quantization API
-        warnings.simplefilter("ignore")
-        return torch.quantization.quantize_dynamic(model, {nn.Linear}, dtype=dtype)
 
 
 def quantized_pair(dtype, **options):
@@ -179,20 +172,6 @@ def test_a_deep_copy_uses_its_own_parametrized_linears():
     got.sum().backward()
     assert twin.linear_qkv.parametrizations.weight.original1.grad is not None
     assert ours.linear_qkv.parametrizations.weight.original1.grad is None
-
-
-class LowRankLinear(nn.Linear):
-    """What loralib's ``Linear`` does in training: its forward adds a low-rank update."""
-
-    def __init__(self, linear, rank=2):
-        super().__init__(linear.in_features, linear.out_features, dtype=linear.weight.dtype)
-        self.load_state_dict(linear.state_dict())
-        gen = torch.Generator().manual_seed(rank)
-        self.lora_a = nn.Parameter(torch.randn(rank, self.in_features, generator=gen, dtype=self.weight.dtype))
-        self.lora_b = nn.Parameter(torch.randn(self.out_features, rank, generator=gen, dtype=self.weight.dtype))
-
-    def forward(self, x):
-        return super().forward(x) + x @ self.lora_a.t() @ self.lora_b.t()
 
 
 class Rows(nn.Module):

@@ -6,12 +6,11 @@ The rest of the suite runs its comparisons with both layouts (the ``layout`` fix
 this file covers what only the stock parameters make possible.
 """
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
+from conftest import LowRankLinear, quantize
 from espnet_mha import FlashMultiHeadedAttention, quantized, use_for_mha
 from espnet_mha.testing import build_s4_decoder, stock_and_flash
 
@@ -45,12 +44,6 @@ def assert_same(ours, stock, tol):
         torch.testing.assert_close(got, expected, **tol)
 
 
-def quantize(model, dtype):
-    with warnings.catch_warnings():  # torch's deprecation notice for the eager quantization API
-        warnings.simplefilter("ignore")
-        return torch.quantization.quantize_dynamic(model, {nn.Linear}, dtype=dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.qint8, torch.float16], ids=["qint8", "float16"])
 def test_quantize_dynamic_swaps_each_linear_as_in_the_stock_layer(dtype):
     """asr_inference --quantize_asr_model: q, k and v are quantized one by one, as the stock
@@ -63,20 +56,6 @@ def test_quantize_dynamic_swaps_each_linear_as_in_the_stock_layer(dtype):
     assert all(type(getattr(ours, name)) is type(getattr(stock, name)) for name in ("linear_q", "linear_k", "linear_v"))
     assert quantized.projections(ours).exact
     assert_same(ours, stock, FP32)
-
-
-class LowRankLinear(nn.Linear):
-    """What loralib's ``Linear`` does in training: its forward adds a low-rank update."""
-
-    def __init__(self, linear, rank=2):
-        super().__init__(linear.in_features, linear.out_features, dtype=linear.weight.dtype)
-        self.load_state_dict(linear.state_dict())
-        gen = torch.Generator().manual_seed(rank)
-        self.lora_a = nn.Parameter(torch.randn(rank, self.in_features, generator=gen, dtype=self.weight.dtype))
-        self.lora_b = nn.Parameter(torch.randn(self.out_features, rank, generator=gen, dtype=self.weight.dtype))
-
-    def forward(self, x):
-        return super().forward(x) + x @ self.lora_a.t() @ self.lora_b.t()
 
 
 def swap_by_name(model, targets):
