@@ -14,7 +14,8 @@ import torch
 import espnet_mha  # noqa: F401  (registers flash_mha)
 from espnet_mha import optional
 
-IMPLS = ("stock", "flash_mha", "flash_mha-compiled")
+# flash_mha-stock_layout: our layer with the stock parameters (what mha builds under use_for_mha()).
+IMPLS = ("stock", "flash_mha", "flash_mha-compiled", "flash_mha-stock_layout")
 
 
 def pytest_addoption(parser):

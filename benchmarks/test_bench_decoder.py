@@ -21,7 +21,8 @@ def decoders(request):
                 n_head=size["n_head"], seed=0, dtype=dtype)
     stock, ours = s4_decoder_pair(**args)
     _, compiled = s4_decoder_pair(layer_options={"compile": True}, **args)
-    models = {"stock": stock, "flash_mha": ours, "flash_mha-compiled": compiled}
+    _, stock_layout = s4_decoder_pair(layer_options={"state_dict_layout": "stock"}, **args)
+    models = {"stock": stock, "flash_mha": ours, "flash_mha-compiled": compiled, "flash_mha-stock_layout": stock_layout}
     return size, {name: prepare_for_decoding(model.to(device)) for name, model in models.items()}
 
 

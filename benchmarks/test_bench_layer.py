@@ -36,7 +36,8 @@ def sizes(scenario, quick):
 def layers(impl, size, device, dtype):
     """The layer under test and the stock reference, same weights (stock -> our adapter)."""
     stock, ours = stock_and_flash(size["n_feat"], size["n_head"], dtype=dtype, device=device,
-                                  compile=impl.endswith("compiled"))
+                                  compile=impl.endswith("compiled"),
+                                  state_dict_layout="stock" if impl.endswith("stock_layout") else "fused")
     return (stock if impl == "stock" else ours), stock
 
 
