@@ -137,6 +137,33 @@ def check_layout(state_dict_layout):
         raise ValueError(f"state_dict_layout must be one of {LAYOUTS}, got {state_dict_layout!r}")
 
 
+def state_dict_post_hook(module, state_dict, prefix, local_metadata):
+    """``state_dict`` post-hook of layers pickled (``torch.save(model)``, ``copy.deepcopy``)
+    by espnet-mha before the stock layout held the stock parameters: such a layer has a
+    fused ``linear_qkv`` and ``state_dict_layout="stock"``, and its pickle names this
+    function. It writes the stock keys as it did then; layers built now do not
+    register it (their stock layout has the stock parameters themselves).
+
+    The q/k/v entries are views of the fused parameters (as a state dict's entries
+    share the parameters' storage: in-place updates through them, as an EMA does,
+    reach the layer), in the stock layer's key order. Left as they are: under
+    ``state_dict(keep_vars=True)`` the entries are the parameters themselves, which
+    have only the fused names; and a ``linear_qkv`` without a plain weight and bias
+    (parametrized, pruned, quantized) has no stock counterpart.
+    """
+    if getattr(module, "state_dict_layout", "fused") != "stock":
+        return
+    fused = [f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS]
+    if any(key not in state_dict or isinstance(state_dict[key], torch.nn.Parameter) for key in fused):
+        return
+    parts = {param: state_dict.pop(key).chunk(3, dim=0) for param, key in zip(PARAMS, fused)}
+    rest = {key: state_dict.pop(key) for key in [key for key in state_dict if key.startswith(prefix)]}
+    for i, name in enumerate(STOCK_PROJECTIONS):
+        for param in PARAMS:
+            state_dict[f"{prefix}{name}.{param}"] = parts[param][i]
+    state_dict.update(rest)
+
+
 def load_state_dict_pre_hook(module, state_dict, prefix, *args):
     """``load_state_dict`` pre-hook of our layer: accept the stock layout.
 

@@ -239,3 +239,21 @@ def test_stock_helpers_check_their_arguments():
         layer.forward_attention(v, scores[:, 0], None)
     with pytest.raises(ValueError, match=r"value \(2, 2, 4, 4\) and scores \(2, 2, 3, 5\) must be"):
         layer.forward_attention(v[:, :, :4], scores, None)
+
+
+def test_a_layer_pickled_with_the_old_stock_layout_still_saves_it():
+    """Layers pickled before the stock layout held the stock parameters: fused, with
+    state_dict_layout="stock" and the state-dict post-hook registered; they unpickle
+    and keep writing the stock keys."""
+    import pickle
+
+    from espnet_mha import state_dict as adapter
+
+    old = FlashMultiHeadedAttention(8, 2)
+    old.state_dict_layout = "stock"
+    old.register_state_dict_post_hook(adapter.state_dict_post_hook)
+    copy = pickle.loads(pickle.dumps(old))
+    state = copy.state_dict()
+    assert list(state) == list(MultiHeadedAttention(8, 2).state_dict())
+    assert torch.equal(torch.cat([state[f"linear_{x}.weight"] for x in "qkv"]), old.linear_qkv.weight)
+    copy.load_state_dict(state)
