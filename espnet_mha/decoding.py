@@ -82,7 +82,7 @@ class DecodingSteps:
         proj = quantized.projections(self)
         key, weights, stale = self._check_state(state, memory, batch)
         if state is None or stale:
-            kv = (functional.project_memory(memory, *self._params()[:2], self.h) if proj is None
+            kv = (functional.project_memory(memory, *self._kv_params(), self.h) if proj is None
                   else quantized.project_memory(proj, memory, self.h))
             self._last["cache"] = f"recomputed: {stale}" if stale else "filled"
             if stale:
@@ -206,8 +206,21 @@ class DecodingSteps:
             return key, weights, ""
         stale = cache.stale_reason(state, memory, key, batch=batch, n_head=self.h,
                                    dtype=checks.compute_dtype(memory))
-        return key, weights, stale or cache.provenance_problem(
+        return key, weights, stale or self._kv_modules_in_training() or cache.provenance_problem(
             self._cache_sources, state, key, memory, weights[0], cache.grad_flags(memory, weights[1]))
+
+    def _kv_modules_in_training(self):
+        """Why keys and values cannot be reused because a module the layer calls for them
+        (not a plain linear) may compute differently at each call, as the stock step calls
+        it at each step: one in training mode holding buffers (spectral_norm's power
+        iteration updates its ``_u``) or a dropout (LoRA's); "" otherwise."""
+        for module in self._qkv_modules()[-2:]:
+            if quantized.is_plain(module):
+                continue
+            for part in module.modules():
+                if part.training and (part._buffers or (isinstance(part, torch.nn.Dropout) and part.p > 0)):
+                    return f"{type(part).__name__} in the key/value projection is in training mode"
+        return ""
 
     @torch.compiler.disable
     def _remember_source(self, kv, memory, key, weights, reused):
@@ -228,22 +241,23 @@ class DecodingSteps:
         :func:`functional.query_head_weights`).
 
         Without gradients the per-head query views are remembered while the
-        parameters are the same tensors on the same storage (in-place updates
-        such as ``load_state_dict`` or an optimizer step show through a view;
-        ``.to()`` or ``param.data = ...`` make new storage and new views).
-        Made and used only with gradients off, so no view can cut a gradient
-        path."""
+        parameters are the same tensors at the same address with the same strides
+        (in-place updates such as ``load_state_dict`` or an optimizer step show
+        through a view; ``.to()`` or ``param.data = ...`` make new storage, or, as
+        ``weight.data = weight.data.t()`` on the stock layout's square ``linear_q``,
+        other strides, and so new views; the views keep the old storage alive, so its
+        address is not handed to new weights). Made and used only with gradients
+        off, so no view can cut a gradient path."""
         w_qkv, b_qkv = self._query_projection()
         out = self._modules["linear_out"]._parameters
         w_out, b_out = out["weight"], out["bias"]
         if torch.is_grad_enabled():
             return (*functional.query_head_weights(w_qkv, b_qkv, self.h), w_out, b_out)
         views = self._query_views
-        if views is None or views[0] is not w_qkv or views[1] is not b_qkv or views[2] != w_qkv.data_ptr() \
-                or views[3] != b_qkv.data_ptr():
-            views = self._query_views = (w_qkv, b_qkv, w_qkv.data_ptr(), b_qkv.data_ptr(),
-                                         *functional.query_head_weights(w_qkv, b_qkv, self.h))
-        return views[4], views[5], w_out, b_out
+        where = (w_qkv.data_ptr(), b_qkv.data_ptr(), w_qkv.stride(), b_qkv.stride())
+        if views is None or views[0] is not w_qkv or views[1] is not b_qkv or views[2] != where:
+            views = self._query_views = (w_qkv, b_qkv, where, *functional.query_head_weights(w_qkv, b_qkv, self.h))
+        return views[3], views[4], w_out, b_out
 
     def _step_self(self, query, state, mask):
         batch = query.size(0)

@@ -27,12 +27,13 @@ def kv_cache(kv, n_head):
     return kv.view(b, t, 2, n_head, two_d // (2 * n_head)).permute(0, 2, 3, 1, 4).contiguous()
 
 
-def project_memory(memory, w_qkv, b_qkv, n_head):
+def project_memory(memory, w_kv, b_kv, n_head):
     """Key/value projection of the memory in one GEMM, in the cache layout.
 
     Args:
         memory: ``(B, T2, D)``. A memory expanded over the batch with stride 0
             (how ``BatchBeamSearch`` passes the encoder output) is projected once.
+        w_kv, b_kv: the key and value rows of the projection, ``(2D, D)`` and ``(2D,)``.
 
     Returns:
         ``(b, 2, H, T2, d_k)`` with ``b = 1`` for a stride-0 memory, else B.
@@ -48,11 +49,11 @@ def project_memory(memory, w_qkv, b_qkv, n_head):
         # where one GEMM plus the permuted copy of kv_cache costs ~25% more
         # (300 x 256 memory: 420 us against 565 us on 2 cores).
         d_k = d // n_head
-        w_heads = w_qkv[d:].view(2 * n_head, d_k, d).transpose(1, 2)  # (2H, D, d_k)
-        b_heads = b_qkv[d:].view(2 * n_head, 1, d_k)
+        w_heads = w_kv.view(2 * n_head, d_k, d).transpose(1, 2)  # (2H, D, d_k)
+        b_heads = b_kv.view(2 * n_head, 1, d_k)
         kv = torch.baddbmm(b_heads, memory.expand(2 * n_head, -1, -1), w_heads)  # (2H, T2, d_k)
         return kv.view(1, 2, n_head, memory.size(1), d_k)
-    return kv_cache(F.linear(memory, w_qkv[d:], b_qkv[d:]), n_head)
+    return kv_cache(F.linear(memory, w_kv, b_kv), n_head)
 
 
 def shared_memory(memory):

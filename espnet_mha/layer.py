@@ -258,6 +258,18 @@ class FlashMultiHeadedAttention(StockHelpers, DecodingSteps, SequenceModule):
         params = (modules["linear_q"] if module is None else module)._parameters
         return params["weight"], params["bias"]
 
+    def _kv_params(self):
+        """``(w_kv (2D, D), b_kv (2D,))``: the key/value rows of the fused parameters (views),
+        or the stock ``linear_k`` and ``linear_v`` stacked (so a decoding cache's graph
+        reaches only them, as the stock step's keys and values do)."""
+        modules = self._modules
+        qkv = modules.get(state_dict.FUSED_PROJECTION)
+        if qkv is not None:
+            d = self.n_feat
+            return qkv._parameters["weight"][d:], qkv._parameters["bias"][d:]
+        k, v = modules["linear_k"]._parameters, modules["linear_v"]._parameters
+        return torch.cat([k["weight"], v["weight"]]), torch.cat([k["bias"], v["bias"]])
+
     def _params(self):
         """``(w_qkv (3D, D), b_qkv (3D,), w_out, b_out)``: the fused parameters, or the stock
         ones stacked (a new ``torch.cat`` per call, so gradients reach the three linears

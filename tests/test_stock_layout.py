@@ -185,3 +185,58 @@ def test_a_fused_file_loads_and_a_stock_file_loads():
     torch.testing.assert_close(ours(x)[0], fused(x)[0], rtol=0, atol=0)
     with pytest.raises(RuntimeError, match=r'size mismatch for linear_q.weight'):
         ours.load_state_dict({**ours.state_dict(), "linear_q.weight": torch.zeros(8, 16)})
+
+
+def test_a_backward_after_each_step_with_keys_and_values_frozen():
+    """linear_k and linear_v frozen, linear_q trained, one backward per step (stock: fine):
+    the cache's graph reached linear_q through the stacked q/k/v, so the second step's
+    backward went through the first step's graph again and raised."""
+    stock, ours = pair()
+    for layer in (stock, ours):
+        layer.linear_k.requires_grad_(False)
+        layer.linear_v.requires_grad_(False)
+    memory, state = seq(1, 7, 16, seed=1).expand(3, -1, -1), None
+    for t in range(3):
+        query = seq(3, 16, seed=10 + t)
+        for layer in (stock, ours):
+            layer.zero_grad(set_to_none=True)
+        out, state = ours.step(query, None if state is None else state[:1], memory=memory)
+        out.square().sum().backward()
+        stock.step(query, None, memory=memory)[0].square().sum().backward()
+        torch.testing.assert_close(ours.linear_q.weight.grad, stock.linear_q.weight.grad, **FP64)
+        assert ours.linear_k.weight.grad is None
+
+
+def test_a_transposed_query_weight_is_seen_by_the_next_step():
+    """``linear_q.weight.data = linear_q.weight.data.t()``: same tensor, address and storage,
+    other strides (a square weight only the stock layout has): the remembered query views
+    were reused, every later step 0.18 off."""
+    stock, ours = pair()
+    memory, query = seq(1, 7, 16, seed=1).expand(3, -1, -1), seq(3, 16, seed=2)
+    with torch.no_grad():
+        _, state = ours.step(query, None, memory=memory)
+        for layer in (stock, ours):
+            layer.linear_q.weight.data = layer.linear_q.weight.data.t()
+        got, _ = ours.step(query, state[:1], memory=memory)
+        torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_spectral_norm_on_the_keys_steps_as_the_stock_layer(mode):
+    """spectral_norm (a parametrization with a power-iteration buffer) on linear_k: in
+    training mode its weight changes at every call, and the stock step calls it at every
+    step, so the cache is recomputed rather than reused (it drifted 3.5e-4 from stock)."""
+    stock, ours = pair()
+    for layer in (stock, ours):
+        torch.manual_seed(7)
+        torch.nn.utils.parametrizations.spectral_norm(layer.linear_k)
+        layer.train(mode == "train")
+    memory, state = seq(1, 6, 16, seed=2).expand(3, -1, -1), None
+    with torch.no_grad():
+        for t in range(4):
+            query = seq(3, 16, seed=20 + t)
+            got, state = ours.step(query, None if state is None else state[:1], memory=memory)
+            torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
+            if t:
+                assert ours.last_cache == ("reused" if mode == "eval" else
+                                           "recomputed: _SpectralNorm in the key/value projection is in training mode")
