@@ -170,8 +170,8 @@ def _stock_projections(layer, modules, out):
     cached = layer.__dict__.get("_projections")
     if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
         return cached[1]
-    called = [f"{name}: {_why_called(module)}" for name, module in zip(("linear_q", "linear_k", "linear_v", "linear_out"),
-                                                                        (*modules, out)) if not is_plain(module)]
+    names = ("linear_q", "linear_k", "linear_v", "linear_out")
+    called = [f"{name}: {_why_called(module)}" for name, module in zip(names, (*modules, out)) if not is_plain(module)]
     logger.info("espnet_mha: the layer calls its linears as modules (%s)", "; ".join(called))
     reference = next((p for module in modules for p in module.parameters() if p.is_floating_point()), None)
     result = Projections(*modules, out, torch.empty(0) if reference is None else reference, True)
