@@ -72,8 +72,9 @@ def is_plain(module):
 
 def _why_called(module):
     if type(module) is not nn.Linear or module._parameters.get("weight") is None:
-        return f"it is a {type(module).__name__} without a plain weight parameter" if type(module) is nn.Linear \
-            else f"it is a {type(module).__name__}"
+        kind = type(module)
+        return ("it is an nn.Linear without a plain weight parameter" if kind is nn.Linear
+                else f"it is a {kind.__module__}.{kind.__qualname__}, not an nn.Linear")
     return "it has no bias" if module._parameters.get("bias") is None else "it has hooks"
 
 
