@@ -11,6 +11,7 @@ import logging
 import math
 
 import torch
+from torch.nn.modules.dropout import _DropoutNd
 
 from espnet_mha import cache, checks, compile_policy, functional, masks, quantized, state_dict
 
@@ -70,9 +71,12 @@ class DecodingSteps:
             # As forward: the encoder memory, and the mask that comes with it, are not ours.
             return self._step_self(query, state, mask if memory is None else None)
         if (memory is None or self._custom_dropout() is not None or compile_policy.capturing()
-                or torch._C._are_functorch_transforms_active() or type(memory) is not torch.Tensor):
+                or torch._C._are_functorch_transforms_active() or type(memory) is not torch.Tensor
+                or self._changing_modules()):
             # The stock step (forward over one position, the state passed through): for a
-            # dropout module the layer must call; in a traced or exported graph, where the
+            # dropout module the layer must call; for projections that may compute
+            # differently at each call, which the stock step calls in its order at every
+            # step; in a traced or exported graph, where the
             # cache's checks cannot run and its shortcuts (a stride-0 memory, a batch-1
             # state) would be frozen for every later input; and under torch.func
             # transforms or for tensor subclasses (wrappers such as TwoTensor), whose
@@ -206,21 +210,22 @@ class DecodingSteps:
             return key, weights, ""
         stale = cache.stale_reason(state, memory, key, batch=batch, n_head=self.h,
                                    dtype=checks.compute_dtype(memory))
-        return key, weights, stale or self._kv_modules_in_training() or cache.provenance_problem(
+        return key, weights, stale or cache.provenance_problem(
             self._cache_sources, state, key, memory, weights[0], cache.grad_flags(memory, weights[1]))
 
-    def _kv_modules_in_training(self):
-        """Why keys and values cannot be reused because a module the layer calls for them
-        (not a plain linear) may compute differently at each call, as the stock step calls
-        it at each step: one in training mode holding buffers (spectral_norm's power
-        iteration updates its ``_u``) or a dropout (LoRA's); "" otherwise."""
-        for module in self._qkv_modules()[-2:]:
-            if quantized.is_plain(module):
-                continue
-            for part in module.modules():
-                if part.training and (part._buffers or (isinstance(part, torch.nn.Dropout) and part.p > 0)):
-                    return f"{type(part).__name__} in the key/value projection is in training mode"
-        return ""
+    def _changing_modules(self):
+        """Whether a projection the layer calls as a module (not a plain linear) may compute
+        differently at each call: in training mode, holding buffers (spectral_norm's power
+        iteration updates its ``_u``) or a dropout (LoRA's). The stock step calls every
+        projection at every step, in the order q, k, v, out, on the whole (expanded)
+        memory, so such a layer computes as the stock step. Not seen: a module that
+        draws random numbers in its own ``forward`` (``F.dropout``); decode in ``eval()``."""
+        for module in (*self._qkv_modules(), self._modules["linear_out"]):
+            if not quantized.is_plain(module):
+                for part in module.modules():
+                    if part.training and (part._buffers or isinstance(part, _DropoutNd)):
+                        return True
+        return False
 
     @torch.compiler.disable
     def _remember_source(self, kv, memory, key, weights, reused):

@@ -32,6 +32,22 @@ def _undrawn_linear(n_in, n_out):
     return linear
 
 
+def _stack(params):
+    """``(weight, bias)`` of the stock linears ``params`` (name -> their ``_parameters``)
+    stacked in order. Refuses mixed dtypes, on which the stock layer's linears raise
+    (``torch.cat`` would promote them).
+
+    Raises:
+        TypeError: the tensors differ in dtype (names each and its dtype).
+    """
+    tensors = [(f"{name}.{param}", p[param]) for name, p in params.items() for param in ("weight", "bias")]
+    if any(t.dtype != tensors[0][1].dtype for _, t in tensors):
+        raise TypeError("the stock projections' parameters must share one dtype (the stock layer's linears raise "
+                        "on mixed dtypes too), got " + ", ".join(f"{n} {t.dtype}" for n, t in tensors))
+    return (torch.cat([t for n, t in tensors if n.endswith(".weight")]),
+            torch.cat([t for n, t in tensors if n.endswith(".bias")]))
+
+
 class ParameterLayout:
     """Mixin for :class:`espnet_mha.layer.FlashMultiHeadedAttention`: its projections
     (needs ``n_feat``, ``_modules``)."""
@@ -116,7 +132,7 @@ class ParameterLayout:
             d = self.n_feat
             return qkv._parameters["weight"][d:], qkv._parameters["bias"][d:]
         k, v = modules["linear_k"]._parameters, modules["linear_v"]._parameters
-        return torch.cat([k["weight"], v["weight"]]), torch.cat([k["bias"], v["bias"]])
+        return _stack({"linear_k": k, "linear_v": v})
 
     def _params(self):
         """``(w_qkv (3D, D), b_qkv (3D,), w_out, b_out)``: the fused parameters, or the stock
@@ -129,6 +145,4 @@ class ParameterLayout:
         if qkv is not None:
             qkv = qkv._parameters
             return qkv["weight"], qkv["bias"], out["weight"], out["bias"]
-        q, k, v = (modules[name]._parameters for name in STOCK_PROJECTIONS)
-        return (torch.cat([q["weight"], k["weight"], v["weight"]]), torch.cat([q["bias"], k["bias"], v["bias"]]),
-                out["weight"], out["bias"])
+        return (*_stack({name: modules[name]._parameters for name in STOCK_PROJECTIONS}), out["weight"], out["bias"])

@@ -185,11 +185,11 @@ def modules_key(layer, modules):
     """What tells the current weights of the key/value projection's ``modules`` when the
     layer calls them (the decoding cache's record, see :func:`espnet_mha.cache.record`):
     how many times the layer made its projections (a new module, new quantized weights),
-    the addresses and write counters of the modules' parameters (LoRA's, a
+    the addresses, strides and write counters of the modules' parameters (LoRA's, a
     parametrization's originals), and their hooks."""
     projections(layer)
     return (layer.__dict__["_projections_made"],
-            tuple((p.data_ptr(), p._version if not p.is_inference() else -1)
+            tuple((p.data_ptr(), p.stride(), p._version if not p.is_inference() else -1)
                   for module in modules for p in module.parameters()),
             tuple(hook for module in modules for hook in module._forward_pre_hooks),
             tuple(hook for module in modules for hook in module._forward_hooks))
