@@ -118,8 +118,9 @@ def storage_ref(tensor):
 
 
 def weights_key(weight, bias):
-    """Addresses, strides and write counters of the fused projection's weight and bias (a plain
-    ``nn.Linear``'s; other modules: :func:`espnet_mha.quantized.modules_key`)."""
+    """Addresses, strides and write counters of a plain ``nn.Linear``'s weight and bias (the
+    fused projection, or the stock ``linear_k``/``linear_v``; modules the layer calls:
+    :func:`espnet_mha.quantized.modules_key`)."""
     return (weight.data_ptr(), weight.stride(), _version(weight), bias.data_ptr(), _version(bias))
 
 

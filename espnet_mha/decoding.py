@@ -11,9 +11,8 @@ import logging
 import math
 
 import torch
-from torch.nn.modules.dropout import _DropoutNd
 
-from espnet_mha import cache, checks, compile_policy, functional, masks, quantized, state_dict
+from espnet_mha import cache, checks, compile_policy, functional, masks, quantized
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +23,10 @@ _MAX_CHECKED_STEPS = 256
 
 class DecodingSteps:
     """Mixin for :class:`espnet_mha.layer.FlashMultiHeadedAttention`: ``step`` and
-    ``default_state`` (needs the layer's ``h``, ``causal``, ``keep_attn``, ``_params``,
-    ``_select``, ``_sequence``, ``_fn``, ``_check_features``, ``_check_memory``, and the
-    per-layer records ``_checked_steps``, ``_cache_sources``, ``_query_views``, ``_last``)."""
+    ``default_state`` (needs the layer's ``h``, ``causal``, ``keep_attn``, the parameter
+    accessors of :class:`espnet_mha.parameters.ParameterLayout`, ``_select``,
+    ``_sequence``, ``_fn``, ``_check_features``, ``_check_memory``, and the per-layer
+    records ``_checked_steps``, ``_cache_sources``, ``_query_views``, ``_last``)."""
 
     def step(self, query, state, memory=None, mask=None, **kwargs):
         """One decoding step.
@@ -72,11 +72,11 @@ class DecodingSteps:
             return self._step_self(query, state, mask if memory is None else None)
         if (memory is None or self._custom_dropout() is not None or compile_policy.capturing()
                 or torch._C._are_functorch_transforms_active() or type(memory) is not torch.Tensor
-                or self._changing_modules()):
+                or self._kv_may_change()):
             # The stock step (forward over one position, the state passed through): for a
-            # dropout module the layer must call; for projections that may compute
-            # differently at each call, which the stock step calls in its order at every
-            # step; in a traced or exported graph, where the
+            # dropout module the layer must call; for a key/value projection that may
+            # compute differently at each call, which the stock step calls at every step;
+            # in a traced or exported graph, where the
             # cache's checks cannot run and its shortcuts (a stride-0 memory, a batch-1
             # state) would be frozen for every later input; and under torch.func
             # transforms or for tensor subclasses (wrappers such as TwoTensor), whose
@@ -168,33 +168,6 @@ class DecodingSteps:
         out, _ = functional.attend_cached(query, state, None, *params, backend=decision[0], need_weights=False)
         return out, cache.batch_state(state, query.size(0))
 
-    def _plain_weights(self):
-        """(what tells the key/value projection's current weights, the tensors it reads) when
-        the q/k/v projection is plain (:func:`quantized.is_plain`), else None: the fused
-        linear's :func:`cache.weights_key` and its weight and bias, or those of the stock
-        ``linear_k`` and ``linear_v``. On the decoding hot path: plain lookups."""
-        modules = self._modules
-        qkv = modules.get(state_dict.FUSED_PROJECTION)
-        if qkv is not None:
-            if not quantized.is_plain(qkv):
-                return None
-            weight, bias = qkv._parameters["weight"], qkv._parameters["bias"]
-            return cache.weights_key(weight, bias), (weight, bias)
-        q, k, v = (modules[name] for name in state_dict.STOCK_PROJECTIONS)
-        if not (quantized.is_plain(q) and quantized.is_plain(k) and quantized.is_plain(v)):
-            return None
-        (w_k, b_k), (w_v, b_v) = ((m._parameters["weight"], m._parameters["bias"]) for m in (k, v))
-        return (cache.weights_key(w_k, b_k), cache.weights_key(w_v, b_v)), (w_k, b_k, w_v, b_v)
-
-    def _weights(self):
-        """:meth:`_plain_weights`, else :func:`quantized.modules_key` of the modules the layer
-        calls for the keys and values, and their parameters (see :func:`cache.record`)."""
-        plain = self._plain_weights()
-        if plain is not None:
-            return plain
-        modules = self._qkv_modules()[-2:]
-        return quantized.modules_key(self, modules), tuple(p for module in modules for p in module.parameters())
-
     # The records of which memory and weights a cache holds live in Python dicts and
     # read addresses and write counters, which a trace cannot see: when a user compiles
     # the decoder's step (the layer's own compile policy compiles only the math), these
@@ -212,20 +185,6 @@ class DecodingSteps:
                                    dtype=checks.compute_dtype(memory))
         return key, weights, stale or cache.provenance_problem(
             self._cache_sources, state, key, memory, weights[0], cache.grad_flags(memory, weights[1]))
-
-    def _changing_modules(self):
-        """Whether a projection the layer calls as a module (not a plain linear) may compute
-        differently at each call: in training mode, holding buffers (spectral_norm's power
-        iteration updates its ``_u``) or a dropout (LoRA's). The stock step calls every
-        projection at every step, in the order q, k, v, out, on the whole (expanded)
-        memory, so such a layer computes as the stock step. Not seen: a module that
-        draws random numbers in its own ``forward`` (``F.dropout``); decode in ``eval()``."""
-        for module in (*self._qkv_modules(), self._modules["linear_out"]):
-            if not quantized.is_plain(module):
-                for part in module.modules():
-                    if part.training and (part._buffers or isinstance(part, _DropoutNd)):
-                        return True
-        return False
 
     @torch.compiler.disable
     def _remember_source(self, kv, memory, key, weights, reused):

@@ -107,7 +107,9 @@ def attend(query, memory, keep, w_qkv, b_qkv, w_out, b_out, *,
 
 
 def query_head_weights(w_qkv, b_qkv, n_head):
-    """The query rows of the fused projection, per head: views ``(H, D, d_k)`` and ``(H, 1, d_k)``.
+    """The query rows (the first D) of ``w_qkv``/``b_qkv``, per head: views ``(H, D, d_k)``
+    and ``(H, 1, d_k)``. The fused ``(3D, D)`` projection, or the stock ``linear_q``'s
+    ``(D, D)`` weight itself.
 
     ``torch.baddbmm(b, query.expand(H, B, D), w)`` then gives the heads-first
     queries ``(H, B, d_k)`` directly. For a decoding step's 10-row query that is

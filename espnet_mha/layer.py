@@ -15,6 +15,7 @@ from espnet_mha.stock_helpers import StockHelpers
 
 logger = logging.getLogger(__name__)
 
+
 class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, SequenceModule):
     """Multi-head attention with the stock ESPnet interface, fused and cached.
 
@@ -88,7 +89,6 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
         self.transposed = bool(transposed)
         self.causal = causal
         self.keep_attn = keep_attn
-        self.state_dict_layout = state_dict_layout
         self.backend = dispatch.resolve_backend(backend)
         self.compile_setting, self.compile_mode = compile_policy.resolve_compile(compile, compile_mode)
         self._make_projections(n_feat, state_dict_layout)

@@ -13,8 +13,9 @@ import sys
 
 import torch
 from torch import nn
+from torch.nn.modules.dropout import _DropoutNd
 
-from espnet_mha import quantized
+from espnet_mha import cache, quantized
 from espnet_mha.state_dict import FUSED_PROJECTION, STOCK_PROJECTIONS
 
 _ESPNET_INITIALIZE = "espnet2.torch_utils.initialize"  # the module whose initialize() calls our hook
@@ -32,20 +33,23 @@ def _undrawn_linear(n_in, n_out):
     return linear
 
 
-def _stack(params):
-    """``(weight, bias)`` of the stock linears ``params`` (name -> their ``_parameters``)
-    stacked in order. Refuses mixed dtypes, on which the stock layer's linears raise
-    (``torch.cat`` would promote them).
+def _stock_tensors(modules):
+    """``(weights, biases)`` of the stock ``linear_q/k/v`` (their ``_parameters``, in order).
+    Refuses mixed dtypes, on which the stock layer's linears raise (``torch.cat`` would
+    promote them).
 
     Raises:
         TypeError: the tensors differ in dtype (names each and its dtype).
     """
-    tensors = [(f"{name}.{param}", p[param]) for name, p in params.items() for param in ("weight", "bias")]
-    if any(t.dtype != tensors[0][1].dtype for _, t in tensors):
+    params = [modules[name]._parameters for name in STOCK_PROJECTIONS]
+    weights, biases = [p["weight"] for p in params], [p["bias"] for p in params]
+    dtype = weights[0].dtype
+    if any(t.dtype != dtype for t in (*weights, *biases)):
         raise TypeError("the stock projections' parameters must share one dtype (the stock layer's linears raise "
-                        "on mixed dtypes too), got " + ", ".join(f"{n} {t.dtype}" for n, t in tensors))
-    return (torch.cat([t for n, t in tensors if n.endswith(".weight")]),
-            torch.cat([t for n, t in tensors if n.endswith(".bias")]))
+                        "on mixed dtypes too), got " + ", ".join(
+                            f"{name}.{param} {p[param].dtype}" for name, p in zip(STOCK_PROJECTIONS, params)
+                            for param in ("weight", "bias")))
+    return weights, biases
 
 
 class ParameterLayout:
@@ -65,6 +69,23 @@ class ParameterLayout:
             # re-quantize q, k and v separately, as the stock layer's (see espnet_mha.quantized).
             object.__setattr__(self, "_float_linear_qkv", self.linear_qkv)
         self.linear_out = nn.Linear(n_feat, n_feat)
+
+    @property
+    def state_dict_layout(self):
+        """"fused" or "stock": the parameter layout, decided at construction (read-only;
+        build the layer with the other ``state_dict_layout``, or convert a state dict
+        with :func:`espnet_mha.to_stock`/:func:`espnet_mha.to_fused`). A fused layer
+        pickled by an older espnet-mha keeps the value it was pickled with."""
+        if FUSED_PROJECTION in self._modules:
+            return self.__dict__.get("state_dict_layout", "fused")
+        return "stock"
+
+    @state_dict_layout.setter
+    def state_dict_layout(self, value):
+        raise AttributeError(
+            f"state_dict_layout is decided when the layer is built (it decides which parameters the layer "
+            f"has), got an assignment of {value!r}: build the layer with state_dict_layout={value!r}, or "
+            f"convert its state dict with espnet_mha.to_stock / espnet_mha.to_fused")
 
     def _reset_qkv(self):
         # Initialise q, k, v exactly as three stock nn.Linear(D, D) would, in the
@@ -131,8 +152,8 @@ class ParameterLayout:
         if qkv is not None:
             d = self.n_feat
             return qkv._parameters["weight"][d:], qkv._parameters["bias"][d:]
-        k, v = modules["linear_k"]._parameters, modules["linear_v"]._parameters
-        return _stack({"linear_k": k, "linear_v": v})
+        weights, biases = _stock_tensors(modules)  # linear_q checked too: the step reads it alone
+        return torch.cat(weights[1:]), torch.cat(biases[1:])
 
     def _params(self):
         """``(w_qkv (3D, D), b_qkv (3D,), w_out, b_out)``: the fused parameters, or the stock
@@ -145,4 +166,48 @@ class ParameterLayout:
         if qkv is not None:
             qkv = qkv._parameters
             return qkv["weight"], qkv["bias"], out["weight"], out["bias"]
-        return (*_stack({name: modules[name]._parameters for name in STOCK_PROJECTIONS}), out["weight"], out["bias"])
+        weights, biases = _stock_tensors(modules)
+        return torch.cat(weights), torch.cat(biases), out["weight"], out["bias"]
+
+    def _plain_weights(self):
+        """(what tells the key/value projection's current weights, the tensors it reads) when
+        the q/k/v projection is plain (:func:`quantized.is_plain`), else None: the fused
+        linear's :func:`cache.weights_key` and its weight and bias, or those of the stock
+        ``linear_k`` and ``linear_v``. On the decoding hot path: plain lookups."""
+        modules = self._modules
+        qkv = modules.get(FUSED_PROJECTION)
+        if qkv is not None:
+            if not quantized.is_plain(qkv):
+                return None
+            weight, bias = qkv._parameters["weight"], qkv._parameters["bias"]
+            return cache.weights_key(weight, bias), (weight, bias)
+        q, k, v = (modules[name] for name in STOCK_PROJECTIONS)
+        if not (quantized.is_plain(q) and quantized.is_plain(k) and quantized.is_plain(v)):
+            return None
+        (w_k, b_k), (w_v, b_v) = ((m._parameters["weight"], m._parameters["bias"]) for m in (k, v))
+        return (cache.weights_key(w_k, b_k), cache.weights_key(w_v, b_v)), (w_k, b_k, w_v, b_v)
+
+    def _weights(self):
+        """:meth:`_plain_weights`, else :func:`quantized.modules_key` of the modules the layer
+        calls for the keys and values, and their parameters (see :func:`cache.record`)."""
+        plain = self._plain_weights()
+        if plain is not None:
+            return plain
+        modules = self._qkv_modules()[-2:]
+        return quantized.modules_key(self, modules), tuple(p for module in modules for p in module.parameters())
+
+    def _kv_may_change(self):
+        """Whether the key/value projection, called as a module (not a plain linear), may
+        compute differently at each call: in training mode, holding buffers
+        (spectral_norm's power iteration updates its ``_u``) or a dropout (LoRA's). The
+        stock step calls it at every step, after the query projection, on the whole
+        (expanded) memory; a cache would call it once, on one row, so such a layer
+        computes as the stock step. (The query and output projections are called at
+        every step, in the stock order, either way.) Not seen: a module that draws
+        random numbers in its own ``forward`` (``F.dropout``); decode in ``eval()``."""
+        for module in self._qkv_modules()[-2:]:
+            if not quantized.is_plain(module):
+                for part in module.modules():
+                    if part.training and (part._buffers or isinstance(part, _DropoutNd)):
+                        return True
+        return False

@@ -183,9 +183,10 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
     checkpoint) loads what it has, as into the stock layer: the layer's current
     rows stand in for the absent parts, which are added to ``load_state_dict``'s
     missing keys under their stock names (it raises under ``strict=True`` and
-    returns them under ``strict=False``, as the stock layer). Any other mix of
-    layouts (stock and fused keys from a file, parts that differ in dtype or
-    device from the layer's) is logged as a warning with ``fuse_keys``'s
+    returns them under ``strict=False``, as the stock layer). Parts that cannot be
+    stacked as they are (mixed dtypes or devices) are cast to the layer's, as
+    ``load_state_dict`` casts what it copies. Any other mix of layouts (stock and
+    fused keys from a file) is logged as a warning with ``fuse_keys``'s
     explanation and left as it is, so ``load_state_dict`` reports the keys as
     missing/unexpected. (The hook cannot raise only when strict:
     ``load_state_dict`` gives every hook ``strict=True`` whatever the caller
@@ -215,6 +216,7 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
             # The model's current stock-layout tensors beside a file's fused keys.
             for key in stock:
                 del state_dict[key]
+    _cast_mixed_parts(state_dict, prefix, params)
     if len(args) > 2:  # (local_metadata, strict, missing_keys, ...)
         _fill_absent_parts(state_dict, prefix, params, args[2])
     try:
@@ -245,6 +247,22 @@ def _load_into_stock_parameters(module, state_dict, prefix, stock, fused):
     except KeyError as error:
         logger.warning("espnet_mha: %s; these keys are left as they are for load_state_dict to report",
                        error.args[0])
+
+
+def _cast_mixed_parts(state_dict, prefix, params):
+    """Stock q/k/v tensors that cannot be stacked as they are (of different dtypes or
+    devices, or, for a partial state dict, other than the layer's current rows) are cast
+    to the layer's dtype and device, as ``load_state_dict`` casts what it copies: the
+    stock layer loads them."""
+    present = [key for key in _stock_keys(prefix) if isinstance(state_dict.get(key), torch.Tensor)]
+    reference = params.get("weight")
+    if not present or reference is None or reference.is_meta or any(state_dict[key].is_meta for key in present):
+        return  # nothing to copy from or into: fuse_keys names the parts
+    kinds = {(state_dict[key].dtype, state_dict[key].device) for key in present}
+    partial = len(present) < len(_stock_keys(prefix))
+    if len(kinds) > 1 or (partial and kinds != {(reference.dtype, reference.device)}):
+        for key in present:
+            state_dict[key] = state_dict[key].to(device=reference.device, dtype=reference.dtype)
 
 
 def _fill_absent_parts(state_dict, prefix, params, missing_keys):

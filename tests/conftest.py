@@ -119,7 +119,7 @@ def _fused_only(request):
     stock parameter layout."""
     if request.node.get_closest_marker("fused_only") and "layout" in request.fixturenames \
             and request.getfixturevalue("layout") == "stock":
-        pytest.skip("about the fused linear_qkv; tests/test_stock_layout.py covers the stock parameters")
+        pytest.skip("about the fused linear_qkv")
 
 
 def quantize(model, dtype):

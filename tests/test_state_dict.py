@@ -62,23 +62,36 @@ def test_a_partial_stock_state_dict_loads_as_into_the_stock_layer(absent):
     assert torch.equal(ours.linear_out.weight, stock.linear_out.weight)
 
 
-def test_stock_parts_the_layer_cannot_stack_are_reported(caplog):
-    """Partial stock keys in another dtype than the layer's: a warning names the keys, and
-    load_state_dict reports them (raises when strict, returns them when not)."""
+@pytest.mark.parametrize("absent", [(), ("linear_v.weight", "linear_k.bias")], ids=["complete", "partial"])
+def test_stock_parts_in_other_dtypes_load_as_into_the_stock_layer(absent):
+    """A float64 state dict, complete with one float32 part or partial, into a float32
+    layer: the stock layer's linears copy (and cast) each part; ours stacked only parts
+    of one dtype (a partial one loaded nothing of q/k/v)."""
     state = {key: value.double() for key, value in MultiHeadedAttention(8, 2).state_dict().items()}
-    del state["linear_v.weight"], state["linear_k.bias"]
+    state["linear_q.weight"] = state["linear_q.weight"].float()
+    for key in absent:
+        del state[key]
+    stock, ours = stock_and_flash(8, 2, dtype=torch.float32, seed=3)
+    results = [layer.load_state_dict(state, strict=False) for layer in (stock, ours)]
+    assert sorted(results[0].missing_keys) == sorted(results[1].missing_keys) == sorted(absent)
+    assert results[0].unexpected_keys == results[1].unexpected_keys == []
+    assert torch.equal(stacked(ours), torch.cat([stock.linear_q.weight, stock.linear_k.weight, stock.linear_v.weight]))
+    assert stacked(ours).dtype == torch.float32
+
+
+def test_partial_stock_keys_a_called_projection_cannot_take_are_reported(caplog):
+    """A parametrized linear_qkv has no plain rows to stand in for the absent parts: a
+    warning names the keys, and load_state_dict reports them (raises when strict)."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    state = MultiHeadedAttention(8, 2).state_dict()
+    del state["linear_v.weight"]
     layer = FlashMultiHeadedAttention(8, 2)
-    before = layer.linear_qkv.weight.clone()
+    layer.linear_qkv = weight_norm(layer.linear_qkv)
     with caplog.at_level(logging.WARNING, logger="espnet_mha.state_dict"):
-        with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "linear_qkv.weight", "linear_qkv.bias"'):
+        with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: .*"linear_q.weight"'):
             layer.load_state_dict(state)
-    assert "half-converted attention layer at '': " in caplog.text
-    assert "missing ['linear_k.bias', 'linear_v.weight']" in caplog.text
-    result = layer.load_state_dict(state, strict=False)
-    assert result.missing_keys == ["linear_qkv.weight", "linear_qkv.bias"]
-    assert sorted(result.unexpected_keys) == ["linear_k.weight", "linear_q.bias", "linear_q.weight", "linear_v.bias"]
-    assert torch.equal(layer.linear_qkv.weight, before)
-    torch.testing.assert_close(layer.linear_out.weight, state["linear_out.weight"].float())
+    assert "half-converted attention layer at '': " in caplog.text and "missing ['linear_v.weight']" in caplog.text
 
 
 def test_mixed_layouts_are_refused():
@@ -135,6 +148,16 @@ def test_stock_layout_has_the_stock_parameters():
         assert torch.equal(a, b)
     state = ours.state_dict(keep_vars=True)
     assert state["linear_q.weight"] is ours.linear_q.weight and "linear_qkv.weight" not in state
+
+
+def test_the_layout_cannot_be_changed_after_construction():
+    """It decides which parameters the layer has (setting it used to switch the saved keys)."""
+    layer = FlashMultiHeadedAttention(8, 2)
+    with pytest.raises(AttributeError, match=r"state_dict_layout is decided when the layer is built .* "
+                                             r"got an assignment of 'stock'"):
+        layer.state_dict_layout = "stock"
+    assert layer.state_dict_layout == "fused"
+    assert FlashMultiHeadedAttention(8, 2, state_dict_layout="stock").state_dict_layout == "stock"
 
 
 def test_bad_state_dict_layout_is_named():
@@ -250,7 +273,7 @@ def test_a_layer_pickled_with_the_old_stock_layout_still_saves_it():
     from espnet_mha import state_dict as adapter
 
     old = FlashMultiHeadedAttention(8, 2)
-    old.state_dict_layout = "stock"
+    old.__dict__["state_dict_layout"] = "stock"  # the instance attribute such a pickle restores
     old.register_state_dict_post_hook(adapter.state_dict_post_hook)
     copy = pickle.loads(pickle.dumps(old))
     state = copy.state_dict()

@@ -173,18 +173,30 @@ def test_use_for_mha_builds_the_stock_parameters(monkeypatch):
         restore_mha()
     assert any(isinstance(m, FlashMultiHeadedAttention) for m in ours.modules())
     assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in stock.named_parameters()]
+    for (_, a), (_, b) in zip(ours.named_parameters(), stock.named_parameters()):
+        assert torch.equal(a, b)  # same seed, same weights
 
 
 def test_a_fused_file_loads_and_a_stock_file_loads():
-    """Either layout's state dict loads strictly (the stock one as it is)."""
+    """A stock state dict loads strictly as it is; a fused one (trained with flash_mha)
+    through the pre-hook, and then computes as the stock layer given the converted
+    file; wrong sizes are named as by the stock layer."""
+    from espnet_mha import to_stock
+
     torch.manual_seed(1)
-    fused = FlashMultiHeadedAttention(16, 4)
-    ours = FlashMultiHeadedAttention(16, 4, state_dict_layout="stock")
-    ours.load_state_dict(fused.state_dict())
-    x = seq(2, 3, 16, dtype=torch.float32)
-    torch.testing.assert_close(ours(x)[0], fused(x)[0], rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match=r'size mismatch for linear_q.weight'):
-        ours.load_state_dict({**ours.state_dict(), "linear_q.weight": torch.zeros(8, 16)})
+    fused = FlashMultiHeadedAttention(16, 4).double().state_dict()
+    stock, ours = pair()
+    stock.load_state_dict(to_stock(fused))
+    ours.load_state_dict(fused)
+    x, memory = seq(2, 3, 16), seq(2, 5, 16, seed=1)
+    torch.testing.assert_close(ours(x, memory)[0], stock(x, memory)[0], **FP64)
+    wrong = {**stock.state_dict(), "linear_q.weight": torch.zeros(8, 16, dtype=torch.float64)}
+    messages = []
+    for layer in (stock, ours):
+        with pytest.raises(RuntimeError, match=r"size mismatch for linear_q.weight") as error:
+            layer.load_state_dict(wrong)
+        messages.append(str(error.value).split(":", 1)[1])
+    assert messages[0] == messages[1]
 
 
 def test_a_backward_after_each_step_with_keys_and_values_frozen():
@@ -277,17 +289,18 @@ def test_a_transposed_square_weight_is_seen_by_the_next_step(name, hooked):
         torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
 
 
-def test_mixed_projection_dtypes_raise_as_in_the_stock_layer():
-    """A float32 linear_k in a float64 layer (e.g. a partial float32 state dict loaded with
-    assign=True): the stock layer's linears raise; stacking promoted it silently."""
+@pytest.mark.parametrize("name", ["linear_q", "linear_k"])
+def test_mixed_projection_dtypes_raise_as_in_the_stock_layer(name):
+    """A float32 linear in a float64 layer (e.g. a partial float32 state dict loaded with
+    assign=True): the stock layer's linears raise; stacking promoted it silently, and a
+    step raised another error for linear_q."""
     stock, ours = pair()
     for layer in (stock, ours):
-        layer.linear_k.float()
+        getattr(layer, name).float()
     query, memory = seq(2, 3, 16), seq(2, 5, 16, seed=1)
     with pytest.raises(RuntimeError):
         stock(query, memory)
-    with pytest.raises(TypeError, match=r"must share one dtype .* linear_q.weight torch.float64, linear_q.bias "
-                                        r"torch.float64, linear_k.weight torch.float32"):
+    with pytest.raises(TypeError, match=rf"must share one dtype .* {name}.weight torch.float32"):
         ours(query, memory)
-    with pytest.raises(TypeError, match=r"linear_k.weight torch.float32"):
+    with pytest.raises(TypeError, match=rf"{name}.weight torch.float32"):
         ours.step(query[:, 0], None, memory=memory)
