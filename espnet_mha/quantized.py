@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from espnet_mha import compile_policy, dispatch, functional
+from espnet_mha.state_dict import STOCK_PROJECTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -119,14 +120,13 @@ def _requantized_parts(quantized, source):
 def projections(layer):
     """:class:`Projections` for a layer whose linears were swapped (None if they were not):
     by ``quantize_dynamic``, or by any module that holds no ``weight`` parameter
-    (e.g. a ``torch.nn.utils.parametrize`` parametrization), which is then called as it is."""
+    (e.g. a ``torch.nn.utils.parametrize`` parametrization), which is then called as it is.
+    Made once per set of modules (and packed quantized weights) and kept on the layer."""
     modules, out = layer._qkv_modules(), layer._modules["linear_out"]
-    if all(is_plain(module) for module in modules) and is_plain(out):
+    if layer._qkv_plain() and is_plain(out):
         return None
-    if len(modules) == 3:
-        return _stock_projections(layer, modules, out)
-    qkv = modules[0]
-    if isinstance(qkv, torch.ao.nn.quantized.dynamic.Linear) and compile_policy.capturing():
+    if len(modules) == 1 and isinstance(modules[0], torch.ao.nn.quantized.dynamic.Linear) \
+            and compile_policy.capturing():
         # The re-quantized q/k/v parts are not submodules, so a trace cannot hold their
         # packed weights; the fused module alone would change the numbers.
         raise RuntimeError(
@@ -135,11 +135,33 @@ def projections(layer):
             "submodules. Trace or export the float model and quantize the result instead."
         )
     # A quantized module's weights change by replacing its packed parameters
-    # (load_state_dict): the re-quantized parts are then made again.
-    key = (qkv, out, _packed(qkv))
+    # (load_state_dict): the projections (re-quantized parts) are then made again.
+    key = (*modules, out, *(_packed(module) for module in modules))
     cached = layer.__dict__.get("_projections")
-    if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+    if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
         return cached[1]
+    if len(modules) == 3:
+        # The stock parameters: each called as the stock layer calls it (quantize_dynamic
+        # swaps each as it swaps the stock layer's, so no re-quantization is needed).
+        parts, exact, fused = modules, True, None
+        called = [f"{name}: {_why_called(module)}" for name, module
+                  in zip((*STOCK_PROJECTIONS, "linear_out"), (*modules, out)) if not is_plain(module)]
+        logger.info("espnet_mha: the layer calls its linears as modules (%s)", "; ".join(called))
+    else:
+        parts, exact, fused = _fused_parts(layer, modules[0], out)
+    # What inputs must be: the swapped modules' float parameters (a parametrization),
+    # else float32 on the CPU (dynamic quantized modules).
+    reference = next((p for module in modules for p in module.parameters() if p.is_floating_point()), None)
+    result = Projections(*parts, out, torch.empty(0) if reference is None else reference, exact, fused)
+    layer.__dict__["_projections"] = (key, result)
+    layer.__dict__["_projections_made"] = layer.__dict__.get("_projections_made", 0) + 1
+    return result
+
+
+def _fused_parts(layer, qkv, out):
+    """``(q, k, v callables, exact, fused module or None)`` for a fused ``linear_qkv`` the
+    layer calls: the re-quantized q/k/v parts where they reproduce the quantized module,
+    else the module's rows (see the module docstring)."""
     d = layer.n_feat
     quantized = isinstance(qkv, torch.ao.nn.quantized.dynamic.Linear)
     parts = _requantized_parts(qkv, layer.__dict__.get("_float_linear_qkv")) if quantized else None
@@ -154,31 +176,7 @@ def projections(layer):
     elif not quantized:
         logger.info("espnet_mha: the layer calls linear_qkv and linear_out as modules (%s)",
                     _why_called(qkv) if not is_plain(qkv) else f"linear_out: {_why_called(out)}")
-    # What inputs must be: the swapped module's float parameters (a parametrization),
-    # else float32 on the CPU (dynamic quantized modules).
-    reference = next((p for p in qkv.parameters() if p.is_floating_point()), None)
-    result = Projections(*parts, out, torch.empty(0) if reference is None else reference, exact, fused)
-    layer.__dict__["_projections"] = (key, result)
-    layer.__dict__["_projections_made"] = layer.__dict__.get("_projections_made", 0) + 1
-    return result
-
-
-def _stock_projections(layer, modules, out):
-    """:class:`Projections` of a layer with the stock parameters (``linear_q/k/v``): its
-    modules themselves, called as the stock layer calls them (``quantize_dynamic`` swaps
-    each as it swaps the stock layer's, so no re-quantization is needed)."""
-    key = (*modules, out, *(_packed(module) for module in modules))
-    cached = layer.__dict__.get("_projections")
-    if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
-        return cached[1]
-    names = ("linear_q", "linear_k", "linear_v", "linear_out")
-    called = [f"{name}: {_why_called(module)}" for name, module in zip(names, (*modules, out)) if not is_plain(module)]
-    logger.info("espnet_mha: the layer calls its linears as modules (%s)", "; ".join(called))
-    reference = next((p for module in modules for p in module.parameters() if p.is_floating_point()), None)
-    result = Projections(*modules, out, torch.empty(0) if reference is None else reference, True)
-    layer.__dict__["_projections"] = (key, result)
-    layer.__dict__["_projections_made"] = layer.__dict__.get("_projections_made", 0) + 1
-    return result
+    return parts, exact, fused
 
 
 def modules_key(layer, modules):
