@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import LowRankLinear, assert_same_nbest, quantize
+from conftest import LowRankLinear, assert_layers_agree, assert_same_nbest, quantize
 from espnet_mha import quantized
 from espnet_mha.testing import s4_decoder_pair, stock_and_flash
 
@@ -39,21 +39,7 @@ def test_quantized_layer_matches_the_quantized_stock_layer(dtype):
     rng = torch.get_rng_state()
     assert not quantized.is_plain(ours.linear_qkv) and quantized.projections(ours).exact
     assert torch.equal(torch.get_rng_state(), rng)  # re-quantizing draws no random numbers
-    query, memory = seq(3, 4, 16), seq(3, 6, 16, seed=1)
-    mask = seq(3, 1, 6, seed=2) > -0.3
-    for args in ((query, memory, mask), (query, memory, None), (query, None, None)):
-        torch.testing.assert_close(ours(*args)[0], stock(*args)[0], **FP32)
-    shared = memory[:1].expand(3, -1, -1)
-    _, state = ours.step(query[:1, 0], None, memory=shared[:1])
-    assert ours.last_cache == "filled"
-    for t in range(1, 4):
-        got, state = ours.step(query[:, t], state[:1], memory=shared)
-        torch.testing.assert_close(got, stock.step(query[:, t], None, memory=shared)[0], **FP32)
-        assert ours.last_cache == "reused"
-    got, _ = ours.step(query[:, 0], None, memory=memory, mask=mask)
-    torch.testing.assert_close(got, stock.step(query[:, 0], None, memory=memory, mask=mask)[0], **FP32)
-    for got, expected in zip(ours.forward_qkv(query, memory, memory), stock.forward_qkv(query, memory, memory)):
-        torch.testing.assert_close(got, expected, **FP32)
+    assert_layers_agree(ours, stock, FP32)
 
 
 def test_qint8_without_the_float_weights_runs_fused_and_says_so(caplog):

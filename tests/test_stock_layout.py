@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import LowRankLinear, quantize
+from conftest import LowRankLinear, assert_layers_agree, quantize
 from espnet_mha import FlashMultiHeadedAttention, quantized, use_for_mha
 from espnet_mha.testing import build_s4_decoder, stock_and_flash
 
@@ -26,24 +26,6 @@ def pair(dtype=torch.float64, **options):
     return stock_and_flash(16, 4, dtype=dtype, state_dict_layout="stock", **options)
 
 
-def assert_same(ours, stock, tol):
-    """forward (cross, masked, self), a cached beam of steps, and the helpers agree."""
-    dtype = next(stock.parameters()).dtype if list(stock.parameters()) else torch.float32
-    query, memory = seq(3, 4, 16, dtype=dtype), seq(3, 6, 16, seed=1, dtype=dtype)
-    mask = seq(3, 1, 6, seed=2) > -0.3
-    for args in ((query, memory, mask), (query, memory, None), (query, None, None)):
-        torch.testing.assert_close(ours(*args)[0], stock(*args)[0], **tol)
-    shared = memory[:1].expand(3, -1, -1)
-    _, state = ours.step(query[:1, 0], None, memory=shared[:1])
-    assert ours.last_cache == "filled"
-    for t in range(1, 4):
-        got, state = ours.step(query[:, t], state[:1], memory=shared)
-        torch.testing.assert_close(got, stock.step(query[:, t], None, memory=shared)[0], **tol)
-        assert ours.last_cache == "reused"
-    for got, expected in zip(ours.forward_qkv(query, memory, memory), stock.forward_qkv(query, memory, memory)):
-        torch.testing.assert_close(got, expected, **tol)
-
-
 @pytest.mark.parametrize("dtype", [torch.qint8, torch.float16], ids=["qint8", "float16"])
 def test_quantize_dynamic_swaps_each_linear_as_in_the_stock_layer(dtype):
     """asr_inference --quantize_asr_model: q, k and v are quantized one by one, as the stock
@@ -55,7 +37,7 @@ def test_quantize_dynamic_swaps_each_linear_as_in_the_stock_layer(dtype):
     stock, ours = quantize(stock, dtype), quantize(ours, dtype)
     assert all(type(getattr(ours, name)) is type(getattr(stock, name)) for name in ("linear_q", "linear_k", "linear_v"))
     assert quantized.projections(ours).exact
-    assert_same(ours, stock, FP32)
+    assert_layers_agree(ours, stock, FP32)
 
 
 def swap_by_name(model, targets):
@@ -76,7 +58,7 @@ def test_lora_target_modules_by_stock_name_adapt_the_same_linears():
     forward, steps and the adapters' gradients."""
     stock, ours = pair()
     assert swap_by_name(stock, {"linear_q", "linear_v"}) == swap_by_name(ours, {"linear_q", "linear_v"}) == 2
-    assert_same(ours, stock, FP64)
+    assert_layers_agree(ours, stock, FP64)
     query, memory = seq(2, 5, 16, seed=3), seq(2, 7, 16, seed=4)
     for layer in (stock, ours):
         layer(query, memory)[0].square().sum().backward()
