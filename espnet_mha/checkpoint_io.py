@@ -118,7 +118,9 @@ def load_weights_only(path, *, allow_globals=()):
     with torch.serialization.safe_globals(allowed):
         with open(path, "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"
-        if is_zip:  # torch.save's format; older pickles have no static check
+        # torch.save's format; older pickles have no static check, nor has torch < 2.6, where
+        # torch.load(weights_only=True) below still refuses the classes (in its own words).
+        if is_zip and hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
             try:
                 unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
             except Exception as error:  # noqa: BLE001 (miniz, zipfile and pickle errors alike)

@@ -85,9 +85,11 @@ def wants_compile(setting, device_type):
 @functools.lru_cache(maxsize=None)
 def compiled(fn, mode):
     """``torch.compile(fn)`` with our policy, made once per (function, mode)."""
-    limit = getattr(torch._dynamo.config, "recompile_limit", None)
+    # recompile_limit is torch >= 2.7's name for cache_size_limit.
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    limit = getattr(torch._dynamo.config, name, None)
     if limit is not None and limit < MIN_RECOMPILE_LIMIT:
-        torch._dynamo.config.recompile_limit = MIN_RECOMPILE_LIMIT
+        setattr(torch._dynamo.config, name, MIN_RECOMPILE_LIMIT)
     logger.info("espnet_mha: compiling %s (mode=%s, dynamic, fullgraph)", fn.__name__, mode)
     return torch.compile(fn, dynamic=True, fullgraph=True, mode=mode)
 
@@ -107,9 +109,23 @@ def capturing():
     then takes the stock computation (no padded-key skipping, no decoding cache, no
     size-1 shortcuts): what it branches on is the form of the call (self- or
     cross-attention, which mask shape), never mask values, strides or batch sizes."""
-    # Not torch.compiler.is_exporting(): dynamo reads it as True under torch.compile too
-    # (pytorch PR #164721), where the layer keeps its cache; the flag it returns outside
-    # dynamo is set by torch.export only.
-    exporting = getattr(torch.compiler, "_is_exporting_flag", None)
-    return torch.jit.is_tracing() or bool(torch.compiler.is_exporting() if exporting is None else exporting)
+    if torch.jit.is_tracing():
+        return True
+    exporting = _exporting()
+    # torch < 2.7 cannot tell torch.export from torch.compile (both run dynamo, and
+    # non-strict export sets is_compiling): both count as a capture there, so a user's
+    # torch.compile gets the stock computation (correct; no cache, no skipping).
+    return torch.compiler.is_compiling() if exporting is None else exporting
 
+
+def _exporting():
+    """Whether ``torch.export`` is tracing, or None where torch cannot say (torch < 2.7)."""
+    # Not torch.compiler.is_exporting() first: dynamo reads it as True under torch.compile
+    # too (pytorch PR #164721), where the layer keeps its cache; the flag it returns
+    # outside dynamo is set by torch.export only.
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if flag is not None:
+        return bool(flag)
+    if hasattr(torch.compiler, "is_exporting"):
+        return bool(torch.compiler.is_exporting())
+    return None

@@ -202,6 +202,18 @@ def test_legacy_pickle_with_other_classes_is_refused(tmp_path):
         load_weights_only(src)
 
 
+def test_without_torchs_static_check_torch_load_still_refuses(tmp_path, monkeypatch):
+    """torch < 2.6 has no get_unsafe_globals_in_checkpoint: the file is refused by
+    torch.load(weights_only=True) itself (in its words), and --allow-global still admits."""
+    monkeypatch.delattr(torch.serialization, "get_unsafe_globals_in_checkpoint")
+    src = tmp_path / "checkpoint.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "time": datetime.timedelta(1)}, src)
+    with pytest.raises(ConversionError, match=r"refused it \(UnpicklingError: .*datetime\.timedelta.*\); "
+                                              r"--allow-global NAME admits a class"):
+        load_weights_only(src)
+    assert load_weights_only(src, allow_globals=["datetime.timedelta"])["time"] == datetime.timedelta(1)
+
+
 def test_failed_write_leaves_nothing_and_keeps_the_old_file(exp, tmp_path, monkeypatch):
     dst = tmp_path / "out.pth"
     dst.write_bytes(b"old")

@@ -221,7 +221,12 @@ def test_espnet_init_gives_the_stock_weights(init):
     for name in ("mha", "flash_mha"):
         decoder = build_s4_decoder(name, vocab_size=11, d_model=24, n_layers=2, n_head=3)
         torch.manual_seed(5)
-        initialize(decoder, init)
+        try:
+            initialize(decoder, init)
+        except ValueError as error:  # ESPnet 202412 and older have no "normal"
+            if name == "mha" and "Unknown initialization" in str(error):
+                pytest.skip(f"this ESPnet's initialize has no {init!r}")
+            raise
         decoders.append(decoder.state_dict())
     stock, ours = decoders
     if any(key.endswith("linear_qkv.weight") for key in ours):
