@@ -4,7 +4,12 @@ Usage::
 
     espnet-mha-convert IN OUT --to stock|fused [--force] [--layer-pattern REGEX]
                        [--allow-global NAME ...] [--drop-optimizer-state]
+    espnet-mha-convert EXP_DIR OUT_DIR --to stock [--force] [--allow-global NAME ...]
+                       [--drop-optimizer-state]
     python -m espnet_mha.convert ...
+
+With folders: an experiment folder for stock ESPnet, its ``config.yaml`` and
+every model file (see :mod:`espnet_mha.export`).
 
 Reads the files ESPnet writes: a flat state dict (``valid.acc.ave.pth``) and a
 training checkpoint (``checkpoint.pth``: the state dict in its ``"model"``
@@ -42,6 +47,7 @@ from espnet_mha.checkpoint_io import (  # noqa: F401  (re-exported: the converte
     model_state,
     save_atomic,
 )
+from espnet_mha.export import export_experiment
 
 PROG = "espnet-mha-convert"
 LAYOUTS = ("stock", "fused")
@@ -154,10 +160,14 @@ def _parser():
         prog=PROG,
         description="Convert an ESPnet checkpoint (flat state dict such as valid.acc.ave.pth, or training "
                     "checkpoint.pth) between the stock MultiHeadedAttention layout (linear_q/k/v) and "
-                    "espnet_mha's fused layout (linear_qkv). Removes module./_orig_mod. prefixes.",
+                    "espnet_mha's fused layout (linear_qkv). Removes module./_orig_mod. prefixes. With "
+                    "folders (--to stock): an experiment folder for ESPnet without espnet-mha, its config.yaml "
+                    "(flash_mha -> mha) and every *.pth model file.",
     )
-    parser.add_argument("src", metavar="IN", help="file to read (torch.load with weights_only=True)")
-    parser.add_argument("dst", metavar="OUT", help="file to write atomically (may be IN with --force)")
+    parser.add_argument("src", metavar="IN", help="file to read (torch.load with weights_only=True), or an "
+                                                  "experiment folder (config.yaml and *.pth)")
+    parser.add_argument("dst", metavar="OUT", help="file to write atomically (may be IN with --force), or the "
+                                                   "folder to write (made if absent; not IN)")
     parser.add_argument("--to", required=True, choices=LAYOUTS, help="layout to write")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     parser.add_argument("--layer-pattern", default=DEFAULT_LAYER_PATTERN, metavar="REGEX",
@@ -174,10 +184,22 @@ def _parser():
 
 def main(argv=None):
     """Run the converter; returns the exit status (0 done, 1 refused or failed, 2 bad usage)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    folder = Path(args.src).is_dir()
+    if folder and args.to != "stock":
+        parser.error(f"IN is a folder ({args.src}): folders convert --to stock only (a stock experiment decodes "
+                     "with flash_mha as it is, after the one-line swap in its config.yaml)")
+    if folder and args.layer_pattern != DEFAULT_LAYER_PATTERN:
+        parser.error("--layer-pattern selects layers for --to fused; a folder converts every linear_qkv to stock")
     try:
-        report = convert_file(args.src, args.dst, to=args.to, force=args.force, layer_pattern=args.layer_pattern,
-                              allow_globals=args.allow_global, drop_optimizer_state=args.drop_optimizer_state)
+        if folder:
+            report = export_experiment(args.src, args.dst, force=args.force, allow_globals=args.allow_global,
+                                       drop_optimizer_state=args.drop_optimizer_state)
+        else:
+            report = convert_file(args.src, args.dst, to=args.to, force=args.force,
+                                  layer_pattern=args.layer_pattern, allow_globals=args.allow_global,
+                                  drop_optimizer_state=args.drop_optimizer_state)
     except (ConversionError, KeyError, ValueError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -1,0 +1,163 @@
+"""An experiment folder for stock ESPnet: ``espnet-mha-convert EXP_DIR OUT_DIR --to stock``.
+
+A model trained with ``flash_mha`` needs two changes before stock ESPnet (without
+espnet-mha) can decode or fine-tune it: its ``config.yaml`` must build ``mha``
+(stock ESPnet raises ``KeyError: 'flash_mha'``), and its model files must hold
+``linear_q/k/v`` instead of the fused ``linear_qkv``. Only one of the two is
+worse than neither: ESPnet's ``build_model_from_file`` loads with
+``strict=False``, so an edited config with unconverted files decodes with
+random q/k/v and no warning. This writes both, for every model file of the
+folder, so the averaged model, ``valid.*.best.pth`` and each ``*epoch.pth``
+(which ``--keep_nbest_models`` averaging reads again after a resumed run)
+agree with the config.
+"""
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from espnet_mha.checkpoint import fused_layers, strip_wrapper_prefixes, to_stock
+from espnet_mha.checkpoint_io import FLAT, ConversionError, load_weights_only, model_state, save_atomic
+
+CONFIG = "config.yaml"
+TRAINING_CHECKPOINT = "checkpoint.pth"
+OUR_NAME, STOCK_NAME = "flash_mha", "mha"
+# Options of our layer that the stock one does not have (it would ignore them).
+OUR_OPTIONS = ("causal", "keep_attn", "backend", "compile", "compile_mode", "state_dict_layout")
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_experiment` did."""
+
+    src: Path
+    dst: Path
+    layers: list = field(default_factory=list)  # config paths of the flash_mha layers renamed
+    converted: list = field(default_factory=list)  # (file name, n layers converted)
+    copied: list = field(default_factory=list)
+    links: list = field(default_factory=list)  # (link name, target name)
+    skipped: list = field(default_factory=list)  # (name, why)
+
+    def lines(self):
+        out = [f"read {self.src / CONFIG}: {len(self.layers)} flash_mha layer(s) -> mha"
+               + (f" ({', '.join(self.layers)})" if self.layers else "")]
+        out += [f"converted {name}: {n} attention layer(s) to stock" for name, n in self.converted]
+        out += [f"copied {name}: nothing to convert" for name in self.copied]
+        out += [f"linked {name} -> {target}" for name, target in self.links]
+        out += [f"skipped {name}: {why}" for name, why in self.skipped]
+        out.append(f"wrote {self.dst / CONFIG} and {len(self.converted) + len(self.copied) + len(self.links)} "
+                   f"model file(s) in {self.dst}")
+        return out
+
+
+def stock_config(config, path="config"):
+    """A copy of a loaded ``config.yaml`` whose ``flash_mha`` layers are ``mha`` without our
+    options, and the paths of those layers (e.g. ``decoder_conf.layer[1]``).
+
+    Raises:
+        ConversionError: a layer has ``causal: true``, which the stock layer cannot compute.
+    """
+    if isinstance(config, list):
+        pairs = [stock_config(item, f"{path}[{i}]") for i, item in enumerate(config)]
+        return [item for item, _ in pairs], [p for _, paths in pairs for p in paths]
+    if not isinstance(config, dict):
+        return config, []
+    if config.get("_name_") == OUR_NAME:
+        if config.get("causal"):
+            raise ConversionError(f"{path}: flash_mha with causal: true has no stock equivalent (the stock mha "
+                                  "attends to every position); not exported")
+        return {k: v for k, v in config.items() if k not in OUR_OPTIONS} | {"_name_": STOCK_NAME}, [path]
+    new, paths = {}, []
+    for key, value in config.items():
+        new[key], found = stock_config(value, f"{key}" if path == "config" else f"{path}.{key}")
+        paths += found
+    return new, paths
+
+
+def export_experiment(src, dst, *, force=False, allow_globals=(), drop_optimizer_state=False):
+    """Write ``dst``: ``src``'s ``config.yaml`` for stock ESPnet, and each of its ``*.pth``
+    model files in the stock layout (symlinks such as ``valid.acc.ave.pth`` stay links).
+
+    ``checkpoint.pth`` (training state) is converted only with ``drop_optimizer_state``
+    (its optimizer state follows the fused parameter list); otherwise skipped, and the
+    report says so. Other files (logs, images, decoding results) are not copied.
+
+    Raises:
+        ConversionError: no ``config.yaml``; a causal layer; a file that cannot be
+            read (see :func:`espnet_mha.checkpoint_io.load_weights_only`).
+        FileExistsError: a file to write exists and not ``force`` (checked before writing).
+        ValueError: ``dst`` is ``src``.
+    """
+    import yaml
+    from espnet2.utils.yaml_no_alias_safe_dump import yaml_no_alias_safe_dump
+
+    src, dst = Path(src), Path(dst)
+    if not (src / CONFIG).is_file():
+        raise ConversionError(f"{src}: no {CONFIG} (an ESPnet experiment folder has one next to its model files)")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"OUT_DIR must be another folder than EXP_DIR ({src})")
+    with open(src / CONFIG, encoding="utf-8") as f:
+        try:
+            loaded = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ConversionError(f"{src / CONFIG}: not YAML ESPnet can read ({error})") from None
+    config, layers = stock_config(loaded)
+    report = ExportReport(src, dst, layers)
+    files = sorted(p for p in src.glob("*.pth") if p.is_file())
+    names = {p.name for p in files}
+    if not force:
+        taken = [dst / n for n in [CONFIG, *names] if (dst / n).exists() or (dst / n).is_symlink()]
+        if taken:
+            raise FileExistsError(f"{', '.join(map(str, taken))} exist(s); pass --force (force=True) to overwrite")
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        target = os.readlink(path) if path.is_symlink() else None
+        if target is not None and os.sep not in target and target in names:
+            _replace_with_link(dst / path.name, target)
+            report.links.append((path.name, target))
+        elif path.name == TRAINING_CHECKPOINT and not drop_optimizer_state:
+            report.skipped.append((path.name, _TRAINING_SKIPPED))
+        else:
+            _export_file(path, dst / path.name, report, allow_globals, drop_optimizer_state)
+    tmp = dst / f".{CONFIG}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml_no_alias_safe_dump(config, f, indent=4, sort_keys=False)
+    os.replace(tmp, dst / CONFIG)
+    return report
+
+
+_TRAINING_SKIPPED = ("training state, whose optimizer state follows the fused parameter list: resume where "
+                     "espnet-mha is installed, or pass --drop-optimizer-state (and the --allow-global flags it "
+                     "asks for)")
+
+
+def _export_file(path, out, report, allow_globals, drop_optimizer_state):
+    from espnet_mha.convert import convert_file
+
+    kind, state = model_state(load_weights_only(path, allow_globals=allow_globals), path=path)
+    state, stripped = strip_wrapper_prefixes(state)
+    n = len(fused_layers(state))
+    if not (n or stripped):
+        _copy(path, out)
+        report.copied.append(path.name)
+    elif kind == FLAT:
+        save_atomic(to_stock(state), out, force=True)
+        report.converted.append((path.name, n))
+    elif drop_optimizer_state:
+        convert_file(path, out, to="stock", force=True, allow_globals=allow_globals, drop_optimizer_state=True)
+        report.converted.append((path.name, n))
+    else:
+        report.skipped.append((path.name, _TRAINING_SKIPPED))
+
+
+def _replace_with_link(path, target):
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    path.symlink_to(target)
+
+
+def _copy(src, dst):
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

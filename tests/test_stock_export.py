@@ -1,0 +1,151 @@
+"""``espnet-mha-convert EXP_DIR OUT_DIR --to stock``: a flash_mha experiment folder for
+ESPnet without espnet-mha, checked by decoding in a Python that cannot import us."""
+
+import json
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+import yaml
+
+import espnet_asr
+from espnet_mha.convert import ConversionError, main
+from espnet_mha.export import export_experiment
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+OURS = {"backend": "sdpa", "compile": False, "keep_attn": False, "causal": False}
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def experiment(root, **layer_options):
+    """An experiment folder as asr_train leaves it for a flash_mha model: config.yaml, two
+    epoch files, the best and averaged models (a link), the training checkpoint."""
+    root.mkdir()
+    model, args = espnet_asr.build(root, "flash_mha", seed=9, **layer_options)
+    espnet_asr.write_config(root / "config.yaml", args)
+    for name in ("1epoch.pth", "2epoch.pth", "valid.acc.best.pth"):
+        torch.save(model.state_dict(), root / name)
+    (root / "valid.acc.ave.pth").symlink_to("valid.acc.best.pth")
+    torch.save(espnet_asr.training_checkpoint(espnet_asr.build(root, "flash_mha", seed=9, **layer_options)[0].train()),
+               root / "checkpoint.pth")
+    (root / "train.log").write_text("not a model\n")
+    return root
+
+
+def decode(config, model_file, speech_file, *, without_us):
+    """N-best texts and scores of ESPnet's Speech2Text; ``without_us``: in a fresh Python
+    that sees ESPnet's site-packages but no .pth file (no espnet-mha, no startup hook)."""
+    code = f"""
+import json, sys
+if {without_us!r}:
+    sys.path.insert(0, {sysconfig.get_paths()["purelib"]!r})
+    try:
+        import espnet_mha
+    except ImportError:
+        pass
+    else:
+        sys.exit("espnet_mha is importable")
+import torch
+from espnet2.bin.asr_inference import Speech2Text
+s2t = Speech2Text(asr_train_config={str(config)!r}, asr_model_file={str(model_file)!r}, device="cpu",
+                  beam_size=3, nbest=3, ctc_weight=0.3)
+print(json.dumps([[text, float(hyp.score)] for text, _, _, hyp in s2t(torch.load({str(speech_file)!r}))]))
+"""
+    command = [sys.executable, "-S", "-c", code] if without_us else [sys.executable, "-c", code]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=speech_file.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_an_exported_folder_decodes_the_same_in_espnet_without_us(tmp_path, capsys):
+    src = experiment(tmp_path / "exp", **OURS)
+    out = tmp_path / "stock"
+    assert run(src, out, "--to", "stock") == 0
+    report = capsys.readouterr().out
+    assert "1 flash_mha layer(s) -> mha (decoder_conf.layer[1])" in report
+    for name in ("1epoch.pth", "2epoch.pth", "valid.acc.best.pth"):
+        assert f"converted {name}: 2 attention layer(s) to stock" in report
+    assert "linked valid.acc.ave.pth -> valid.acc.best.pth" in report
+    assert "skipped checkpoint.pth: training state" in report
+    assert sorted(p.name for p in out.iterdir()) == ["1epoch.pth", "2epoch.pth", "config.yaml", "valid.acc.ave.pth",
+                                                     "valid.acc.best.pth"]
+    assert (out / "valid.acc.ave.pth").readlink().name == "valid.acc.best.pth"
+    stock_model, stock_args = espnet_asr.build(tmp_path, "mha")
+    exported = yaml.safe_load((out / "config.yaml").read_text())
+    assert exported["decoder_conf"] == stock_args.decoder_conf  # what asr_train writes for the stock mha
+    state = torch.load(out / "valid.acc.ave.pth", weights_only=True)
+    assert sorted(state) == sorted(stock_model.state_dict())  # ESPnet loads with strict=False: nothing may be left
+
+    speech = tmp_path / "speech.pt"
+    torch.save(espnet_asr.batch()["speech"][0], speech)
+    ours = decode(src / "config.yaml", src / "valid.acc.ave.pth", speech, without_us=False)
+    theirs = decode(out / "config.yaml", out / "valid.acc.ave.pth", speech, without_us=True)
+    assert [text for text, _ in theirs] == [text for text, _ in ours]
+    for (_, got), (_, expected) in zip(theirs, ours):
+        assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_an_edited_config_alone_would_leave_q_k_v_random(tmp_path):
+    """Why the folder is converted whole: ESPnet's build_model_from_file loads with
+    strict=False, so a fused file under a config edited to mha drops q/k/v silently."""
+    fused = experiment(tmp_path / "exp") / "valid.acc.best.pth"
+    stock_model, _ = espnet_asr.build(tmp_path, "mha")
+    missing, unexpected = stock_model.load_state_dict(torch.load(fused, weights_only=True), strict=False)
+    assert sorted(unexpected) == [f"{p}linear_qkv.{n}" for p in espnet_asr.DECODER_ATTENTION for n in ("bias", "weight")]
+    assert sorted(missing) == [f"{p}linear_{x}.{n}" for p in espnet_asr.DECODER_ATTENTION for x in "kqv"
+                               for n in ("bias", "weight")]
+
+
+def test_a_stock_layout_folder_needs_only_its_config(tmp_path, capsys):
+    src = experiment(tmp_path / "exp", state_dict_layout="stock")
+    out = tmp_path / "stock"
+    assert run(src, out, "--to", "stock") == 0
+    report = capsys.readouterr().out
+    assert "copied valid.acc.best.pth: nothing to convert" in report
+    assert (out / "valid.acc.best.pth").read_bytes() == (src / "valid.acc.best.pth").read_bytes()
+    assert "state_dict_layout" not in (out / "config.yaml").read_text()
+
+
+def test_the_training_checkpoint_is_converted_only_without_its_optimizer_state(tmp_path, capsys):
+    src = experiment(tmp_path / "exp")
+    out = tmp_path / "stock"
+    report = export_experiment(src, out, drop_optimizer_state=True, allow_globals=(
+        "datetime.timedelta", "numpy.dtype", f"{numpy_scalar().__module__}.{numpy_scalar().__name__}"))
+    assert ("checkpoint.pth", 2) in report.converted
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert checkpoint["optimizers"] == [] and "linear_qkv" not in " ".join(checkpoint["model"])
+
+
+def numpy_scalar():
+    import numpy
+
+    return numpy.float64(0).__reduce__()[0]
+
+
+def test_refusals(tmp_path, capsys):
+    src = experiment(tmp_path / "exp", causal=True)
+    out = tmp_path / "stock"
+    assert run(src, out, "--to", "stock") == 1
+    assert ("decoder_conf.layer[1]: flash_mha with causal: true has no stock equivalent"
+            in capsys.readouterr().err)
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        run(src, out, "--to", "fused")
+    assert "folders convert --to stock only" in capsys.readouterr().err
+    with pytest.raises(ConversionError, match=r"no config\.yaml"):
+        export_experiment(tmp_path, out)
+    plain = experiment(tmp_path / "plain")
+    assert run(plain, out, "--to", "stock") == 0
+    assert run(plain, out, "--to", "stock") == 1
+    assert "exist(s); pass --force" in capsys.readouterr().err
+    assert run(plain, out, "--to", "stock", "--force") == 0
+    with pytest.raises(ValueError, match="another folder"):
+        export_experiment(plain, plain)
+    (plain / "config.yaml").write_text("a: [b\n")
+    assert run(plain, tmp_path / "o2", "--to", "stock") == 1
+    assert "not YAML ESPnet can read" in capsys.readouterr().err
