@@ -7,7 +7,11 @@ BIN := $(VENV)/bin
 RECIPE := egs/synth_digits/asr1
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo demo-quick bench bench-quick clean
+# The declared lower bounds (Python 3.9, torch 2.5.1, espnet 202402), pinned by a pip freeze.
+OLDEST_PYTHON ?= python3.9
+OLDEST_VENV ?= .venv-oldest
+
+.PHONY: setup test test-fast test-oldest demo demo-quick bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt $(RECIPE)/requirements.txt
 	@$(PYTHON) -c "import shutil; f = shutil.disk_usage('.').free / 2**30; print(f'setup: {f:.1f} GiB free on this disk; the pinned stack (torch with its CUDA libraries) takes about 5.5 GiB in $(VENV) and up to 7.5 GiB while pip runs' + ('' if f >= 8.5 else '. pip may stop with No space left on device.'))"
@@ -25,6 +29,12 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Not run by CI (a second 5 GiB stack); needs $(OLDEST_PYTHON) on PATH.
+test-oldest:
+	$(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install --no-cache-dir -c .ci/constraints-oldest.txt -e ".[test]"
+	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
 demo: setup
 	cd $(RECIPE) && PATH="$(abspath $(BIN)):$$PATH" ./run.sh
 
@@ -39,4 +49,4 @@ bench-quick: setup
 	$(BIN)/python -m pytest benchmarks --quick --benchmark-enable --benchmark-min-rounds=1 --benchmark-max-time=0.05
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(OLDEST_VENV)

@@ -47,7 +47,10 @@ def _resolve_global(name):
         raise ConversionError(f"--allow-global {name!r}: cannot import it ({error})") from None
     if name == "numpy.dtype":
         # A numpy dtype is rebuilt as an instance of its concrete class (numpy.dtypes.Float64DType...).
-        dtypes = getattr(importlib.import_module("numpy"), "dtypes", None)  # numpy >= 1.25
+        numpy = importlib.import_module("numpy")
+        dtypes = getattr(numpy, "dtypes", None)  # numpy >= 1.25
+        if dtypes is None:  # older numpy (ESPnet 202412 and before pin < 1.24) has the classes, unnamed
+            return [obj, *sorted({type(obj(code)) for code in numpy.typecodes["All"]}, key=str)]
         return [obj, *(getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType"))]
     return [obj]
 

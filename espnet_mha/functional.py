@@ -129,8 +129,17 @@ def exact_query_scale(d_k):
     ``beta``) without changing a bit of the scores the stock layer divides:
     scaling by a power of two commutes with every rounding.
     """
-    scale = 1.0 / math.sqrt(d_k)
-    return scale if math.frexp(scale)[0] == 0.5 else None
+    if type(d_k) is int:
+        return _EXACT_SCALES.get(d_k)
+    # A size dynamo traces (SymInt): torch 2.5 traces neither math.frexp of it nor a dict lookup.
+    for n in range(len(_EXACT_SCALES)):
+        if d_k == 4 ** n:
+            return 2.0 ** -n
+    return None
+
+
+# d_k -> 1/sqrt(d_k), for the d_k where that is a power of two.
+_EXACT_SCALES = {4 ** n: 2.0 ** -n for n in range(32)}
 
 
 def attend_cached(query, kv, keep, w_q_heads, b_q_heads, w_out, b_out, *, backend, dropout_p=0.0,

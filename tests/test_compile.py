@@ -73,6 +73,9 @@ def decode(layers, t2, seed, beam=10, steps=8):
         torch.testing.assert_close(outs[0], outs[1], **FP32)
 
 
+@pytest.mark.xfail(torch.__version__ < "2.7", strict=False,
+                   reason="torch 2.5/2.6 (duck sizing) guard a beam size against the head count or size: "
+                          "3 more graphs after warm-up here; torch 2.11 has none")
 def test_no_recompilation_after_warm_up(layers):
     # Warm-up: every mask kind, self- and cross-attention, size-1 specialisations, steps.
     for kind in ("none", "key", "query"):

@@ -130,6 +130,9 @@ def test_ddp_on_two_processes_equals_one_process_on_the_combined_batch(mode, tmp
     try:
         ranks = run_ddp(tmp_path, compile, layout, TIMEOUT_S[mode.split("-")[0]])
     except mp.ProcessRaisedException as exc:
+        if compile and "CppCompileError" in str(exc) and torch.__version__ < "2.6":
+            pytest.xfail("BUG: torch 2.5's inductor emits fp64 AVX512 C++ its compiler rejects (fmadd of "
+                         "VectorizedN<double, 2>); fixed in torch 2.6")
         if compile and COMPILED_FP64_BUG in str(exc):
             pytest.xfail(
                 "BUG: compile=True fails in fp64 CPU training (pytorch #185539): the compiled SDPA "

@@ -272,3 +272,16 @@ def test_the_math_backend_gives_second_derivatives_as_the_stock_layer():
     _, got = torch.func.jvp(lambda q: ours(q, memory)[0], (query.detach(),), (tangent,))
     _, expected = torch.func.jvp(lambda q: stock(q, memory)[0], (query.detach(),), (tangent,))
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_the_query_scale_is_folded_only_where_it_is_a_power_of_two():
+    """Cached steps fold the stock 1/sqrt(d_k) into the query projection only where that
+    changes no bit (a power of two); the eager lookup and the loop dynamo traces agree."""
+    import math
+
+    from espnet_mha.functional import exact_query_scale
+
+    for d_k in range(1, 5000):
+        scale = 1.0 / math.sqrt(d_k)
+        assert exact_query_scale(d_k) == (scale if math.frexp(scale)[0] == 0.5 else None), d_k
+    assert exact_query_scale(torch.tensor(64).item()) == 0.125
