@@ -85,21 +85,24 @@ def attend(query, memory, keep, w_qkv, b_qkv, w_out, b_out, *,
         (output ``(B, T1, D)``, attention weights ``(B, H, T1, T2)`` or None).
     """
     d = query.size(-1)
-    if key_lengths is not None:
-        q = heads(F.linear(query, w_qkv[:d], b_qkv[:d]), n_head)
-        context = packing.attend_per_item(
-            backend, q, query if memory is None else memory, keep, w_qkv[d:], b_qkv[d:], key_lengths,
-            n_head=n_head, dropout_p=dropout_p, training=training,
-        )
-        return F.linear(context, w_out, b_out), None
-    # Split the projection along features before making heads: the backward then
-    # concatenates the gradients straight into the projection's layout (one pass
-    # instead of a concatenation plus a copy).
-    if memory is None:
+    if memory is None and key_lengths is None:
+        # Split the projection along features before making heads: the backward then
+        # concatenates the gradients straight into the projection's layout (one pass
+        # instead of a concatenation plus a copy).
         q, k, v = (heads(x, n_head) for x in F.linear(query, w_qkv, b_qkv).chunk(3, dim=-1))
     else:
-        q = heads(F.linear(query, w_qkv[:d], b_qkv[:d]), n_head)
-        k, v = (heads(x, n_head) for x in F.linear(memory, w_qkv[d:], b_qkv[d:]).chunk(2, dim=-1))
+        # The query rows and the key/value rows, by split, not by slicing: the backward of
+        # a slice fills a zero (3D, D) gradient for each part and adds them (at D = 512 and
+        # a short batch that was most of a training step); split's concatenates the two.
+        (w_q, w_kv), (b_q, b_kv) = w_qkv.split([d, 2 * d]), b_qkv.split([d, 2 * d])
+        q = heads(F.linear(query, w_q, b_q), n_head)
+        if key_lengths is not None:
+            context = packing.attend_per_item(
+                backend, q, query if memory is None else memory, keep, w_kv, b_kv, key_lengths,
+                n_head=n_head, dropout_p=dropout_p, training=training,
+            )
+            return F.linear(context, w_out, b_out), None
+        k, v = (heads(x, n_head) for x in F.linear(memory, w_kv, b_kv).chunk(2, dim=-1))
     context, weights = dispatch.run(
         backend, q, k, v, keep, causal=causal, dropout_p=dropout_p, training=training
     )
