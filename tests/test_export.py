@@ -124,36 +124,32 @@ def test_an_exported_decoding_step_serves_other_memories(strict):
                                    **FP32)
 
 
-@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"),
-                    reason="torch < 2.7 cannot tell torch.export from torch.compile: both get the stock step")
-def test_torch_compile_of_a_step_keeps_the_cache():
+@pytest.mark.parametrize("torch_tells_export_apart", [
+    pytest.param(True, marks=pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch < 2.7")),
+    False,
+])
+def test_torch_compile_of_a_step_keeps_the_cache_where_torch_tells_it_from_export(torch_tells_export_apart,
+                                                                                 monkeypatch):
     """Under torch.compile (unlike export) the cache stays: dynamo reads
-    torch.compiler.is_exporting() as True there too, which must not switch it off."""
-    torch._dynamo.reset()
-    _, ours = stock_and_flash(16, 2, dtype=torch.float32)
-    step = torch.compile(ours.step, backend="eager")
-    memory = rand(1, 6, 16, seed=1)
-    with torch.no_grad():
-        _, state = step(rand(1, 16, seed=2), None, memory=memory)
-        step(rand(3, 16, seed=3), state[:1], memory=memory.expand(3, -1, -1))
-    assert ours.last_cache == "reused"
-
-
-def test_without_an_export_flag_a_compiled_step_computes_as_the_stock_step(monkeypatch):
-    """torch < 2.7 has neither torch.compiler.is_exporting nor its flag, and cannot tell
-    torch.export from torch.compile: a compiled step then takes the stock step (no
-    cache), which is what an export must get, and equals the stock layer."""
+    torch.compiler.is_exporting() as True there too, which must not switch it off.
+    torch < 2.7 has neither that nor its flag (simulated), and cannot tell export from
+    compile: a compiled step then takes the stock step (no cache), as an export must."""
     from espnet_mha import compile_policy
 
-    monkeypatch.setattr(compile_policy, "_exporting", lambda: None)
+    if not torch_tells_export_apart:
+        monkeypatch.setattr(compile_policy, "_exporting", lambda: None)
     torch._dynamo.reset()
     stock, ours = stock_and_flash(16, 2, dtype=torch.float32)
     step = torch.compile(ours.step, backend="eager")
     memory = rand(1, 6, 16, seed=1)
     with torch.no_grad():
         out, state = step(rand(1, 16, seed=2), None, memory=memory)
-        assert state is None and ours.last_cache is None
         torch.testing.assert_close(out, stock.step(rand(1, 16, seed=2), None, memory=memory)[0], **FP32)
+        if torch_tells_export_apart:
+            step(rand(3, 16, seed=3), state[:1], memory=memory.expand(3, -1, -1))
+            assert ours.last_cache == "reused"
+        else:
+            assert state is None and ours.last_cache is None
     torch._dynamo.reset()
 
 
