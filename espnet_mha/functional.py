@@ -18,7 +18,8 @@ from espnet_mha import dispatch, kernels, packing
 
 def heads(x, n_head):
     """``(B, T, D)`` -> heads-first ``(B, H, T, d_k)`` (a view)."""
-    return x.unflatten(-1, (n_head, x.size(-1) // n_head)).transpose(-3, -2)
+    # view, not unflatten: the same view without unflatten's Python wrapper (~4 us a call).
+    return x.view(x.shape[:-1] + (n_head, x.size(-1) // n_head)).transpose(-3, -2)
 
 
 def kv_cache(kv, n_head):
@@ -94,7 +95,7 @@ def attend(query, memory, keep, w_qkv, b_qkv, w_out, b_out, *,
         # The query rows and the key/value rows, by split, not by slicing: the backward of
         # a slice fills a zero (3D, D) gradient for each part and adds them (at D = 512 and
         # a short batch that was most of a training step); split's concatenates the two.
-        (w_q, w_kv), (b_q, b_kv) = w_qkv.split([d, 2 * d]), b_qkv.split([d, 2 * d])
+        (w_q, w_kv), (b_q, b_kv) = w_qkv.split_with_sizes([d, 2 * d]), b_qkv.split_with_sizes([d, 2 * d])
         q = heads(F.linear(query, w_q, b_q), n_head)
         if key_lengths is not None:
             context = packing.attend_per_item(

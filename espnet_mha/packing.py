@@ -67,12 +67,15 @@ def plan(keep, *, batch, t1, t2, d):
     """
     if keep is None or not enabled() or keep.numel() == 0 or batch * t1 * t2 == 0:
         return None  # nothing to skip, or an empty call
+    # A skipped key row saves its key/value projection and its scores and context.
+    row_macs = 2 * d * d + 2 * t1 * d
+    if (t2 - 1) * row_macs < ITEM_COST_MACS:
+        return None  # not even skipping all but one key per item would pay: no need to read the mask
     visible = keep.any(dim=1)  # (b, T2): some query may see the key
     positions = torch.arange(1, t2 + 1, device=keep.device)
     ends = torch.where(visible, positions, 0).amax(dim=1).clamp_(min=1).expand(batch).tolist()
     skipped_rows = batch * t2 - sum(ends)
-    # A skipped key row saves its key/value projection and its scores and context.
-    if skipped_rows * (2 * d * d + 2 * t1 * d) < batch * ITEM_COST_MACS:
+    if skipped_rows * row_macs < batch * ITEM_COST_MACS:
         return None
     return tuple(ends)
 
