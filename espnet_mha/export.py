@@ -14,6 +14,7 @@ agree with the config.
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,14 +34,14 @@ class ExportReport:
 
     src: Path
     dst: Path
-    layers: list = field(default_factory=list)  # config paths of the flash_mha layers renamed
+    layers: list = field(default_factory=list)  # config paths of the layers made stock mha
     converted: list = field(default_factory=list)  # (file name, n layers converted)
     copied: list = field(default_factory=list)
     links: list = field(default_factory=list)  # (link name, target name)
     skipped: list = field(default_factory=list)  # (name, why)
 
     def lines(self):
-        out = [f"read {self.src / CONFIG}: {len(self.layers)} flash_mha layer(s) -> mha"
+        out = [f"read {self.src / CONFIG}: {len(self.layers)} attention layer(s) -> stock mha"
                + (f" ({', '.join(self.layers)})" if self.layers else "")]
         out += [f"converted {name}: {n} attention layer(s) to stock" for name, n in self.converted]
         out += [f"copied {name}: nothing to convert" for name in self.copied]
@@ -52,8 +53,9 @@ class ExportReport:
 
 
 def stock_config(config, path="config"):
-    """A copy of a loaded ``config.yaml`` whose ``flash_mha`` layers are ``mha`` without our
-    options, and the paths of those layers (e.g. ``decoder_conf.layer[1]``).
+    """A copy of a loaded ``config.yaml`` whose ``flash_mha`` layers (and ``mha`` layers with
+    our options) are ``mha`` without our options, and the paths of those layers (e.g.
+    ``decoder_conf.layer[1]``).
 
     Raises:
         ConversionError: a layer has ``causal: true``, which the stock layer cannot compute.
@@ -63,11 +65,14 @@ def stock_config(config, path="config"):
         return [item for item, _ in pairs], [p for _, paths in pairs for p in paths]
     if not isinstance(config, dict):
         return config, []
-    if config.get("_name_") == OUR_NAME:
+    name = config.get("_name_")
+    if name in (OUR_NAME, STOCK_NAME):
+        # mha too: under ESPNET_MHA_REPLACE_MHA=1 it builds our layer, which reads our options.
         if config.get("causal"):
-            raise ConversionError(f"{path}: flash_mha with causal: true has no stock equivalent (the stock mha "
+            raise ConversionError(f"{path}: {name} with causal: true has no stock equivalent (the stock mha "
                                   "attends to every position); not exported")
-        return {k: v for k, v in config.items() if k not in OUR_OPTIONS} | {"_name_": STOCK_NAME}, [path]
+        if name == OUR_NAME or any(k in config for k in OUR_OPTIONS):
+            return {k: v for k, v in config.items() if k not in OUR_OPTIONS} | {"_name_": STOCK_NAME}, [path]
     new, paths = {}, []
     for key, value in config.items():
         new[key], found = stock_config(value, f"{key}" if path == "config" else f"{path}.{key}")
@@ -77,11 +82,15 @@ def stock_config(config, path="config"):
 
 def export_experiment(src, dst, *, force=False, allow_globals=(), drop_optimizer_state=False):
     """Write ``dst``: ``src``'s ``config.yaml`` for stock ESPnet, and each of its ``*.pth``
-    model files in the stock layout (symlinks such as ``valid.acc.ave.pth`` stay links).
+    model files in the stock layout, with their file modes (links to model files of the
+    folder, such as ``valid.acc.ave.pth``, stay links).
 
     ``checkpoint.pth`` (training state) is converted only with ``drop_optimizer_state``
-    (its optimizer state follows the fused parameter list); otherwise skipped, and the
-    report says so. Other files (logs, images, decoding results) are not copied.
+    (its optimizer state follows the fused parameter list). It, links to what is not
+    exported, dangling links and ``*.pth`` files that are no model are skipped, and the
+    report says so. Other files (logs, images, decoding results) are not copied. All is
+    written to a temporary folder in ``dst`` and moved into place at the end, so an
+    error leaves ``dst`` as it was.
 
     Raises:
         ConversionError: no ``config.yaml``; a causal layer; a file that cannot be
@@ -104,26 +113,32 @@ def export_experiment(src, dst, *, force=False, allow_globals=(), drop_optimizer
             raise ConversionError(f"{src / CONFIG}: not YAML ESPnet can read ({error})") from None
     config, layers = stock_config(loaded)
     report = ExportReport(src, dst, layers)
-    files = sorted(p for p in src.glob("*.pth") if p.is_file())
-    names = {p.name for p in files}
+    files, links = _plan(src, report, drop_optimizer_state)
     if not force:
-        taken = [dst / n for n in [CONFIG, *names] if (dst / n).exists() or (dst / n).is_symlink()]
+        taken = [dst / n for n in [CONFIG, *(p.name for p in files), *links]
+                 if (dst / n).exists() or (dst / n).is_symlink()]
         if taken:
             raise FileExistsError(f"{', '.join(map(str, taken))} exist(s); pass --force (force=True) to overwrite")
     dst.mkdir(parents=True, exist_ok=True)
-    for path in files:
-        target = os.readlink(path) if path.is_symlink() else None
-        if target is not None and os.sep not in target and target in names:
-            _replace_with_link(dst / path.name, target)
-            report.links.append((path.name, target))
-        elif path.name == TRAINING_CHECKPOINT and not drop_optimizer_state:
-            report.skipped.append((path.name, _TRAINING_SKIPPED))
-        else:
-            _export_file(path, dst / path.name, report, allow_globals, drop_optimizer_state)
-    tmp = dst / f".{CONFIG}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml_no_alias_safe_dump(config, f, indent=4, sort_keys=False)
-    os.replace(tmp, dst / CONFIG)
+    # Everything is written into a temporary folder first and moved into place at the
+    # end, so a failure (an unreadable file, a refused class) leaves OUT_DIR as it was.
+    work = Path(tempfile.mkdtemp(dir=dst, prefix=".espnet-mha-export."))
+    try:
+        written = {p.name for p in files if _export_file(p, work / p.name, report, allow_globals,
+                                                         drop_optimizer_state)}
+        for name, target in links.items():
+            if target in written:
+                (work / name).symlink_to(target)
+                report.links.append((name, target))
+            else:
+                report.skipped.append((name, f"a link to {target}, which is not exported"))
+        with open(work / CONFIG, "w", encoding="utf-8") as f:
+            yaml_no_alias_safe_dump(config, f, indent=4, sort_keys=False)
+        shutil.copymode(src / CONFIG, work / CONFIG)
+        for path in sorted(work.iterdir()):
+            os.replace(path, dst / path.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return report
 
 
@@ -132,14 +147,46 @@ _TRAINING_SKIPPED = ("training state, whose optimizer state follows the fused pa
                      "asks for)")
 
 
+def _plan(src, report, drop_optimizer_state):
+    """(model files to export, {link name: target name}) of ``src``'s ``*.pth`` entries;
+    what is left out goes to ``report.skipped``. A link to a model file of the folder stays
+    a link (by the target's name); a link elsewhere is exported as a file."""
+    entries = sorted(src.glob("*.pth"))
+    regular = {p.name for p in entries if p.is_file() and not p.is_symlink()}
+    files, links = [], {}
+    for path in entries:
+        if path.is_symlink():
+            target = path.resolve()
+            if not target.is_file():
+                report.skipped.append((path.name, f"a link to {os.readlink(path)}, which does not exist"))
+                continue
+            if target.parent == src.resolve() and target.name in regular:
+                links[path.name] = target.name
+                continue
+        elif not path.is_file():
+            continue
+        if path.name == TRAINING_CHECKPOINT and not drop_optimizer_state:
+            report.skipped.append((path.name, _TRAINING_SKIPPED))
+        else:
+            files.append(path)
+    return files, links
+
+
 def _export_file(path, out, report, allow_globals, drop_optimizer_state):
+    """Write ``path`` in the stock layout to ``out`` (with ``path``'s file mode); whether it did."""
     from espnet_mha.convert import convert_file
 
-    kind, state = model_state(load_weights_only(path, allow_globals=allow_globals), path=path)
+    try:
+        kind, state = model_state(load_weights_only(path, allow_globals=allow_globals), path=path)
+    except ConversionError as error:
+        if "neither" not in str(error):
+            raise  # unreadable, or classes to admit: the user must decide
+        report.skipped.append((path.name, "not an ESPnet model file"))
+        return False
     state, stripped = strip_wrapper_prefixes(state)
     n = len(fused_layers(state))
     if not (n or stripped):
-        _copy(path, out)
+        shutil.copyfile(path, out)
         report.copied.append(path.name)
     elif kind == FLAT:
         save_atomic(to_stock(state), out, force=True)
@@ -149,15 +196,6 @@ def _export_file(path, out, report, allow_globals, drop_optimizer_state):
         report.converted.append((path.name, n))
     else:
         report.skipped.append((path.name, _TRAINING_SKIPPED))
-
-
-def _replace_with_link(path, target):
-    if path.is_symlink() or path.exists():
-        path.unlink()
-    path.symlink_to(target)
-
-
-def _copy(src, dst):
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        return False
+    shutil.copymode(path, out)
+    return True

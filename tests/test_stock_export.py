@@ -67,7 +67,7 @@ def test_an_exported_folder_decodes_the_same_in_espnet_without_us(tmp_path, caps
     out = tmp_path / "stock"
     assert run(src, out, "--to", "stock") == 0
     report = capsys.readouterr().out
-    assert "1 flash_mha layer(s) -> mha (decoder_conf.layer[1])" in report
+    assert "1 attention layer(s) -> stock mha (decoder_conf.layer[1])" in report
     for name in ("1epoch.pth", "2epoch.pth", "valid.acc.best.pth"):
         assert f"converted {name}: 2 attention layer(s) to stock" in report
     assert "linked valid.acc.ave.pth -> valid.acc.best.pth" in report
@@ -149,3 +149,44 @@ def test_refusals(tmp_path, capsys):
     (plain / "config.yaml").write_text("a: [b\n")
     assert run(plain, tmp_path / "o2", "--to", "stock") == 1
     assert "not YAML ESPnet can read" in capsys.readouterr().err
+
+
+def test_links_odd_files_and_failures(tmp_path, capsys):
+    """Links stay links only where their target is exported; what is left out is reported;
+    a failure leaves OUT_DIR as it was; file modes are kept."""
+    src = experiment(tmp_path / "exp")
+    (src / "latest.pth").symlink_to("checkpoint.pth")  # checkpoint.pth is skipped
+    (src / "gone.pth").symlink_to("missing.pth")
+    (src / "absolute.pth").symlink_to(src / "2epoch.pth")
+    torch.save({"not": "a model"}, src / "stats.pth")
+    (src / "1epoch.pth").chmod(0o600)
+    out = tmp_path / "stock"
+    assert run(src, out, "--to", "stock") == 0
+    report = capsys.readouterr().out
+    assert "linked absolute.pth -> 2epoch.pth" in report
+    assert "skipped latest.pth: a link to checkpoint.pth, which is not exported" in report
+    assert "skipped gone.pth: a link to missing.pth, which does not exist" in report
+    assert "skipped stats.pth: not an ESPnet model file" in report
+    assert sorted(p.name for p in out.iterdir()) == ["1epoch.pth", "2epoch.pth", "absolute.pth", "config.yaml",
+                                                     "valid.acc.ave.pth", "valid.acc.best.pth"]
+    assert (out / "absolute.pth").readlink().name == "2epoch.pth"
+    assert (out / "1epoch.pth").stat().st_mode & 0o777 == 0o600
+
+    before = {p.name: p.read_bytes() for p in out.iterdir() if not p.is_symlink()}
+    (src / "3epoch.pth").write_bytes(b"damaged")
+    assert run(src, out, "--to", "stock", "--force") == 1
+    assert "3epoch.pth: cannot read it" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if not p.is_symlink()} == before  # nothing half-written
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_an_mha_layer_with_our_options_is_made_stock_too(tmp_path):
+    """Under ESPNET_MHA_REPLACE_MHA=1, mha builds our layer and reads our options."""
+    from espnet_mha.export import stock_config
+
+    layer = {"_name_": "mha", "n_head": 2, "backend": "sdpa", "state_dict_layout": "stock"}
+    assert stock_config({"layer": [layer]}) == ({"layer": [{"_name_": "mha", "n_head": 2}]}, ["layer[0]"])
+    assert stock_config({"layer": [{"_name_": "mha", "n_head": 2}]}) == ({"layer": [{"_name_": "mha", "n_head": 2}]},
+                                                                          [])
+    with pytest.raises(ConversionError, match=r"layer\[0\]: mha with causal: true has no stock equivalent"):
+        stock_config({"layer": [{"_name_": "mha", "causal": True}]})
