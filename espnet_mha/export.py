@@ -176,11 +176,10 @@ def _export_file(path, out, report, allow_globals, drop_optimizer_state):
     """Write ``path`` in the stock layout to ``out`` (with ``path``'s file mode); whether it did."""
     from espnet_mha.convert import convert_file
 
+    obj = load_weights_only(path, allow_globals=allow_globals)  # unreadable, or classes to admit: raises
     try:
-        kind, state = model_state(load_weights_only(path, allow_globals=allow_globals), path=path)
-    except ConversionError as error:
-        if "neither" not in str(error):
-            raise  # unreadable, or classes to admit: the user must decide
+        kind, state = model_state(obj, path=path)
+    except ConversionError:
         report.skipped.append((path.name, "not an ESPnet model file"))
         return False
     state, stripped = strip_wrapper_prefixes(state)
