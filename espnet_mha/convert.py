@@ -112,7 +112,15 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
     src, dst = Path(src), Path(dst)
     if (dst.exists() or dst.is_symlink()) and not force:
         raise FileExistsError(f"{dst} exists; pass --force (force=True) to overwrite it")
-    obj = load_weights_only(src, allow_globals=allow_globals)
+    obj, report = convert_object(load_weights_only(src, allow_globals=allow_globals), src=src, dst=dst, to=to,
+                                 layer_pattern=layer_pattern, drop_optimizer_state=drop_optimizer_state)
+    save_atomic(obj, dst, force=force)
+    return report
+
+
+def convert_object(obj, *, src, dst, to, layer_pattern=DEFAULT_LAYER_PATTERN, drop_optimizer_state=False):
+    """:func:`convert_file` on a loaded file's object (``src``, ``dst``: for the report and
+    messages): ``(the object to save, Report)``. Raises as :func:`convert_file`."""
     kind, state = model_state(obj, path=src)
     clean, stripped = strip_wrapper_prefixes(state)
     if to == "fused":
@@ -139,8 +147,7 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
             report.dropped_optimizers = len(optimizers)
     else:
         obj = converted
-    save_atomic(obj, dst, force=force)
-    return report
+    return obj, report
 
 
 def _nothing_to_convert(src, to, state, layer_pattern, left_alone):

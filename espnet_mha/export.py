@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from espnet_mha.checkpoint import fused_layers, strip_wrapper_prefixes, to_stock
+from espnet_mha.checkpoint import fused_layers, strip_wrapper_prefixes
 from espnet_mha.checkpoint_io import FLAT, ConversionError, load_weights_only, model_state, save_atomic
 
 CONFIG = "config.yaml"
@@ -174,7 +174,7 @@ def _plan(src, report, drop_optimizer_state):
 
 def _export_file(path, out, report, allow_globals, drop_optimizer_state):
     """Write ``path`` in the stock layout to ``out`` (with ``path``'s file mode); whether it did."""
-    from espnet_mha.convert import convert_file
+    from espnet_mha.convert import convert_object
 
     obj = load_weights_only(path, allow_globals=allow_globals)  # unreadable, or classes to admit: raises
     try:
@@ -183,18 +183,16 @@ def _export_file(path, out, report, allow_globals, drop_optimizer_state):
         report.skipped.append((path.name, "not an ESPnet model file"))
         return False
     state, stripped = strip_wrapper_prefixes(state)
-    n = len(fused_layers(state))
-    if not (n or stripped):
+    if not (fused_layers(state) or stripped):
         shutil.copyfile(path, out)
         report.copied.append(path.name)
-    elif kind == FLAT:
-        save_atomic(to_stock(state), out, force=True)
-        report.converted.append((path.name, n))
-    elif drop_optimizer_state:
-        convert_file(path, out, to="stock", force=True, allow_globals=allow_globals, drop_optimizer_state=True)
-        report.converted.append((path.name, n))
-    else:
+    elif kind != FLAT and not drop_optimizer_state:
         report.skipped.append((path.name, _TRAINING_SKIPPED))
         return False
+    else:
+        converted, done = convert_object(obj, src=path, dst=out, to="stock",
+                                         drop_optimizer_state=drop_optimizer_state)
+        save_atomic(converted, out, force=True)
+        report.converted.append((path.name, len(done.layers)))
     shutil.copymode(path, out)
     return True
