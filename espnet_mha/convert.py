@@ -20,8 +20,10 @@ they are and the ``--allow-global`` flags that would admit them. Removes
 :mod:`espnet_mha.checkpoint`), writes OUT atomically (temporary file, fsync, rename).
 
 An optimizer state indexes parameters by position, and fusing q/k/v changes the
-parameter list: a training checkpoint with optimizer state is refused unless
-``--drop-optimizer-state`` (ESPnet's resume then starts the optimizer afresh).
+parameter list: a training checkpoint's optimizer state is converted with it
+(element-wise optimizers such as Adam; see :mod:`espnet_mha.optimizer_state`), so
+ESPnet resumes the run as it was. What cannot be converted exactly is refused
+unless ``--drop-optimizer-state`` (ESPnet's resume then starts the optimizer afresh).
 """
 
 import argparse
@@ -48,6 +50,7 @@ from espnet_mha.checkpoint_io import (  # noqa: F401  (re-exported: the converte
     save_atomic,
 )
 from espnet_mha.export import export_experiment
+from espnet_mha.optimizer_state import convert_optimizer_state
 
 PROG = "espnet-mha-convert"
 LAYOUTS = ("stock", "fused")
@@ -68,6 +71,7 @@ class Report:
     stripped: list = field(default_factory=list)
     left_alone: list = field(default_factory=list)
     dropped_optimizers: int = 0
+    converted_optimizers: int = 0
 
     def lines(self):
         where = f"state dict in entry {MODEL_ENTRY!r}, " if self.kind == TRAINING else ""
@@ -77,6 +81,9 @@ class Report:
         if self.left_alone:
             out.append(f"left alone {len(self.left_alone)} other layer(s) with linear_q/k/v (outside --layer-pattern): "
                        + ", ".join(self.left_alone))
+        if self.converted_optimizers:
+            out.append(f"converted the state of {self.converted_optimizers} optimizer(s) to the {self.to} "
+                       "parameter list")
         if self.dropped_optimizers:
             out.append(f"dropped the state of {self.dropped_optimizers} optimizer(s) (--drop-optimizer-state)")
         out.append(f"wrote {self.dst}")
@@ -94,7 +101,8 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
         layer_pattern: which stock layers are ours, for ``to="fused"``; see
             :func:`espnet_mha.checkpoint.stock_layers` (``""`` matches every layer).
         allow_globals: see :func:`load_weights_only`.
-        drop_optimizer_state: write a training checkpoint without its optimizer state.
+        drop_optimizer_state: write a training checkpoint without its optimizer state
+            (else it is converted to the new parameter list).
 
     Returns:
         Report.
@@ -103,7 +111,8 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
         ValueError: ``to`` is not a layout.
         FileExistsError: ``dst`` exists and not ``force`` (checked before reading).
         ConversionError: see :func:`load_weights_only` and :func:`model_state`;
-            nothing to convert; optimizer state present without ``drop_optimizer_state``.
+            nothing to convert; optimizer state that cannot be converted (see
+            :mod:`espnet_mha.optimizer_state`) without ``drop_optimizer_state``.
         KeyError, ValueError: half-converted layers or wrong shapes (see
             :mod:`espnet_mha.checkpoint`). Nothing is written on any error.
     """
@@ -135,19 +144,30 @@ def convert_object(obj, *, src, dst, to, layer_pattern=DEFAULT_LAYER_PATTERN, dr
     if kind == TRAINING:
         obj = copy.copy(obj)
         obj[MODEL_ENTRY] = converted
-        optimizers = [o for o in obj.get(OPTIMIZERS_ENTRY) or [] if o]
-        if layers and optimizers:
-            if not drop_optimizer_state:
-                raise ConversionError(
-                    f"{src}: entry {OPTIMIZERS_ENTRY!r} holds the state of {len(optimizers)} optimizer(s), indexed "
-                    f"by parameter position; converting {len(layers)} layer(s) changes the parameter list, so it "
-                    "would not fit the converted model (ESPnet's resume fails in optimizer.load_state_dict). "
-                    "Pass --drop-optimizer-state to write the checkpoint without it")
-            obj[OPTIMIZERS_ENTRY] = []
-            report.dropped_optimizers = len(optimizers)
+        optimizers = obj.get(OPTIMIZERS_ENTRY) or []
+        if layers and any(optimizers):
+            if drop_optimizer_state:
+                obj[OPTIMIZERS_ENTRY] = []
+                report.dropped_optimizers = sum(1 for o in optimizers if o)
+            else:
+                obj[OPTIMIZERS_ENTRY] = [_convert_optimizer(o, i, clean, layers, to, src) if o else o
+                                         for i, o in enumerate(optimizers)]
+                report.converted_optimizers = sum(1 for o in optimizers if o)
     else:
         obj = converted
     return obj, report
+
+
+def _convert_optimizer(state, index, model_state, layers, to, src):
+    """One optimizer's state for the converted parameter list (see :mod:`espnet_mha.optimizer_state`)."""
+    try:
+        return convert_optimizer_state(state, model_state, layers, fuse=to == "fused",
+                                       where=f"{src}: entry {OPTIMIZERS_ENTRY!r}[{index}]")
+    except ConversionError as error:
+        raise ConversionError(
+            f"{error}. Its positions follow the parameter list, which converting {len(layers)} layer(s) changes "
+            "(ESPnet's resume would fail in optimizer.load_state_dict). Pass --drop-optimizer-state to write "
+            "the checkpoint without it (a resumed run then starts the optimizer afresh)") from None
 
 
 def _nothing_to_convert(src, to, state, layer_pattern, left_alone):
@@ -185,7 +205,8 @@ def _parser():
                         help="also admit this class when loading (repeatable), e.g. datetime.timedelta; "
                              "only for files you trust; the error for a refused file lists the names it needs")
     parser.add_argument("--drop-optimizer-state", action="store_true",
-                        help="write a training checkpoint without its optimizer state (which would not fit)")
+                        help="write a training checkpoint without its optimizer state (by default it is converted "
+                             "to the new parameter list, for element-wise optimizers such as Adam)")
     return parser
 
 

@@ -85,10 +85,12 @@ def export_experiment(src, dst, *, force=False, allow_globals=(), drop_optimizer
     model files in the stock layout, with their file modes (links to model files of the
     folder, such as ``valid.acc.ave.pth``, stay links).
 
-    ``checkpoint.pth`` (training state) is converted only with ``drop_optimizer_state``
-    (its optimizer state follows the fused parameter list). It, links to what is not
-    exported, dangling links and ``*.pth`` files that are no model are skipped, and the
-    report says so. Other files (logs, images, decoding results) are not copied. All is
+    ``checkpoint.pth`` (training state) is converted with its optimizer state (see
+    :mod:`espnet_mha.optimizer_state`; without it if ``drop_optimizer_state``), so stock
+    ESPnet can resume the run. It needs ``allow_globals`` (ESPnet's reporter holds
+    ``datetime.timedelta``); when it cannot be read or converted it is skipped, as are
+    links to what is not exported, dangling links and ``*.pth`` files that are no model,
+    and the report says why. Other files (logs, images, decoding results) are not copied. All is
     written to a temporary folder in ``dst`` and moved into place at the end, so an
     error leaves ``dst`` as it was.
 
@@ -113,7 +115,7 @@ def export_experiment(src, dst, *, force=False, allow_globals=(), drop_optimizer
             raise ConversionError(f"{src / CONFIG}: not YAML ESPnet can read ({error})") from None
     config, layers = stock_config(loaded)
     report = ExportReport(src, dst, layers)
-    files, links = _plan(src, report, drop_optimizer_state)
+    files, links = _plan(src, report)
     if not force:
         taken = [dst / n for n in [CONFIG, *(p.name for p in files), *links]
                  if (dst / n).exists() or (dst / n).is_symlink()]
@@ -142,12 +144,7 @@ def export_experiment(src, dst, *, force=False, allow_globals=(), drop_optimizer
     return report
 
 
-_TRAINING_SKIPPED = ("training state, whose optimizer state follows the fused parameter list: resume where "
-                     "espnet-mha is installed, or pass --drop-optimizer-state (and the --allow-global flags it "
-                     "asks for)")
-
-
-def _plan(src, report, drop_optimizer_state):
+def _plan(src, report):
     """(model files to export, {link name: target name}) of ``src``'s ``*.pth`` entries;
     what is left out goes to ``report.skipped``. A link to a model file of the folder stays
     a link (by the target's name); a link elsewhere is exported as a file."""
@@ -165,10 +162,7 @@ def _plan(src, report, drop_optimizer_state):
                 continue
         elif not path.is_file():
             continue
-        if path.name == TRAINING_CHECKPOINT and not drop_optimizer_state:
-            report.skipped.append((path.name, _TRAINING_SKIPPED))
-        else:
-            files.append(path)
+        files.append(path)
     return files, links
 
 
@@ -176,7 +170,16 @@ def _export_file(path, out, report, allow_globals, drop_optimizer_state):
     """Write ``path`` in the stock layout to ``out`` (with ``path``'s file mode); whether it did."""
     from espnet_mha.convert import convert_object
 
-    obj = load_weights_only(path, allow_globals=allow_globals)  # unreadable, or classes to admit: raises
+    training = path.name == TRAINING_CHECKPOINT
+    try:
+        # A model file that cannot be read (damaged, or classes to admit) stops the export;
+        # the training state is optional: it is skipped, with the reason.
+        obj = load_weights_only(path, allow_globals=allow_globals)
+    except ConversionError as error:
+        if not training:
+            raise
+        report.skipped.append((path.name, f"training state not exported: {error}"))
+        return False
     try:
         kind, state = model_state(obj, path=path)
     except ConversionError:
@@ -186,12 +189,15 @@ def _export_file(path, out, report, allow_globals, drop_optimizer_state):
     if not (fused_layers(state) or stripped):
         shutil.copyfile(path, out)
         report.copied.append(path.name)
-    elif kind != FLAT and not drop_optimizer_state:
-        report.skipped.append((path.name, _TRAINING_SKIPPED))
-        return False
     else:
-        converted, done = convert_object(obj, src=path, dst=out, to="stock",
-                                         drop_optimizer_state=drop_optimizer_state)
+        try:
+            converted, done = convert_object(obj, src=path, dst=out, to="stock",
+                                             drop_optimizer_state=drop_optimizer_state)
+        except ConversionError as error:
+            if kind == FLAT:
+                raise
+            report.skipped.append((path.name, f"training state not exported: {error}"))
+            return False
         save_atomic(converted, out, force=True)
         report.converted.append((path.name, len(done.layers)))
     shutil.copymode(path, out)

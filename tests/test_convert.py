@@ -118,19 +118,12 @@ def test_training_checkpoint_needs_explicit_flags_then_resumes_in_espnet(exp, ch
         assert "allow exactly these with: --allow-global datetime.timedelta" in err
     else:
         assert "refused it" in err and "datetime.timedelta" in err, err
-    assert run(checkpoint_file, dst, "--to", "fused", "--allow-global", "datetime.timedelta") == 1
-    err = capsys.readouterr().err
-    assert "entry 'optimizers' holds the state of 1 optimizer(s)" in err and "--drop-optimizer-state" in err
-    with pytest.raises(ConversionError, match=r"converting 2 layer\(s\) changes the parameter list.*"
-                                              r"Pass --drop-optimizer-state"):
-        convert_file(checkpoint_file, dst, to="fused", allow_globals=["datetime.timedelta"])
     assert not dst.exists() and not leftovers(tmp_path)
 
-    assert run(checkpoint_file, dst, "--to", "fused", "--allow-global", "datetime.timedelta",
-               "--drop-optimizer-state") == 0
+    assert run(checkpoint_file, dst, "--to", "fused", "--allow-global", "datetime.timedelta") == 0
     out = capsys.readouterr().out
     assert "ESPnet training checkpoint (state dict in entry 'model'" in out
-    assert "dropped the state of 1 optimizer(s)" in out
+    assert "converted the state of 1 optimizer(s) to the fused parameter list" in out
 
     def resume(path, model):
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -142,7 +135,7 @@ def test_training_checkpoint_needs_explicit_flags_then_resumes_in_espnet(exp, ch
         return reporter
 
     with pytest.raises(ValueError, match=r"doesn't match the size of optimizer's group"):
-        resume(checkpoint_file, exp.flash())  # why the flag exists: stock Adam state, fused parameters
+        resume(checkpoint_file, exp.flash())  # why the optimizer state is converted: stock Adam state, fused model
     ours = exp.flash()
     reporter = resume(dst, ours)
     assert reporter.get_epoch() == 1
@@ -151,6 +144,12 @@ def test_training_checkpoint_needs_explicit_flags_then_resumes_in_espnet(exp, ch
     converted = torch.load(dst, weights_only=False)
     assert repr(converted["reporter"]) == repr(original["reporter"])  # repr: the stats hold NaN
     assert converted["schedulers"] == original["schedulers"]
+
+    assert run(checkpoint_file, dst, "--to", "fused", "--allow-global", "datetime.timedelta",
+               "--drop-optimizer-state", "--force") == 0
+    assert "dropped the state of 1 optimizer(s)" in capsys.readouterr().out
+    assert torch.load(dst, weights_only=False)["optimizers"] == []
+    resume(dst, exp.flash())
 
 
 def test_numpy_values_name_their_globals(tmp_path):

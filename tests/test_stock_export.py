@@ -111,14 +111,34 @@ def test_a_stock_layout_folder_needs_only_its_config(tmp_path, capsys):
     assert "state_dict_layout" not in (out / "config.yaml").read_text()
 
 
-def test_the_training_checkpoint_is_converted_only_without_its_optimizer_state(tmp_path, capsys):
+def test_the_training_checkpoint_is_exported_with_its_optimizer_state(tmp_path, capsys):
+    """With the classes ESPnet's reporter needs admitted, checkpoint.pth is exported with its Adam
+    state in the stock parameter order (tests/test_optimizer_state.py: resuming from it continues
+    the run); a conversion that cannot be exact skips it, or drops the optimizer state if asked."""
     src = experiment(tmp_path / "exp")
-    out = tmp_path / "stock"
-    report = export_experiment(src, out, drop_optimizer_state=True, allow_globals=(
-        "datetime.timedelta", "numpy.dtype", f"{numpy_scalar().__module__}.{numpy_scalar().__name__}"))
+    globals_ = ("datetime.timedelta", "numpy.dtype", f"{numpy_scalar().__module__}.{numpy_scalar().__name__}")
+    report = export_experiment(src, tmp_path / "stock", allow_globals=globals_)
     assert ("checkpoint.pth", 2) in report.converted
-    checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert checkpoint["optimizers"] == [] and "linear_qkv" not in " ".join(checkpoint["model"])
+    original = torch.load(src / "checkpoint.pth", weights_only=False)
+    checkpoint = torch.load(tmp_path / "stock" / "checkpoint.pth", weights_only=False)
+    assert "linear_qkv" not in " ".join(checkpoint["model"])
+    n_params = len(original["optimizers"][0]["param_groups"][0]["params"])
+    assert checkpoint["optimizers"][0]["param_groups"][0]["params"] == list(range(n_params + 8))  # 2 layers
+
+    adafactor = torch.load(src / "checkpoint.pth", weights_only=False)
+    model = espnet_asr.build(tmp_path, "flash_mha", seed=9)[0].train()
+    optimizer = torch.optim.Adafactor(model.parameters())
+    model(**espnet_asr.batch())[0].backward()
+    optimizer.step()
+    adafactor["optimizers"] = [optimizer.state_dict()]
+    torch.save(adafactor, src / "checkpoint.pth")
+    report = export_experiment(src, tmp_path / "skipped", allow_globals=globals_)
+    assert [name for name, _ in report.skipped] == ["checkpoint.pth"]
+    assert "factored or whole-matrix optimizer" in report.skipped[0][1]
+    assert "--drop-optimizer-state" in report.skipped[0][1]
+    report = export_experiment(src, tmp_path / "dropped", allow_globals=globals_, drop_optimizer_state=True)
+    assert ("checkpoint.pth", 2) in report.converted
+    assert torch.load(tmp_path / "dropped" / "checkpoint.pth", weights_only=False)["optimizers"] == []
 
 
 def numpy_scalar():

@@ -1,0 +1,289 @@
+"""A training checkpoint's optimizer state between the layouts: a run resumed after the
+one-line swap (or exported back to stock) continues as the original run would have.
+
+The reference is ESPnet's stock model trained by a stock optimizer; after converting
+``checkpoint.pth``, ESPnet's ``Trainer.resume`` loads it into the other layout and a few
+more steps must give the stock run's parameters (fp64).
+"""
+
+import copy
+import datetime
+
+import pytest
+import torch
+
+import espnet_asr
+from espnet_mha.checkpoint import to_fused
+from espnet_mha.convert import ConversionError, convert_object
+from espnet_mha.optimizer_state import convert_optimizer_state
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+# A conformer encoder: BatchNorm buffers (running_mean/var, the same shapes as parameters) and
+# S4 kernel buffers lie between parameters, so positions must be told apart by the state's shapes.
+CONFORMER = {"output_size": espnet_asr.D_MODEL, "attention_heads": 2, "linear_units": 64, "num_blocks": 2,
+             "input_layer": "conv2d", "cnn_module_kernel": 3, "use_cnn_module": True, "macaron_style": True,
+             "dropout_rate": 0.0, "positional_dropout_rate": 0.0, "attention_dropout_rate": 0.0}
+
+
+def model(tmp_path, attention, seed):
+    built, _ = espnet_asr.build(tmp_path, attention, seed=seed, encoder="conformer", encoder_conf=CONFORMER)
+    return built.double().train()
+
+
+def batch():
+    return {k: v.double() if v.is_floating_point() else v for k, v in espnet_asr.batch().items()}
+
+
+def train(net, optimizer, scheduler, steps):
+    for _ in range(steps):
+        def closure():
+            optimizer.zero_grad()
+            loss = net(**batch())[0]
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+        if scheduler is not None:
+            scheduler.step()
+
+
+def max_difference(got, expected):
+    assert list(got) == list(expected)
+    return max((got[k] - expected[k]).abs().max().item() for k in expected if expected[k].is_floating_point())
+
+
+def resume(path, net, make_optimizer):
+    """ESPnet's Trainer.resume of ``path`` into ``net``: (optimizer, scheduler)."""
+    from espnet2.schedulers.warmup_lr import WarmupLR
+    from espnet2.train.reporter import Reporter
+    from espnet2.train.trainer import Trainer
+
+    optimizer = make_optimizer(net.parameters())
+    scheduler = WarmupLR(optimizer, warmup_steps=10)
+    with torch.serialization.safe_globals([datetime.timedelta]):
+        Trainer.resume(checkpoint=path, model=net, reporter=Reporter(), optimizers=[optimizer],
+                       schedulers=[scheduler], scaler=None)
+    return optimizer, scheduler
+
+
+def checkpoint(net, optimizer, scheduler):
+    """``checkpoint.pth`` as ESPnet's trainer saves it."""
+    from espnet2.train.reporter import Reporter
+
+    return {"model": net.state_dict(), "reporter": Reporter().state_dict(), "optimizers": [optimizer.state_dict()],
+            "schedulers": [scheduler.state_dict()], "scaler": None}
+
+
+def test_a_stock_run_resumed_with_flash_mha_continues_as_the_stock_run(tmp_path):
+    """The one-line swap in the middle of training: ESPnet resumes the stock checkpoint.pth,
+    converted, into flash_mha; three more steps give the stock run's parameters. Without the
+    Adam moments (--drop-optimizer-state) they are lr-sized steps away."""
+    from espnet2.schedulers.warmup_lr import WarmupLR
+
+    stock = model(tmp_path, "mha", seed=3)
+    optimizer = torch.optim.Adam(stock.parameters(), lr=1e-3)
+    scheduler = WarmupLR(optimizer, warmup_steps=10)
+    train(stock, optimizer, scheduler, 2)
+    saved = copy.deepcopy(checkpoint(stock, optimizer, scheduler))
+    torch.save(saved, tmp_path / "stock.pth")
+    for drop in (False, True):
+        converted, report = convert_object(copy.deepcopy(saved), src="stock.pth", dst="fused.pth", to="fused",
+                                           drop_optimizer_state=drop)
+        assert (report.converted_optimizers, report.dropped_optimizers) == ((0, 1) if drop else (1, 0))
+        torch.save(converted, tmp_path / "fused.pth")
+        ours = model(tmp_path, "flash_mha", seed=5)
+        train(ours, *resume(tmp_path / "fused.pth", ours, lambda p: torch.optim.Adam(p, lr=1e-3)), 3)
+        reference = model(tmp_path, "mha", seed=7)
+        train(reference, *resume(tmp_path / "stock.pth", reference, lambda p: torch.optim.Adam(p, lr=1e-3)), 3)
+        difference = max_difference(ours.state_dict(), to_fused(reference.state_dict()))
+        if drop:
+            assert difference > 1e-4
+        else:
+            assert difference < 1e-8  # fp64 rounding of the two layers, through 3 Adam steps
+
+
+def test_a_flash_mha_run_exported_to_stock_continues_in_stock_espnet(tmp_path):
+    from espnet2.schedulers.warmup_lr import WarmupLR
+
+    ours = model(tmp_path, "flash_mha", seed=3)
+    optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-3, amsgrad=True)
+    scheduler = WarmupLR(optimizer, warmup_steps=10)
+    train(ours, optimizer, scheduler, 2)
+    saved = copy.deepcopy(checkpoint(ours, optimizer, scheduler))  # state_dict() holds the live tensors
+    torch.save(saved, tmp_path / "fused.pth")
+    converted, report = convert_object(copy.deepcopy(saved), src="fused.pth", dst="stock.pth", to="stock")
+    assert report.converted_optimizers == 1
+    torch.save(converted, tmp_path / "stock.pth")
+    stock = model(tmp_path, "mha", seed=5)
+    train(stock, *resume(tmp_path / "stock.pth", stock, lambda p: torch.optim.AdamW(p, lr=1e-3, amsgrad=True)), 3)
+    train(ours, optimizer, scheduler, 3)
+    assert max_difference(ours.state_dict(), to_fused(stock.state_dict())) < 1e-8
+
+    back, _ = convert_object(copy.deepcopy(converted), src="stock.pth", dst="back.pth", to="fused")
+    expected = saved["optimizers"][0]
+    got = back["optimizers"][0]
+    assert got["param_groups"] == expected["param_groups"] and sorted(got["state"]) == sorted(expected["state"])
+    for index, values in expected["state"].items():
+        assert sorted(got["state"][index]) == sorted(values)
+        for key, value in values.items():
+            assert torch.equal(got["state"][index][key], value), (index, key)
+
+
+ELEMENT_WISE = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05),  # no per-parameter state at all
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=1e-3),
+    "radam": lambda p: torch.optim.RAdam(p, lr=1e-3),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=1e-3),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5, centered=True),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2),
+    "adadelta": lambda p: torch.optim.Adadelta(p),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ELEMENT_WISE))
+def test_element_wise_optimizers_convert_exactly(tmp_path, name):
+    """The converted state is the stock state, re-indexed and with q, k and v stacked: given
+    the stock gradients (stacked the same way), the next steps give the stock parameters
+    bit for bit. Both runs resume from the saved state (load_state_dict casts some state,
+    e.g. NAdam's mu_product, to the parameters' dtype)."""
+    make = ELEMENT_WISE[name]
+    stock = model(tmp_path, "mha", seed=3)
+    first = make(stock.parameters())
+    train(stock, first, None, 2)
+    saved = copy.deepcopy(first.state_dict())
+    optimizer = make(stock.parameters())
+    optimizer.load_state_dict(copy.deepcopy(saved))
+    ours = model(tmp_path, "flash_mha", seed=5)
+    ours.load_state_dict(stock.state_dict())
+    mine = make(ours.parameters())
+    mine.load_state_dict(convert_optimizer_state(saved, stock.state_dict(), espnet_asr.DECODER_ATTENTION, fuse=True))
+    for _ in range(2):
+        optimizer.zero_grad()
+        stock(**batch())[0].backward()
+        grads = to_fused({name: param.grad for name, param in stock.named_parameters()})
+        for name, param in ours.named_parameters():
+            param.grad = grads[name].clone()
+        optimizer.step()
+        mine.step()
+    expected = to_fused(dict(stock.named_parameters()))
+    for key, value in ours.named_parameters():
+        assert torch.equal(value, expected[key]), key
+
+
+def trained_state(tmp_path, make, attention="mha", freeze=None):
+    net = model(tmp_path, attention, seed=3)
+    for name, param in net.named_parameters():
+        if freeze is not None and not freeze(name):
+            param.requires_grad_(False)
+    optimizer = make(net.parameters())
+    train(net, optimizer, None, 1)
+    return net.state_dict(), optimizer.state_dict()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: torch.optim.Adafactor(p), r"parameter 0's state holds tensors of different shapes \(row_var .*"
+                                          r"factored or whole-matrix optimizer"),
+    (lambda p: torch.optim.LBFGS(p, max_iter=2), r"parameter 0's '\w+' is a list: only element-wise"),
+])
+def test_optimizers_whose_state_is_not_element_wise_are_refused(tmp_path, make, message):
+    state, optimizer = trained_state(tmp_path, make)
+    with pytest.raises(ConversionError, match=message):
+        convert_optimizer_state(optimizer, state, espnet_asr.DECODER_ATTENTION, fuse=True)
+    saved = {"model": state, "reporter": {}, "optimizers": [optimizer], "schedulers": [None], "scaler": None}
+    with pytest.raises(ConversionError, match=r"Pass --drop-optimizer-state"):
+        convert_object(saved, src="checkpoint.pth", dst="out.pth", to="fused")
+
+
+def test_parameter_groups_and_unreadable_states_are_refused(tmp_path):
+    from espnet2.optimizers.optim_groups import configure_optimizer
+
+    net = model(tmp_path, "mha", seed=3)
+    grouped = configure_optimizer(net, torch.optim.AdamW, {"lr": 1e-3}, {})  # --exclude_weight_decay true
+    train(net, grouped, None, 1)
+    state = net.state_dict()
+    layers = espnet_asr.DECODER_ATTENTION
+    with pytest.raises(ConversionError, match=r"2 parameter groups \(ESPnet's --exclude_weight_decay"):
+        convert_optimizer_state(grouped.state_dict(), state, layers, fuse=True)
+    with pytest.raises(ConversionError, match=r"not a torch.optim state dict .*got dict with keys \['opt'\]"):
+        convert_optimizer_state({"opt": 1}, state, layers, fuse=True)
+    adam = torch.optim.Adam(net.parameters())
+    train(net, adam, None, 1)
+    shrunk = dict(state)
+    del shrunk["decoder.output.weight"]  # a model state that is not the optimizer's model
+    with pytest.raises(ConversionError, match=r"shapes do not fit the model state's entries"):
+        convert_optimizer_state(adam.state_dict(), shrunk, layers, fuse=True)
+
+
+def test_positions_the_state_cannot_tell_are_refused():
+    """A state whose shapes repeat (weight, bias, weight, bias...) with entries of no state
+    around it: the layer could start at position 0 or 2, so nothing is guessed."""
+    layer = "layers.0.layer."
+    weight, bias = (2, 2), (2,)
+    shapes = {"b1": weight, "b2": bias}  # buffers or parameters: only the count can tell
+    for name in ("q", "k", "v", "out", "extra"):
+        prefix = f"{layer}linear_{name}." if name != "extra" else "extra."
+        shapes[f"{prefix}weight"], shapes[f"{prefix}bias"] = weight, bias
+    model_state = {key: torch.zeros(shape) for key, shape in shapes.items()}
+    state = {"state": {i: {"step": torch.tensor(1.0), "exp_avg": torch.ones(bias if i % 2 else weight) * i}
+                       for i in range(8)},
+             "param_groups": [{"lr": 1.0, "params": list(range(10))}]}
+    with pytest.raises(ConversionError, match=r"cannot tell which optimizer position holds "
+                                              r"layers\.0\.layer\.linear_q\.weight \(possible: \[0, 2\]\)"):
+        convert_optimizer_state(state, model_state, [layer], fuse=True)
+    state["param_groups"][0]["params"] = list(range(12))  # every entry a parameter: one way only
+    converted = convert_optimizer_state(state, model_state, [layer], fuse=True)
+    assert converted["param_groups"][0]["params"] == list(range(8))
+    assert sorted(converted["state"]) == [0, 1, 2, 3]  # b1, b2, qkv weight and bias (out and extra: no state)
+    assert torch.equal(converted["state"][2]["exp_avg"], torch.cat([torch.full(weight, i) for i in (2.0, 4.0, 6.0)]))
+    assert torch.equal(converted["state"][3]["exp_avg"], torch.cat([torch.full(bias, i) for i in (3.0, 5.0, 7.0)]))
+
+
+def tiny(n_feat=2):
+    """A model state (a parameter ``p``, then one stock layer under ``L.``) and an Adam-like
+    state for its 9 parameters."""
+    model_state = {"p": torch.zeros(3)}
+    for name in ("q", "k", "v", "out"):
+        model_state[f"L.linear_{name}.weight"] = torch.zeros(n_feat, n_feat)
+        model_state[f"L.linear_{name}.bias"] = torch.zeros(n_feat)
+    state = {"state": {i: {"step": torch.tensor(2.0), "exp_avg": torch.full(value.shape, float(i))}
+                       for i, value in enumerate(model_state.values())},
+             "param_groups": [{"lr": 1.0, "params": list(range(9))}]}
+    return model_state, state
+
+
+def test_a_tiny_state_fuses_and_splits_back():
+    model_state, state = tiny()
+    fused = convert_optimizer_state(copy.deepcopy(state), model_state, ["L."], fuse=True)
+    assert fused["param_groups"] == [{"lr": 1.0, "params": list(range(5))}]
+    assert torch.equal(fused["state"][1]["exp_avg"], torch.cat([torch.full((2, 2), i) for i in (1.0, 3.0, 5.0)]))
+    assert torch.equal(fused["state"][4]["exp_avg"], torch.full((2,), 8.0))
+    back = convert_optimizer_state(fused, to_fused(model_state, layer_pattern=""), ["L."], fuse=False)
+    assert back["param_groups"] == state["param_groups"]
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            assert torch.equal(back["state"][index][key], value), (index, key)
+
+
+def _edit(edit):
+    model_state, state = tiny()
+    edit(model_state, state)
+    return model_state, state
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m, s: m.pop("L.linear_v.bias"), r"the model state has no L\.linear_v\.bias"),
+    (lambda m, s: s["param_groups"][0].update(params=[1, 0, *range(2, 9)]),
+     r"'params' are not the positions 0\.\.N-1 \(got \[1, 0, 2"),
+    (lambda m, s: s["param_groups"][0].update(param_names=["p"]), r"names its parameters \('param_names'\)"),
+    (lambda m, s: s["state"].update({9: {}}), r"state for positions \[9\] outside the parameter group \(0\.\.8\)"),
+    (lambda m, s: s["state"].update({0: [1]}), r"the state of parameter 0 is a list, not a dict"),
+    (lambda m, s: m.update({"L.linear_q.bias": m.pop("L.linear_q.bias")}),
+     r"does not list L\.linear_q\.weight, L\.linear_q\.bias, .* in this order"),
+    (lambda m, s: s["state"].pop(3), r"L\.linear_q/k/v\.weight have unlike state \(\[\['exp_avg', 'step'\], None"),
+    (lambda m, s: s["state"][5].update(step=torch.tensor(3.0)), r"L\.linear_q/k/v\.weight disagree in 'step'"),
+])
+def test_states_that_cannot_be_converted_exactly_are_refused(edit, message):
+    model_state, state = _edit(edit)
+    with pytest.raises(ConversionError, match=message):
+        convert_optimizer_state(state, model_state, ["L."], fuse=True)
