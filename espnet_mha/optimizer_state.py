@@ -56,6 +56,9 @@ def convert_optimizer_state(state, model_state, layers, *, fuse, where="optimize
     if missing:
         raise ConversionError(f"{where}: the model state has no {', '.join(missing[:3])}")
     width, new_width = len(old) * len(PARAMS), len(new) * len(PARAMS)  # a layer's parameters: 6 stock, 2 fused
+    if n_params < width * len(layers):
+        raise ConversionError(f"{where}: {n_params} parameters, fewer than the {len(layers)} layer(s) to convert "
+                              f"have ({width} each): it was not saved with this model")
     if not per_param:  # no per-parameter state (plain SGD, or before the first step): only the count changes
         group = dict(groups[0])
         group["params"] = list(range(n_params + len(layers) * (new_width - width)))

@@ -277,6 +277,8 @@ def _edit(edit):
     (lambda m, s: s["param_groups"][0].update(param_names=["p"]), r"names its parameters \('param_names'\)"),
     (lambda m, s: s["state"].update({9: {}}), r"state for positions \[9\] outside the parameter group \(0\.\.8\)"),
     (lambda m, s: s["state"].update({0: [1]}), r"the state of parameter 0 is a list, not a dict"),
+    (lambda m, s: s.update(state={}, param_groups=[{"params": [0, 1, 2]}]),
+     r"3 parameters, fewer than the 1 layer\(s\) to convert have \(6 each\)"),
     (lambda m, s: m.update({"L.linear_q.bias": m.pop("L.linear_q.bias")}),
      r"does not list L\.linear_q\.weight, L\.linear_q\.bias, .* in this order"),
     (lambda m, s: s["state"].pop(3), r"L\.linear_q/k/v\.weight have unlike state \(\[\['exp_avg', 'step'\], None"),
