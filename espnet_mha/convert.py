@@ -22,7 +22,8 @@ they are and the ``--allow-global`` flags that would admit them. Removes
 An optimizer state indexes parameters by position, and fusing q/k/v changes the
 parameter list: a training checkpoint's optimizer state is converted with it
 (element-wise optimizers such as Adam; see :mod:`espnet_mha.optimizer_state`), so
-ESPnet resumes the run as it was. What cannot be converted exactly is refused
+ESPnet resumes the run as it was. The ``config.yaml`` beside IN, if any, says
+whether its model state holds every parameter (frozen ones too). What cannot be converted exactly is refused
 unless ``--drop-optimizer-state`` (ESPnet's resume then starts the optimizer afresh).
 """
 
@@ -122,14 +123,19 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
     if (dst.exists() or dst.is_symlink()) and not force:
         raise FileExistsError(f"{dst} exists; pass --force (force=True) to overwrite it")
     obj, report = convert_object(load_weights_only(src, allow_globals=allow_globals), src=src, dst=dst, to=to,
-                                 layer_pattern=layer_pattern, drop_optimizer_state=drop_optimizer_state)
+                                 layer_pattern=layer_pattern, drop_optimizer_state=drop_optimizer_state,
+                                 config=_config_beside(src))
     save_atomic(obj, dst, force=force)
     return report
 
 
-def convert_object(obj, *, src, dst, to, layer_pattern=DEFAULT_LAYER_PATTERN, drop_optimizer_state=False):
+def convert_object(obj, *, src, dst, to, layer_pattern=DEFAULT_LAYER_PATTERN, drop_optimizer_state=False,
+                   config=None):
     """:func:`convert_file` on a loaded file's object (``src``, ``dst``: for the report and
-    messages): ``(the object to save, Report)``. Raises as :func:`convert_file`."""
+    messages): ``(the object to save, Report)``. ``config``: the training config ESPnet
+    wrote beside it (a dict), if any: it says whether the model state holds every
+    parameter (see :func:`espnet_mha.optimizer_state.convert_optimizer_state`). Raises as
+    :func:`convert_file`."""
     kind, state = model_state(obj, path=src)
     clean, stripped = strip_wrapper_prefixes(state)
     if to == "fused":
@@ -150,7 +156,14 @@ def convert_object(obj, *, src, dst, to, layer_pattern=DEFAULT_LAYER_PATTERN, dr
                 obj[OPTIMIZERS_ENTRY] = []
                 report.dropped_optimizers = sum(1 for o in optimizers if o)
             else:
-                obj[OPTIMIZERS_ENTRY] = [_convert_optimizer(o, i, clean, layers, to, src) if o else o
+                if sum(1 for o in optimizers if o) > 1:
+                    raise ConversionError(
+                        f"{src}: entry {OPTIMIZERS_ENTRY!r} holds {len(optimizers)} optimizers (a task such as GAN "
+                        "TTS gives each a part of the model), whose positions cannot be told apart. Pass "
+                        "--drop-optimizer-state to write the checkpoint without them")
+                complete = isinstance(config, dict) and not (
+                    config.get("use_adapter") and config.get("save_strategy", "all") != "all")
+                obj[OPTIMIZERS_ENTRY] = [_convert_optimizer(o, i, clean, layers, to, src, complete) if o else o
                                          for i, o in enumerate(optimizers)]
                 report.converted_optimizers = sum(1 for o in optimizers if o)
     else:
@@ -158,10 +171,23 @@ def convert_object(obj, *, src, dst, to, layer_pattern=DEFAULT_LAYER_PATTERN, dr
     return obj, report
 
 
-def _convert_optimizer(state, index, model_state, layers, to, src):
+def _config_beside(path):
+    """The ``config.yaml`` ESPnet writes beside its model files, as a dict, or None (absent, unreadable)."""
+    import yaml
+
+    config = Path(path).parent / "config.yaml"
+    try:
+        with open(config, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _convert_optimizer(state, index, model_state, layers, to, src, complete):
     """One optimizer's state for the converted parameter list (see :mod:`espnet_mha.optimizer_state`)."""
     try:
-        return convert_optimizer_state(state, model_state, layers, fuse=to == "fused",
+        return convert_optimizer_state(state, model_state, layers, fuse=to == "fused", complete=complete,
                                        where=f"{src}: entry {OPTIMIZERS_ENTRY!r}[{index}]")
     except ConversionError as error:
         raise ConversionError(

@@ -127,7 +127,7 @@ def export_experiment(src, dst, *, force=False, allow_globals=(), drop_optimizer
     work = Path(tempfile.mkdtemp(dir=dst, prefix=".espnet-mha-export."))
     try:
         written = {p.name for p in files if _export_file(p, work / p.name, report, allow_globals,
-                                                         drop_optimizer_state)}
+                                                         drop_optimizer_state, loaded)}
         for name, target in links.items():
             if target in written:
                 (work / name).symlink_to(target)
@@ -166,7 +166,7 @@ def _plan(src, report):
     return files, links
 
 
-def _export_file(path, out, report, allow_globals, drop_optimizer_state):
+def _export_file(path, out, report, allow_globals, drop_optimizer_state, config):
     """Write ``path`` in the stock layout to ``out`` (with ``path``'s file mode); whether it did."""
     from espnet_mha.convert import convert_object
 
@@ -192,7 +192,7 @@ def _export_file(path, out, report, allow_globals, drop_optimizer_state):
     else:
         try:
             converted, done = convert_object(obj, src=path, dst=out, to="stock",
-                                             drop_optimizer_state=drop_optimizer_state)
+                                             drop_optimizer_state=drop_optimizer_state, config=config)
         except ConversionError as error:
             if kind == FLAT:
                 raise

@@ -13,7 +13,10 @@ optimizer state adds is the shape of each parameter's per-element statistics
 the parameters from the state dict entries that fits those shapes (our layers'
 projections are parameters for sure) and converts only when all of them put each
 converted layer at the same position; else it refuses (pass
-``--drop-optimizer-state``).
+``--drop-optimizer-state``). This needs every parameter in the model state:
+a parameter with no optimizer state (frozen, unused) is trusted only where the
+caller knows that the file holds it (ESPnet's ``--use_adapter`` with
+``--save_strategy required_grad_only`` leaves frozen parameters out).
 
 Only element-wise optimizers convert (Adam, AdamW, SGD, RMSprop, Adagrad,
 Adadelta, Adamax, NAdam, RAdam...): each per-parameter value must be None, a
@@ -22,7 +25,7 @@ statistics are then exactly the row blocks of the fused parameter's, so a
 resumed run continues as the original would have. Scalars (``step``) must agree
 across q, k and v. Factored or whole-matrix state (Adafactor, L-BFGS), several
 parameter groups (ESPnet's ``--exclude_weight_decay``) and states that name their
-parameters are refused.
+parameters are refused; so are several optimizers, by :mod:`espnet_mha.convert`.
 """
 
 from espnet_mha.checkpoint_io import ConversionError
@@ -31,7 +34,7 @@ from espnet_mha.parameters import FUSED_PROJECTION, STOCK_PROJECTIONS
 PARAMS = ("weight", "bias")
 
 
-def convert_optimizer_state(state, model_state, layers, *, fuse, where="optimizer state"):
+def convert_optimizer_state(state, model_state, layers, *, fuse, complete=False, where="optimizer state"):
     """``state`` (an optimizer's ``state_dict()``) for the model after converting ``layers``.
 
     Args:
@@ -40,6 +43,11 @@ def convert_optimizer_state(state, model_state, layers, *, fuse, where="optimize
             (wrapper prefixes stripped, key order as saved).
         layers: key prefixes of the layers to convert (``"...layers.1.layer."``).
         fuse: True: stock -> fused; False: fused -> stock.
+        complete: ``model_state`` is known to hold every parameter (ESPnet's default
+            ``save_strategy``; with ``--use_adapter`` it may leave frozen ones out). Where
+            it is not known, a parameter with no optimizer state (frozen, or never used)
+            could be one the file left out, and the search could fill its place with a
+            buffer of the same shape: such a state is refused.
         where: how messages name ``state``.
 
     Returns:
@@ -64,6 +72,14 @@ def convert_optimizer_state(state, model_state, layers, *, fuse, where="optimize
         group["params"] = list(range(n_params + len(layers) * (new_width - width)))
         return {**state, "param_groups": [group]}
     shapes = [_param_shape(per_param.get(index), index, where) for index in range(n_params)]
+    stateless = [index for index in range(n_params) if not per_param.get(index)]
+    if stateless and not complete:
+        raise ConversionError(
+            f"{where}: {len(stateless)} parameter(s) have no state (frozen or unused: positions "
+            f"{stateless[:5]}{'...' if len(stateless) > 5 else ''}), and nothing says that the model state holds "
+            "them: ESPnet's --use_adapter with --save_strategy required_grad_only leaves frozen parameters out, "
+            "and their places could then be taken by buffers of the same shapes. Keep the config.yaml ESPnet "
+            "wrote beside the checkpoint (it tells)")
     entries = _entries(model_state)
     starts = _layer_starts(entries, shapes, owned, layers, old, where)
     moved, out_index, i = {}, 0, 0

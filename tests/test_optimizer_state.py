@@ -11,10 +11,11 @@ import datetime
 
 import pytest
 import torch
+import yaml
 
 import espnet_asr
 from espnet_mha.checkpoint import to_fused
-from espnet_mha.convert import ConversionError, convert_object
+from espnet_mha.convert import ConversionError, convert_file, convert_object
 from espnet_mha.optimizer_state import convert_optimizer_state
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -171,6 +172,45 @@ def test_element_wise_optimizers_convert_exactly(tmp_path, name):
         assert torch.equal(value, expected[key]), key
 
 
+def test_frozen_parameters_convert_where_the_config_says_the_model_state_is_whole(tmp_path):
+    """ESPnet's --freeze_param: the frozen encoder's parameters have no optimizer state. The
+    config.yaml beside checkpoint.pth (no --use_adapter) says the model state holds them, so
+    their positions are found; the converted run then steps as the stock one, bit for bit."""
+    stock = model(tmp_path, "mha", seed=3)
+    for name, param in stock.named_parameters():
+        param.requires_grad_(not name.startswith("encoder."))
+    first = torch.optim.Adam(stock.parameters(), lr=1e-3)
+    train(stock, first, None, 2)
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    saved = {"model": stock.state_dict(), "reporter": {}, "optimizers": [first.state_dict()], "schedulers": [None],
+             "scaler": None}
+    torch.save(saved, folder / "checkpoint.pth")
+    with pytest.raises(ConversionError, match=r"parameter\(s\) have no state \(frozen or unused"):
+        convert_file(folder / "checkpoint.pth", folder / "fused.pth", to="fused")
+    (folder / "config.yaml").write_text(yaml.safe_dump({"use_adapter": False, "freeze_param": ["encoder"]}))
+    assert convert_file(folder / "checkpoint.pth", folder / "fused.pth", to="fused").converted_optimizers == 1
+
+    optimizer = torch.optim.Adam(stock.parameters(), lr=1e-3)
+    optimizer.load_state_dict(copy.deepcopy(saved["optimizers"][0]))
+    ours = model(tmp_path, "flash_mha", seed=5)
+    for name, param in ours.named_parameters():
+        param.requires_grad_(not name.startswith("encoder."))
+    ours.load_state_dict(stock.state_dict())
+    mine = torch.optim.Adam(ours.parameters(), lr=1e-3)
+    mine.load_state_dict(torch.load(folder / "fused.pth", weights_only=True)["optimizers"][0])
+    optimizer.zero_grad()
+    stock(**batch())[0].backward()
+    grads = to_fused({name: param.grad for name, param in stock.named_parameters() if param.grad is not None})
+    for name, param in ours.named_parameters():
+        param.grad = grads[name].clone() if name in grads else None
+    optimizer.step()
+    mine.step()
+    expected = to_fused(dict(stock.named_parameters()))
+    for key, value in ours.named_parameters():
+        assert torch.equal(value, expected[key]), key
+
+
 def trained_state(tmp_path, make, attention="mha", freeze=None):
     net = model(tmp_path, attention, seed=3)
     for name, param in net.named_parameters():
@@ -229,9 +269,9 @@ def test_positions_the_state_cannot_tell_are_refused():
              "param_groups": [{"lr": 1.0, "params": list(range(10))}]}
     with pytest.raises(ConversionError, match=r"cannot tell which optimizer position holds "
                                               r"layers\.0\.layer\.linear_q\.weight \(possible: \[0, 2\]\)"):
-        convert_optimizer_state(state, model_state, [layer], fuse=True)
+        convert_optimizer_state(state, model_state, [layer], fuse=True, complete=True)
     state["param_groups"][0]["params"] = list(range(12))  # every entry a parameter: one way only
-    converted = convert_optimizer_state(state, model_state, [layer], fuse=True)
+    converted = convert_optimizer_state(state, model_state, [layer], fuse=True, complete=True)
     assert converted["param_groups"][0]["params"] == list(range(8))
     assert sorted(converted["state"]) == [0, 1, 2, 3]  # b1, b2, qkv weight and bias (out and extra: no state)
     assert torch.equal(converted["state"][2]["exp_avg"], torch.cat([torch.full(weight, i) for i in (2.0, 4.0, 6.0)]))
@@ -281,10 +321,80 @@ def _edit(edit):
      r"3 parameters, fewer than the 1 layer\(s\) to convert have \(6 each\)"),
     (lambda m, s: m.update({"L.linear_q.bias": m.pop("L.linear_q.bias")}),
      r"does not list L\.linear_q\.weight, L\.linear_q\.bias, .* in this order"),
-    (lambda m, s: s["state"].pop(3), r"L\.linear_q/k/v\.weight have unlike state \(\[\['exp_avg', 'step'\], None"),
+    (lambda m, s: s["state"][3].clear(), r"L\.linear_q/k/v\.weight have unlike state \(\[\['exp_avg', 'step'\], \[\]"),
     (lambda m, s: s["state"][5].update(step=torch.tensor(3.0)), r"L\.linear_q/k/v\.weight disagree in 'step'"),
 ])
 def test_states_that_cannot_be_converted_exactly_are_refused(edit, message):
     model_state, state = _edit(edit)
     with pytest.raises(ConversionError, match=message):
-        convert_optimizer_state(state, model_state, ["L."], fuse=True)
+        convert_optimizer_state(state, model_state, ["L."], fuse=True, complete=True)
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, shape, *, buffer=False):
+        super().__init__()
+        if buffer:
+            self.register_buffer("b", torch.randn(shape))
+        else:
+            self.p = torch.nn.Parameter(torch.randn(shape))
+
+
+def _two_layers(fused):
+    """A parameter, 8 buffers shaped like a layer's parameters, two attention layers (stock
+    or fused linears), 8 parameters after them."""
+    d = 4
+    if fused:
+        def layer():
+            return torch.nn.ModuleDict({"linear_qkv": torch.nn.Linear(d, 3 * d), "linear_out": torch.nn.Linear(d, d)})
+    else:
+        def layer():
+            return torch.nn.ModuleDict({f"linear_{n}": torch.nn.Linear(d, d) for n in ("q", "k", "v", "out")})
+    return torch.nn.Sequential(_Holder((d,)), *[_Holder((d, d) if i % 2 == 0 else (d,), buffer=True) for i in range(8)],
+                               layer(), layer(), *[_Holder((3,)) for _ in range(8)])
+
+
+def test_a_model_state_without_its_frozen_parameters_is_not_guessed(tmp_path):
+    """ESPnet's --use_adapter with --save_strategy required_grad_only saves the model state
+    without the frozen parameters, while the optimizer keeps their positions. Here the
+    search would fill them with buffers and put layer 10's moments on a frozen parameter
+    (a probe's case, which loaded and stepped without error). Parameters without state are
+    only trusted where the config.yaml beside the file says the model state is whole (a
+    config that says so of a filtered state is not detected)."""
+    torch.manual_seed(0)
+    net = _two_layers(fused=False)
+    for i in range(11, 19):
+        net[i].p.requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        sum((p ** 2).sum() for n, p in net.named_parameters() if p.requires_grad and not n.startswith("9.")).backward()
+        optimizer.step()
+    filtered = net.state_dict()
+    for i in range(11, 19):
+        filtered.pop(f"{i}.p")
+    with pytest.raises(ConversionError, match=r"16 parameter\(s\) have no state \(frozen or unused: positions "
+                                              r"\[1, 2, 3, 4, 5\]\.\.\.\), and nothing says that the model state "
+                                              r"holds them: .*--save_strategy required_grad_only"):
+        convert_optimizer_state(optimizer.state_dict(), filtered, ["9.", "10."], fuse=True)
+
+    # As files: the config.yaml ESPnet writes beside checkpoint.pth says how the model state was saved.
+    # With the whole state, layer 9 (no gradient, no state) could sit at several positions: refused too.
+    for config, model_state, message in (
+            (None, filtered, "have no state"),
+            ({"use_adapter": True, "save_strategy": "required_grad_only"}, filtered, "have no state"),
+            ({"use_adapter": True, "save_strategy": "all"}, net.state_dict(), "cannot tell"),
+            ({"use_adapter": False}, net.state_dict(), "cannot tell")):
+        if config is not None:
+            (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        torch.save({"model": model_state, "reporter": {}, "optimizers": [optimizer.state_dict()],
+                    "schedulers": [None], "scaler": None}, tmp_path / "checkpoint.pth")
+        with pytest.raises(ConversionError, match=rf"{message} .*Pass --drop-optimizer-state"):
+            convert_file(tmp_path / "checkpoint.pth", tmp_path / "out.pth", to="fused", layer_pattern="", force=True)
+
+
+def test_several_optimizers_are_refused():
+    """A task with several optimizers (GAN TTS) gives each a part of the model."""
+    model_state, state = tiny()
+    checkpoint = {"model": model_state, "reporter": {}, "optimizers": [state, copy.deepcopy(state)]}
+    with pytest.raises(ConversionError, match=r"holds 2 optimizers .*Pass --drop-optimizer-state"):
+        convert_object(checkpoint, src="checkpoint.pth", dst="out.pth", to="fused", layer_pattern="")
