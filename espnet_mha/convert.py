@@ -4,12 +4,13 @@ Usage::
 
     espnet-mha-convert IN OUT --to stock|fused [--force] [--layer-pattern REGEX]
                        [--allow-global NAME ...] [--drop-optimizer-state]
-    espnet-mha-convert EXP_DIR OUT_DIR --to stock [--force] [--allow-global NAME ...]
+    espnet-mha-convert EXP_DIR OUT_DIR --to stock|fused [--force] [--allow-global NAME ...]
                        [--drop-optimizer-state]
     python -m espnet_mha.convert ...
 
-With folders: an experiment folder for stock ESPnet, its ``config.yaml`` and
-every model file (see :mod:`espnet_mha.export`).
+With folders: an experiment folder, its ``config.yaml`` and every model file;
+OUT_DIR may be EXP_DIR (with ``--force``) to convert it in place, e.g. to resume
+a stock run with ``flash_mha`` (see :mod:`espnet_mha.export`).
 
 Reads the files ESPnet writes: a flat state dict (``valid.acc.ave.pth``) and a
 training checkpoint (``checkpoint.pth``: the state dict in its ``"model"``
@@ -23,8 +24,9 @@ An optimizer state indexes parameters by position, and fusing q/k/v changes the
 parameter list: a training checkpoint's optimizer state is converted with it
 (element-wise optimizers such as Adam; see :mod:`espnet_mha.optimizer_state`), so
 ESPnet resumes the run as it was. The ``config.yaml`` beside IN, if any, says
-whether its model state holds every parameter (frozen ones too). What cannot be converted exactly is refused
-unless ``--drop-optimizer-state`` (ESPnet's resume then starts the optimizer afresh).
+whether its model state holds every parameter (frozen ones too). What cannot be
+converted exactly is refused unless ``--drop-optimizer-state`` (ESPnet's resume
+then starts the optimizer afresh).
 """
 
 import argparse
@@ -50,7 +52,7 @@ from espnet_mha.checkpoint_io import (  # noqa: F401  (re-exported: the converte
     model_state,
     save_atomic,
 )
-from espnet_mha.export import export_experiment
+from espnet_mha.export import convert_experiment
 from espnet_mha.optimizer_state import convert_optimizer_state
 
 PROG = "espnet-mha-convert"
@@ -214,13 +216,14 @@ def _parser():
         description="Convert an ESPnet checkpoint (flat state dict such as valid.acc.ave.pth, or training "
                     "checkpoint.pth) between the stock MultiHeadedAttention layout (linear_q/k/v) and "
                     "espnet_mha's fused layout (linear_qkv). Removes module./_orig_mod. prefixes. With "
-                    "folders (--to stock): an experiment folder for ESPnet without espnet-mha, its config.yaml "
-                    "(flash_mha -> mha) and every *.pth model file.",
+                    "folders: an experiment folder, its config.yaml (flash_mha <-> mha) and every *.pth model "
+                    "file; --to stock for ESPnet without espnet-mha, --to fused in place (OUT_DIR = EXP_DIR, "
+                    "--force) to resume a stock run with flash_mha.",
     )
     parser.add_argument("src", metavar="IN", help="file to read (torch.load with weights_only=True), or an "
                                                   "experiment folder (config.yaml and *.pth)")
     parser.add_argument("dst", metavar="OUT", help="file to write atomically (may be IN with --force), or the "
-                                                   "folder to write (made if absent; not IN)")
+                                                   "folder to write (made if absent; IN with --force: in place)")
     parser.add_argument("--to", required=True, choices=LAYOUTS, help="layout to write")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     parser.add_argument("--layer-pattern", default=DEFAULT_LAYER_PATTERN, metavar="REGEX",
@@ -241,15 +244,13 @@ def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
     folder = Path(args.src).is_dir()
-    if folder and args.to != "stock":
-        parser.error(f"IN is a folder ({args.src}): folders convert --to stock only (a stock experiment decodes "
-                     "with flash_mha as it is, after the one-line swap in its config.yaml)")
     if folder and args.layer_pattern != DEFAULT_LAYER_PATTERN:
-        parser.error("--layer-pattern selects layers for --to fused; a folder converts every linear_qkv to stock")
+        parser.error("--layer-pattern selects layers of files; a folder converts the S4 decoder's attention layers")
     try:
         if folder:
-            report = export_experiment(args.src, args.dst, force=args.force, allow_globals=args.allow_global,
-                                       drop_optimizer_state=args.drop_optimizer_state)
+            report = convert_experiment(args.src, args.dst, to=args.to, force=args.force,
+                                        allow_globals=args.allow_global,
+                                        drop_optimizer_state=args.drop_optimizer_state)
         else:
             report = convert_file(args.src, args.dst, to=args.to, force=args.force,
                                   layer_pattern=args.layer_pattern, allow_globals=args.allow_global,

@@ -1,15 +1,20 @@
-"""An experiment folder for stock ESPnet: ``espnet-mha-convert EXP_DIR OUT_DIR --to stock``.
+"""Experiment folders between the layouts: ``espnet-mha-convert EXP_DIR OUT_DIR --to stock|fused``.
 
-A model trained with ``flash_mha`` needs two changes before stock ESPnet (without
-espnet-mha) can decode or fine-tune it: its ``config.yaml`` must build ``mha``
-(stock ESPnet raises ``KeyError: 'flash_mha'``), and its model files must hold
-``linear_q/k/v`` instead of the fused ``linear_qkv``. Only one of the two is
-worse than neither: ESPnet's ``build_model_from_file`` loads with
-``strict=False``, so an edited config with unconverted files decodes with
-random q/k/v and no warning. This writes both, for every model file of the
-folder, so the averaged model, ``valid.*.best.pth`` and each ``*epoch.pth``
-(which ``--keep_nbest_models`` averaging reads again after a resumed run)
-agree with the config.
+To stock: a model trained with ``flash_mha`` needs two changes before stock
+ESPnet (without espnet-mha) can decode or fine-tune it: its ``config.yaml`` must
+build ``mha`` (stock ESPnet raises ``KeyError: 'flash_mha'``), and its model
+files must hold ``linear_q/k/v`` instead of the fused ``linear_qkv``. Only one
+of the two is worse than neither: ESPnet's ``build_model_from_file`` loads with
+``strict=False``, so an edited config with unconverted files decodes with random
+q/k/v and no warning. This writes both, for every model file of the folder, so
+the averaged model, ``valid.*.best.pth`` and each ``*epoch.pth`` (which
+``--keep_nbest_models`` averaging reads again after a resumed run) agree with
+the config.
+
+To fused, usually in place (OUT_DIR = EXP_DIR): a stock run to be resumed with
+``flash_mha``. ESPnet's resume needs ``checkpoint.pth`` with its optimizer state
+in the fused order, and its end-of-training averaging adds the older
+``*epoch.pth`` files key by key to the new ones, which fails on mixed layouts.
 """
 
 import os
@@ -18,7 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from espnet_mha.checkpoint import fused_layers, strip_wrapper_prefixes
+from espnet_mha.checkpoint import fused_layers, stock_layers, strip_wrapper_prefixes
 from espnet_mha.checkpoint_io import FLAT, ConversionError, load_weights_only, model_state, save_atomic
 
 CONFIG = "config.yaml"
@@ -30,106 +35,142 @@ OUR_OPTIONS = ("causal", "keep_attn", "backend", "compile", "compile_mode", "sta
 
 @dataclass
 class ExportReport:
-    """What :func:`export_experiment` did."""
+    """What :func:`convert_experiment` did."""
 
     src: Path
     dst: Path
-    layers: list = field(default_factory=list)  # config paths of the layers made stock mha
+    to: str
+    layers: list = field(default_factory=list)  # config paths of the layers renamed
     converted: list = field(default_factory=list)  # (file name, n layers converted)
-    copied: list = field(default_factory=list)
+    copied: list = field(default_factory=list)  # already in the layout
     links: list = field(default_factory=list)  # (link name, target name)
     skipped: list = field(default_factory=list)  # (name, why)
 
     def lines(self):
-        out = [f"read {self.src / CONFIG}: {len(self.layers)} attention layer(s) -> stock mha"
+        name = f"stock {STOCK_NAME}" if self.to == "stock" else OUR_NAME
+        in_place = self.dst.resolve() == self.src.resolve()
+        out = [f"read {self.src / CONFIG}: {len(self.layers)} attention layer(s) -> {name}"
                + (f" ({', '.join(self.layers)})" if self.layers else "")]
-        out += [f"converted {name}: {n} attention layer(s) to stock" for name, n in self.converted]
-        out += [f"copied {name}: nothing to convert" for name in self.copied]
-        out += [f"linked {name} -> {target}" for name, target in self.links]
-        out += [f"skipped {name}: {why}" for name, why in self.skipped]
+        out += [f"converted {file}: {n} attention layer(s) to {self.to}" for file, n in self.converted]
+        out += [f"{'left' if in_place else 'copied'} {file}: nothing to convert" for file in self.copied]
+        out += [f"{'kept link' if in_place else 'linked'} {link} -> {target}" for link, target in self.links]
+        out += [f"skipped {file}: {why}" for file, why in self.skipped]
         out.append(f"wrote {self.dst / CONFIG} and {len(self.converted) + len(self.copied) + len(self.links)} "
                    f"model file(s) in {self.dst}")
         return out
 
 
-def stock_config(config, path="config"):
-    """A copy of a loaded ``config.yaml`` whose ``flash_mha`` layers (and ``mha`` layers with
-    our options) are ``mha`` without our options, and the paths of those layers (e.g.
-    ``decoder_conf.layer[1]``).
-
-    Raises:
-        ConversionError: a layer has ``causal: true``, which the stock layer cannot compute.
-    """
+def _rename_layers(config, rename, path="config"):
+    """(a copy of ``config`` with ``rename(item, path)`` in place of each dict for which it
+    returns one, the paths of those dicts, e.g. ``decoder_conf.layer[1]``)."""
     if isinstance(config, list):
-        pairs = [stock_config(item, f"{path}[{i}]") for i, item in enumerate(config)]
+        pairs = [_rename_layers(item, rename, f"{path}[{i}]") for i, item in enumerate(config)]
         return [item for item, _ in pairs], [p for _, paths in pairs for p in paths]
     if not isinstance(config, dict):
         return config, []
-    name = config.get("_name_")
-    if name in (OUR_NAME, STOCK_NAME):
-        # mha too: under ESPNET_MHA_REPLACE_MHA=1 it builds our layer, which reads our options.
-        if config.get("causal"):
-            raise ConversionError(f"{path}: {name} with causal: true has no stock equivalent (the stock mha "
-                                  "attends to every position); not exported")
-        if name == OUR_NAME or any(k in config for k in OUR_OPTIONS):
-            return {k: v for k, v in config.items() if k not in OUR_OPTIONS} | {"_name_": STOCK_NAME}, [path]
+    renamed = rename(config, path)
+    if renamed is not None:
+        return renamed, [path]
     new, paths = {}, []
     for key, value in config.items():
-        new[key], found = stock_config(value, f"{key}" if path == "config" else f"{path}.{key}")
+        new[key], found = _rename_layers(value, rename, key if path == "config" else f"{path}.{key}")
         paths += found
     return new, paths
 
 
-def export_experiment(src, dst, *, force=False, allow_globals=(), drop_optimizer_state=False):
-    """Write ``dst``: ``src``'s ``config.yaml`` for stock ESPnet, and each of its ``*.pth``
-    model files in the stock layout, with their file modes (links to model files of the
-    folder, such as ``valid.acc.ave.pth``, stay links).
-
-    ``checkpoint.pth`` (training state) is converted with its optimizer state (see
-    :mod:`espnet_mha.optimizer_state`; without it if ``drop_optimizer_state``), so stock
-    ESPnet can resume the run. It needs ``allow_globals`` (ESPnet's reporter holds
-    ``datetime.timedelta``); when it cannot be read or converted it is skipped, as are
-    links to what is not exported, dangling links and ``*.pth`` files that are no model,
-    and the report says why. Other files (logs, images, decoding results) are not copied. All is
-    written to a temporary folder in ``dst`` and moved into place at the end, so an
-    error leaves ``dst`` as it was.
+def stock_config(config):
+    """A copy of a loaded ``config.yaml`` whose ``flash_mha`` layers (and ``mha`` layers with
+    our options) are ``mha`` without our options, and the paths of those layers.
 
     Raises:
-        ConversionError: no ``config.yaml``; a causal layer; a file that cannot be
-            read (see :func:`espnet_mha.checkpoint_io.load_weights_only`).
+        ConversionError: a layer has ``causal: true``, which the stock layer cannot compute.
+    """
+    def rename(item, path):
+        name = item.get("_name_")
+        if name not in (OUR_NAME, STOCK_NAME):
+            return None
+        # mha too: under ESPNET_MHA_REPLACE_MHA=1 it builds our layer, which reads our options.
+        if item.get("causal"):
+            raise ConversionError(f"{path}: {name} with causal: true has no stock equivalent (the stock mha "
+                                  "attends to every position); not exported")
+        if name == OUR_NAME or any(k in item for k in OUR_OPTIONS):
+            return {k: v for k, v in item.items() if k not in OUR_OPTIONS} | {"_name_": STOCK_NAME}
+        return None
+
+    return _rename_layers(config, rename)
+
+
+def fused_config(config):
+    """A copy of a loaded ``config.yaml`` whose ``mha`` layers are ``flash_mha`` (options
+    kept), and the paths of those layers."""
+    return _rename_layers(config, lambda item, path: item | {"_name_": OUR_NAME}
+                          if item.get("_name_") == STOCK_NAME else None)
+
+
+def export_experiment(src, dst, *, force=False, allow_globals=(), drop_optimizer_state=False):
+    """:func:`convert_experiment` to the stock layout."""
+    return convert_experiment(src, dst, to="stock", force=force, allow_globals=allow_globals,
+                              drop_optimizer_state=drop_optimizer_state)
+
+
+def convert_experiment(src, dst, *, to, force=False, allow_globals=(), drop_optimizer_state=False):
+    """Write ``dst``: ``src``'s ``config.yaml`` with its attention layers in the layout ``to``
+    (``"stock"``: ``mha`` without our options, for stock ESPnet; ``"fused"``: ``flash_mha``),
+    and each of its ``*.pth`` model files in that layout, with their file modes (links to
+    model files of the folder, such as ``valid.acc.ave.pth``, stay links). ``dst`` may be
+    ``src`` (with ``force``): the folder is converted in place, e.g. to resume a stock run
+    with ``flash_mha``, whose end-of-training averaging reads the older ``*epoch.pth``
+    files with the new ones and fails on mixed layouts.
+
+    ``checkpoint.pth`` (training state) is converted with its optimizer state (see
+    :mod:`espnet_mha.optimizer_state`; without it if ``drop_optimizer_state``), so ESPnet
+    can resume the run. It needs ``allow_globals`` (ESPnet's reporter holds
+    ``datetime.timedelta``); when it cannot be read or converted it is skipped (left as
+    it is in place), as are links to what is not converted, dangling links and ``*.pth``
+    files that are no model, and the report says why. Other files (logs, images,
+    decoding results) are not copied. All is written to a temporary folder in ``dst`` and
+    moved into place at the end, so an error leaves ``dst`` as it was.
+
+    Raises:
+        ValueError: ``to`` is not a layout.
+        ConversionError: no ``config.yaml``; a causal layer (to stock); a model file that
+            cannot be read (see :func:`espnet_mha.checkpoint_io.load_weights_only`).
         FileExistsError: a file to write exists and not ``force`` (checked before writing).
-        ValueError: ``dst`` is ``src``.
     """
     import yaml
     from espnet2.utils.yaml_no_alias_safe_dump import yaml_no_alias_safe_dump
 
+    if to not in ("stock", "fused"):
+        raise ValueError(f"to must be 'stock' or 'fused', got {to!r}")
     src, dst = Path(src), Path(dst)
     if not (src / CONFIG).is_file():
         raise ConversionError(f"{src}: no {CONFIG} (an ESPnet experiment folder has one next to its model files)")
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise ValueError(f"OUT_DIR must be another folder than EXP_DIR ({src})")
+    in_place = dst.exists() and dst.resolve() == src.resolve()
     with open(src / CONFIG, encoding="utf-8") as f:
         try:
             loaded = yaml.safe_load(f)
         except yaml.YAMLError as error:
             raise ConversionError(f"{src / CONFIG}: not YAML ESPnet can read ({error})") from None
-    config, layers = stock_config(loaded)
-    report = ExportReport(src, dst, layers)
+    config, layers = (stock_config if to == "stock" else fused_config)(loaded)
+    report = ExportReport(src, dst, to, layers)
     files, links = _plan(src, report)
     if not force:
         taken = [dst / n for n in [CONFIG, *(p.name for p in files), *links]
                  if (dst / n).exists() or (dst / n).is_symlink()]
         if taken:
-            raise FileExistsError(f"{', '.join(map(str, taken))} exist(s); pass --force (force=True) to overwrite")
+            raise FileExistsError(f"{', '.join(map(str, taken))} exist(s); pass --force (force=True) to overwrite"
+                                  + (" (OUT_DIR is EXP_DIR: convert it in place)" if in_place else ""))
     dst.mkdir(parents=True, exist_ok=True)
     # Everything is written into a temporary folder first and moved into place at the
     # end, so a failure (an unreadable file, a refused class) leaves OUT_DIR as it was.
-    work = Path(tempfile.mkdtemp(dir=dst, prefix=".espnet-mha-export."))
+    work = Path(tempfile.mkdtemp(dir=dst, prefix=".espnet-mha-convert."))
     try:
-        written = {p.name for p in files if _export_file(p, work / p.name, report, allow_globals,
-                                                         drop_optimizer_state, loaded)}
+        written = {p.name for p in files if _convert_file(p, work / p.name, to, report, allow_globals,
+                                                          drop_optimizer_state, loaded, in_place)}
         for name, target in links.items():
-            if target in written:
+            if in_place:
+                report.links.append((name, target))  # the link stays; its target is converted or not
+            elif target in written:
                 (work / name).symlink_to(target)
                 report.links.append((name, target))
             else:
@@ -166,8 +207,9 @@ def _plan(src, report):
     return files, links
 
 
-def _export_file(path, out, report, allow_globals, drop_optimizer_state, config):
-    """Write ``path`` in the stock layout to ``out`` (with ``path``'s file mode); whether it did."""
+def _convert_file(path, out, to, report, allow_globals, drop_optimizer_state, config, in_place):
+    """Write ``path`` in the layout ``to`` to ``out`` (with ``path``'s file mode); whether it
+    did. In place, a file already in that layout is left as it is."""
     from espnet_mha.convert import convert_object
 
     training = path.name == TRAINING_CHECKPOINT
@@ -178,7 +220,7 @@ def _export_file(path, out, report, allow_globals, drop_optimizer_state, config)
     except ConversionError as error:
         if not training:
             raise
-        report.skipped.append((path.name, f"training state not exported: {error}"))
+        report.skipped.append((path.name, f"training state not converted: {error}"))
         return False
     try:
         kind, state = model_state(obj, path=path)
@@ -186,19 +228,20 @@ def _export_file(path, out, report, allow_globals, drop_optimizer_state, config)
         report.skipped.append((path.name, "not an ESPnet model file"))
         return False
     state, stripped = strip_wrapper_prefixes(state)
-    if not (fused_layers(state) or stripped):
-        shutil.copyfile(path, out)
+    if not (stripped or (fused_layers(state) if to == "stock" else stock_layers(state))):
+        if not in_place:
+            shutil.copyfile(path, out)
         report.copied.append(path.name)
-    else:
-        try:
-            converted, done = convert_object(obj, src=path, dst=out, to="stock",
-                                             drop_optimizer_state=drop_optimizer_state, config=config)
-        except ConversionError as error:
-            if kind == FLAT:
-                raise
-            report.skipped.append((path.name, f"training state not exported: {error}"))
-            return False
-        save_atomic(converted, out, force=True)
-        report.converted.append((path.name, len(done.layers)))
+        return True
+    try:
+        converted, done = convert_object(obj, src=path, dst=out, to=to,
+                                         drop_optimizer_state=drop_optimizer_state, config=config)
+    except ConversionError as error:
+        if kind == FLAT:
+            raise
+        report.skipped.append((path.name, f"training state not converted: {error}"))
+        return False
+    save_atomic(converted, out, force=True)
+    report.converted.append((path.name, len(done.layers)))
     shutil.copymode(path, out)
     return True

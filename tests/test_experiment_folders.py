@@ -1,6 +1,8 @@
-"""``espnet-mha-convert EXP_DIR OUT_DIR --to stock``: a flash_mha experiment folder for
-ESPnet without espnet-mha, checked by decoding in a Python that cannot import us."""
+"""``espnet-mha-convert EXP_DIR OUT_DIR --to stock|fused``: a flash_mha experiment folder for
+ESPnet without espnet-mha, checked by decoding in a Python that cannot import us; and a stock
+folder converted in place, which ESPnet resumes and averages with flash_mha."""
 
+import datetime
 import json
 import subprocess
 import sys
@@ -11,8 +13,9 @@ import torch
 import yaml
 
 import espnet_asr
+from espnet_mha.checkpoint import to_fused
 from espnet_mha.convert import ConversionError, main
-from espnet_mha.export import export_experiment
+from espnet_mha.export import convert_experiment, export_experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 OURS = {"backend": "sdpa", "compile": False, "keep_attn": False, "causal": False}
@@ -155,8 +158,8 @@ def test_refusals(tmp_path, capsys):
             in capsys.readouterr().err)
     assert not out.exists()
     with pytest.raises(SystemExit):
-        run(src, out, "--to", "fused")
-    assert "folders convert --to stock only" in capsys.readouterr().err
+        run(src, out, "--to", "fused", "--layer-pattern", "")
+    assert "--layer-pattern selects layers of files" in capsys.readouterr().err
     with pytest.raises(ConversionError, match=r"no config\.yaml"):
         export_experiment(tmp_path, out)
     plain = experiment(tmp_path / "plain")
@@ -164,8 +167,10 @@ def test_refusals(tmp_path, capsys):
     assert run(plain, out, "--to", "stock") == 1
     assert "exist(s); pass --force" in capsys.readouterr().err
     assert run(plain, out, "--to", "stock", "--force") == 0
-    with pytest.raises(ValueError, match="another folder"):
+    with pytest.raises(FileExistsError, match=r"pass --force .* \(OUT_DIR is EXP_DIR: convert it in place\)"):
         export_experiment(plain, plain)
+    with pytest.raises(ValueError, match=r"to must be 'stock' or 'fused', got 'fusd'"):
+        convert_experiment(plain, out, to="fusd")
     (plain / "config.yaml").write_text("a: [b\n")
     assert run(plain, tmp_path / "o2", "--to", "stock") == 1
     assert "not YAML ESPnet can read" in capsys.readouterr().err
@@ -210,3 +215,69 @@ def test_an_mha_layer_with_our_options_is_made_stock_too(tmp_path):
                                                                           [])
     with pytest.raises(ConversionError, match=r"layer\[0\]: mha with causal: true has no stock equivalent"):
         stock_config({"layer": [{"_name_": "mha", "causal": True}]})
+
+
+def test_a_stock_folder_converted_in_place_resumes_and_averages_with_flash_mha(tmp_path, capsys):
+    """The one-line swap in the middle of a run: the stock experiment folder is converted in
+    place, so ESPnet resumes it with flash_mha (checkpoint.pth with its Adam state) and its
+    end-of-training averaging reads the older epochs with the new ones (mixed layouts fail)."""
+    from espnet2.main_funcs.average_nbest_models import average_nbest_models
+    from espnet2.train.reporter import Reporter
+
+    root = tmp_path / "exp"
+    root.mkdir()
+    stock, args = espnet_asr.build(tmp_path, "mha", seed=3)
+    espnet_asr.write_config(root / "config.yaml", args)
+    torch.save(espnet_asr.training_checkpoint(stock.train()), root / "checkpoint.pth")
+    torch.save(stock.state_dict(), root / "1epoch.pth")
+    (root / "valid.acc.best.pth").symlink_to("1epoch.pth")
+    (root / "train.log").write_text("a log\n")
+    ours = espnet_asr.build(tmp_path, "flash_mha", seed=4)[0]
+    torch.save(ours.state_dict(), root / "2epoch.pth")  # an epoch saved after the resume
+    reporter = Reporter()
+    for epoch, acc in ((1, 0.5), (2, 0.6)):
+        reporter.set_epoch(epoch)
+        with reporter.observe("valid") as sub:
+            sub.register({"acc": acc})
+            sub.next()
+
+    def average():
+        average_nbest_models(output_dir=root, reporter=reporter, best_model_criterion=[("valid", "acc", "max")],
+                             nbest=2)
+        return torch.load(root / "valid.acc.ave_2best.pth", weights_only=True)
+
+    with pytest.raises(KeyError, match="linear_q"):
+        average()  # why the whole folder: ESPnet adds the epochs key by key
+    epoch1 = torch.load(root / "1epoch.pth", weights_only=True)
+    globals_ = ["datetime.timedelta", "numpy.dtype", f"{numpy_scalar().__module__}.{numpy_scalar().__name__}"]
+    flags = [arg for name in globals_ for arg in ("--allow-global", name)]
+    assert run(root, root, "--to", "fused", *flags) == 1
+    assert "(OUT_DIR is EXP_DIR: convert it in place)" in capsys.readouterr().err
+    assert run(root, root, "--to", "fused", "--force", *flags) == 0
+    report = capsys.readouterr().out
+    assert "1 attention layer(s) -> flash_mha (decoder_conf.layer[1])" in report
+    for name in ("1epoch.pth", "checkpoint.pth"):
+        assert f"converted {name}: 2 attention layer(s) to fused" in report
+    assert "left 2epoch.pth: nothing to convert" in report
+    assert "kept link valid.acc.best.pth -> 1epoch.pth" in report
+    assert sorted(p.name for p in root.iterdir()) == ["1epoch.pth", "2epoch.pth", "checkpoint.pth", "config.yaml",
+                                                      "train.log", "valid.acc.best.pth"]  # no temporary left
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    assert [layer["_name_"] for layer in config["decoder_conf"]["layer"]] == ["s4", "flash_mha", "ff"]
+
+    averaged = average()
+    epoch2 = ours.state_dict()
+    for key, value in to_fused(epoch1).items():
+        if value.is_floating_point():
+            torch.testing.assert_close(averaged[key], (value + epoch2[key]) / 2, rtol=0, atol=0)
+    from espnet2.train.trainer import Trainer
+
+    resumed = espnet_asr.build(tmp_path, "flash_mha", seed=5)[0]
+    optimizer = torch.optim.Adam(resumed.parameters(), lr=1e-3)
+    with torch.serialization.safe_globals([datetime.timedelta]):
+        Trainer.resume(checkpoint=root / "checkpoint.pth", model=resumed, reporter=Reporter(),
+                       optimizers=[optimizer], schedulers=[None], scaler=None)
+    assert optimizer.state_dict()["param_groups"][0]["params"] == list(range(len(list(resumed.parameters()))))
+
+    assert run(root, root, "--to", "fused", "--force", *flags) == 0  # again: nothing left to convert
+    assert "left checkpoint.pth: nothing to convert" in capsys.readouterr().out
