@@ -101,10 +101,17 @@ def stock_config(config):
 
 
 def fused_config(config):
-    """A copy of a loaded ``config.yaml`` whose ``mha`` layers are ``flash_mha`` (options
-    kept), and the paths of those layers."""
-    return _rename_layers(config, lambda item, path: item | {"_name_": OUR_NAME}
-                          if item.get("_name_") == STOCK_NAME else None)
+    """A copy of a loaded ``config.yaml`` whose ``mha`` layers are ``flash_mha`` (other options
+    kept) and whose attention layers have the fused parameters (no ``state_dict_layout:
+    stock``, whose layers would split the fused files again and whose parameter list would
+    not fit the converted optimizer state), and the paths of those layers."""
+    def rename(item, path):
+        name = item.get("_name_")
+        if name not in (OUR_NAME, STOCK_NAME) or (name == OUR_NAME and "state_dict_layout" not in item):
+            return None
+        return {k: v for k, v in item.items() if k != "state_dict_layout"} | {"_name_": OUR_NAME}
+
+    return _rename_layers(config, rename)
 
 
 def export_experiment(src, dst, *, force=False, allow_globals=(), drop_optimizer_state=False):
@@ -220,8 +227,7 @@ def _convert_file(path, out, to, report, allow_globals, drop_optimizer_state, co
     except ConversionError as error:
         if not training:
             raise
-        report.skipped.append((path.name, f"training state not converted: {error}"))
-        return False
+        return _skip_training_state(path, error, report, in_place)
     try:
         kind, state = model_state(obj, path=path)
     except ConversionError:
@@ -239,9 +245,21 @@ def _convert_file(path, out, to, report, allow_globals, drop_optimizer_state, co
     except ConversionError as error:
         if kind == FLAT:
             raise
-        report.skipped.append((path.name, f"training state not converted: {error}"))
-        return False
+        return _skip_training_state(path, error, report, in_place)
     save_atomic(converted, out, force=True)
     report.converted.append((path.name, len(done.layers)))
     shutil.copymode(path, out)
     return True
+
+
+def _skip_training_state(path, error, report, in_place):
+    """A training checkpoint that cannot be read or converted: skipped when writing another
+    folder; in place it stops the conversion, since a resumed run would then meet the old
+    layout's checkpoint beside the new layout's model files and config (and ESPnet
+    rewrites config.yaml from the run's own config, which may pair a stock config with
+    fused files, loaded with strict=False: q/k/v dropped without a word)."""
+    if in_place:
+        raise ConversionError(f"{error} (in place, {path.name} must convert with the rest of the folder: nothing "
+                              "was changed)") from None
+    report.skipped.append((path.name, f"training state not converted: {error}"))
+    return False

@@ -15,7 +15,7 @@ import yaml
 import espnet_asr
 from espnet_mha.checkpoint import to_fused
 from espnet_mha.convert import ConversionError, main
-from espnet_mha.export import convert_experiment, export_experiment
+from espnet_mha.export import convert_experiment, export_experiment, fused_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 OURS = {"backend": "sdpa", "compile": False, "keep_attn": False, "causal": False}
@@ -253,6 +253,14 @@ def test_a_stock_folder_converted_in_place_resumes_and_averages_with_flash_mha(t
     flags = [arg for name in globals_ for arg in ("--allow-global", name)]
     assert run(root, root, "--to", "fused", *flags) == 1
     assert "(OUT_DIR is EXP_DIR: convert it in place)" in capsys.readouterr().err
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    # Without the classes ESPnet's reporter needs, checkpoint.pth cannot be read: in place that
+    # stops everything (a probe's folder, converted but for it, later decoded 20 of 40 differently).
+    assert run(root, root, "--to", "fused", "--force") == 1
+    err = capsys.readouterr().err
+    assert "--allow-global datetime.timedelta" in err
+    assert "(in place, checkpoint.pth must convert with the rest of the folder: nothing was changed)" in err
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == before
     assert run(root, root, "--to", "fused", "--force", *flags) == 0
     report = capsys.readouterr().out
     assert "1 attention layer(s) -> flash_mha (decoder_conf.layer[1])" in report
@@ -281,3 +289,18 @@ def test_a_stock_folder_converted_in_place_resumes_and_averages_with_flash_mha(t
 
     assert run(root, root, "--to", "fused", "--force", *flags) == 0  # again: nothing left to convert
     assert "left checkpoint.pth: nothing to convert" in capsys.readouterr().out
+
+
+def test_fused_config_makes_every_attention_layer_flash_mha_with_the_fused_parameters():
+    """A layer built with the stock parameters would split the fused files again, and its
+    parameter list would not fit the converted optimizer state (a probe's resume failed)."""
+    config = {"decoder_conf": {"layer": [{"_name_": "s4"},
+                                         {"_name_": "flash_mha", "n_head": 4, "state_dict_layout": "stock"},
+                                         {"_name_": "mha", "n_head": 2, "state_dict_layout": "stock"},
+                                         {"_name_": "flash_mha", "n_head": 4, "causal": False}]}}
+    new, paths = fused_config(config)
+    assert new["decoder_conf"]["layer"] == [{"_name_": "s4"}, {"_name_": "flash_mha", "n_head": 4},
+                                            {"_name_": "flash_mha", "n_head": 2},
+                                            {"_name_": "flash_mha", "n_head": 4, "causal": False}]
+    assert paths == ["decoder_conf.layer[1]", "decoder_conf.layer[2]"]
+    assert config["decoder_conf"]["layer"][1]["state_dict_layout"] == "stock"  # a copy
