@@ -153,21 +153,21 @@ def convert_object(obj, *, src, dst, to, layer_pattern=DEFAULT_LAYER_PATTERN, dr
         obj = copy.copy(obj)
         obj[MODEL_ENTRY] = converted
         optimizers = obj.get(OPTIMIZERS_ENTRY) or []
-        if layers and any(optimizers):
-            if drop_optimizer_state:
-                obj[OPTIMIZERS_ENTRY] = []
-                report.dropped_optimizers = sum(1 for o in optimizers if o)
-            else:
-                if sum(1 for o in optimizers if o) > 1:
-                    raise ConversionError(
-                        f"{src}: entry {OPTIMIZERS_ENTRY!r} holds {len(optimizers)} optimizers (a task such as GAN "
-                        "TTS gives each a part of the model), whose positions cannot be told apart. Pass "
-                        "--drop-optimizer-state to write the checkpoint without them")
-                complete = isinstance(config, dict) and not (
-                    config.get("use_adapter") and config.get("save_strategy", "all") != "all")
-                obj[OPTIMIZERS_ENTRY] = [_convert_optimizer(o, i, clean, layers, to, src, complete) if o else o
-                                         for i, o in enumerate(optimizers)]
-                report.converted_optimizers = sum(1 for o in optimizers if o)
+        n_optimizers = sum(1 for o in optimizers if o)  # with state
+        if layers and n_optimizers and drop_optimizer_state:
+            obj[OPTIMIZERS_ENTRY] = []
+            report.dropped_optimizers = n_optimizers
+        elif layers and n_optimizers:
+            if n_optimizers > 1:
+                raise ConversionError(
+                    f"{src}: entry {OPTIMIZERS_ENTRY!r} holds {n_optimizers} optimizers (a task such as GAN "
+                    "TTS gives each a part of the model), whose positions cannot be told apart. Pass "
+                    "--drop-optimizer-state to write the checkpoint without them")
+            complete = isinstance(config, dict) and not (
+                config.get("use_adapter") and config.get("save_strategy", "all") != "all")
+            obj[OPTIMIZERS_ENTRY] = [_convert_optimizer(o, i, clean, layers, to, src, complete) if o else o
+                                     for i, o in enumerate(optimizers)]
+            report.converted_optimizers = n_optimizers
     else:
         obj = converted
     return obj, report

@@ -28,10 +28,10 @@ parameter groups (ESPnet's ``--exclude_weight_decay``) and states that name thei
 parameters are refused; so are several optimizers, by :mod:`espnet_mha.convert`.
 """
 
-from espnet_mha.checkpoint_io import ConversionError
-from espnet_mha.parameters import FUSED_PROJECTION, STOCK_PROJECTIONS
+import torch
 
-PARAMS = ("weight", "bias")
+from espnet_mha.checkpoint_io import ConversionError
+from espnet_mha.state_dict import FUSED_PROJECTION, PARAMS, STOCK_PROJECTIONS
 
 
 def convert_optimizer_state(state, model_state, layers, *, fuse, complete=False, where="optimizer state"):
@@ -59,7 +59,7 @@ def convert_optimizer_state(state, model_state, layers, *, fuse, complete=False,
     groups, per_param = _check_structure(state, where)
     n_params = len(groups[0]["params"])
     old, new = (STOCK_PROJECTIONS, (FUSED_PROJECTION,)) if fuse else ((FUSED_PROJECTION,), STOCK_PROJECTIONS)
-    owned = {f"{prefix}{name}.{param}" for prefix in layers for name in old for param in PARAMS}
+    owned = {key for prefix in layers for key in _layer_keys(prefix, old)}
     missing = sorted(owned - set(model_state))
     if missing:
         raise ConversionError(f"{where}: the model state has no {', '.join(missing[:3])}")
@@ -100,6 +100,11 @@ def convert_optimizer_state(state, model_state, layers, *, fuse, complete=False,
     return {**state, "state": moved, "param_groups": [group]}
 
 
+def _layer_keys(prefix, projections):
+    """A layer's parameter keys in registration order: each projection's weight, then bias."""
+    return [f"{prefix}{name}.{param}" for name in projections for param in PARAMS]
+
+
 def _layer_starts(entries, shapes, owned, layers, old, where):
     """{position of the layer's first parameter: prefix} for each layer in ``layers``,
     whose parameters in the old layout (``old`` projections, weight then bias) must be
@@ -108,7 +113,7 @@ def _layer_starts(entries, shapes, owned, layers, old, where):
     index = {key: i for i, key in enumerate(keys)}
     firsts = {}
     for prefix in layers:
-        expected = [f"{prefix}{name}.{param}" for name in old for param in PARAMS]
+        expected = _layer_keys(prefix, old)
         at = index.get(expected[0])
         if at is None or keys[at:at + len(expected)] != expected:
             raise ConversionError(f"{where}: the model state does not list {', '.join(expected)} in this order "
@@ -243,8 +248,6 @@ def _positions(entries, shapes, forced, wanted, where):
 def _convert_layer(values, fuse, prefix, where):
     """One layer's per-parameter states in the old layout -> the new layout's, in order.
     Stock order: q.weight, q.bias, k.weight, k.bias, v.weight, v.bias; fused: qkv.weight, qkv.bias."""
-    import torch
-
     if fuse:
         out = []
         for param in range(len(PARAMS)):
@@ -284,8 +287,6 @@ def _is_param_tensor(value):
 
 
 def _same(a, b):
-    import torch
-
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
             and a.dtype == b.dtype and bool(torch.equal(a, b))
