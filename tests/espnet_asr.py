@@ -106,6 +106,29 @@ def training_checkpoint(model, *, steps=1):
     }
 
 
+def resume(path, model, make_optimizer=None):
+    """ESPnet's ``Trainer.resume`` of ``path`` into ``model``, with the optimizer and scheduler
+    :func:`training_checkpoint` saves (``make_optimizer(params)``, default Adam at 1e-3).
+
+    Returns:
+        (optimizer, scheduler, reporter).
+    """
+    import datetime
+
+    from espnet2.schedulers.warmup_lr import WarmupLR
+    from espnet2.train.reporter import Reporter
+    from espnet2.train.trainer import Trainer
+
+    optimizer = (make_optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3)))(model.parameters())
+    scheduler = WarmupLR(optimizer, warmup_steps=10)
+    reporter = Reporter()
+    # ESPnet 202412 and before: Trainer.resume's torch.load without weights_only (True from torch 2.6)
+    with torch.serialization.safe_globals([datetime.timedelta]):
+        Trainer.resume(checkpoint=path, model=model, reporter=reporter, optimizers=[optimizer],
+                       schedulers=[scheduler], scaler=None)
+    return optimizer, scheduler, reporter
+
+
 def batch(seed=0):
     """A padded batch of raw waveforms and token sequences (the model's forward arguments)."""
     gen = torch.Generator().manual_seed(seed)

@@ -105,10 +105,6 @@ def test_python_dash_m_and_console_script(exp, tmp_path):
 
 # ---------------------------------------------------------- training checkpoints
 def test_training_checkpoint_needs_explicit_flags_then_resumes_in_espnet(exp, checkpoint_file, tmp_path, capsys):
-    from espnet2.schedulers.warmup_lr import WarmupLR
-    from espnet2.train.reporter import Reporter
-    from espnet2.train.trainer import Trainer
-
     dst = tmp_path / "checkpoint.pth"
     assert run(checkpoint_file, dst, "--to", "fused") == 1
     err = capsys.readouterr().err
@@ -125,19 +121,10 @@ def test_training_checkpoint_needs_explicit_flags_then_resumes_in_espnet(exp, ch
     assert "ESPnet training checkpoint (state dict in entry 'model'" in out
     assert "converted the state of 1 optimizer(s) to the fused parameter list" in out
 
-    def resume(path, model):
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        reporter = Reporter()
-        # ESPnet 202412 and before: Trainer.resume's torch.load without weights_only (True from torch 2.6)
-        with torch.serialization.safe_globals([datetime.timedelta]):
-            Trainer.resume(checkpoint=path, model=model, reporter=reporter, optimizers=[optimizer],
-                           schedulers=[WarmupLR(optimizer, warmup_steps=10)], scaler=None)
-        return reporter
-
     with pytest.raises(ValueError, match=r"doesn't match the size of optimizer's group"):
-        resume(checkpoint_file, exp.flash())  # why the optimizer state is converted: stock Adam state, fused model
+        espnet_asr.resume(checkpoint_file, exp.flash())  # why the optimizer state is converted: stock Adam state, fused model
     ours = exp.flash()
-    reporter = resume(dst, ours)
+    reporter = espnet_asr.resume(dst, ours)[2]
     assert reporter.get_epoch() == 1
     original = torch.load(checkpoint_file, weights_only=False)
     assert_same_state(ours.state_dict(), to_fused(original["model"]))
@@ -149,7 +136,7 @@ def test_training_checkpoint_needs_explicit_flags_then_resumes_in_espnet(exp, ch
                "--drop-optimizer-state", "--force") == 0
     assert "dropped the state of 1 optimizer(s)" in capsys.readouterr().out
     assert torch.load(dst, weights_only=False)["optimizers"] == []
-    resume(dst, exp.flash())
+    espnet_asr.resume(dst, exp.flash())
 
 
 def test_numpy_values_name_their_globals(tmp_path):

@@ -7,7 +7,6 @@ more steps must give the stock run's parameters (fp64).
 """
 
 import copy
-import datetime
 
 import pytest
 import torch
@@ -53,20 +52,6 @@ def max_difference(got, expected):
     return max((got[k] - expected[k]).abs().max().item() for k in expected if expected[k].is_floating_point())
 
 
-def resume(path, net, make_optimizer):
-    """ESPnet's Trainer.resume of ``path`` into ``net``: (optimizer, scheduler)."""
-    from espnet2.schedulers.warmup_lr import WarmupLR
-    from espnet2.train.reporter import Reporter
-    from espnet2.train.trainer import Trainer
-
-    optimizer = make_optimizer(net.parameters())
-    scheduler = WarmupLR(optimizer, warmup_steps=10)
-    with torch.serialization.safe_globals([datetime.timedelta]):
-        Trainer.resume(checkpoint=path, model=net, reporter=Reporter(), optimizers=[optimizer],
-                       schedulers=[scheduler], scaler=None)
-    return optimizer, scheduler
-
-
 def checkpoint(net, optimizer, scheduler):
     """``checkpoint.pth`` as ESPnet's trainer saves it."""
     from espnet2.train.reporter import Reporter
@@ -93,9 +78,9 @@ def test_a_stock_run_resumed_with_flash_mha_continues_as_the_stock_run(tmp_path)
         assert (report.converted_optimizers, report.dropped_optimizers) == ((0, 1) if drop else (1, 0))
         torch.save(converted, tmp_path / "fused.pth")
         ours = model(tmp_path, "flash_mha", seed=5)
-        train(ours, *resume(tmp_path / "fused.pth", ours, lambda p: torch.optim.Adam(p, lr=1e-3)), 3)
+        train(ours, *espnet_asr.resume(tmp_path / "fused.pth", ours)[:2], 3)
         reference = model(tmp_path, "mha", seed=7)
-        train(reference, *resume(tmp_path / "stock.pth", reference, lambda p: torch.optim.Adam(p, lr=1e-3)), 3)
+        train(reference, *espnet_asr.resume(tmp_path / "stock.pth", reference)[:2], 3)
         difference = max_difference(ours.state_dict(), to_fused(reference.state_dict()))
         if drop:
             assert difference > 1e-4
@@ -116,7 +101,8 @@ def test_a_flash_mha_run_exported_to_stock_continues_in_stock_espnet(tmp_path):
     assert report.converted_optimizers == 1
     torch.save(converted, tmp_path / "stock.pth")
     stock = model(tmp_path, "mha", seed=5)
-    train(stock, *resume(tmp_path / "stock.pth", stock, lambda p: torch.optim.AdamW(p, lr=1e-3, amsgrad=True)), 3)
+    adamw = espnet_asr.resume(tmp_path / "stock.pth", stock, lambda p: torch.optim.AdamW(p, lr=1e-3, amsgrad=True))
+    train(stock, *adamw[:2], 3)
     train(ours, optimizer, scheduler, 3)
     assert max_difference(ours.state_dict(), to_fused(stock.state_dict())) < 1e-8
 
