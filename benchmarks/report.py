@@ -16,7 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 
 STOCK = "stock"
-IMPLS = ("flash_mha", "flash_mha-compiled", "flash_mha-stock_layout")
+# attention_replayed: a bound, not an implementation (see test_bench_decoder.py).
+IMPLS = ("flash_mha", "flash_mha-compiled", "flash_mha-stock_layout", "attention_replayed")
 
 
 def load(path):

@@ -1,8 +1,11 @@
 """Whole-decoder scenario: ESPnet's BatchBeamSearch over S4Decoder, stock mha vs flash_mha."""
 
+import itertools
+
 import pytest
 import torch
 
+from espnet_mha import FlashMultiHeadedAttention
 from espnet_mha.testing import beam_search, prepare_for_decoding, s4_decoder_pair
 
 from .conftest import rand, tolerance
@@ -42,3 +45,36 @@ def test_beam_search_decoding(benchmark, impl, decoders, device, dtype):
     torch.testing.assert_close(*scores, **tolerance(dtype))
     run_case(benchmark, "s4decoder_beam_search", impl, lambda: search(models[impl], size, x),
              device, dtype, size)
+
+
+def test_beam_search_attention_replayed(benchmark, decoders, device, dtype):
+    """The bound on the whole decoder's speed-up: the same search with every
+    attention step replaced by a lookup of what our layer returned in a real
+    search (the same outputs and states, so the same hypotheses), i.e. attention
+    that costs nothing. The stock/``attention_replayed`` ratio is the most any
+    attention layer can give this decoder on this machine in this session."""
+    size, models = decoders
+    decoder = models["flash_mha"]
+    x = rand(size["frames"], size["d_model"], seed=6, device=device, dtype=dtype)
+    layers = [m for m in decoder.modules() if isinstance(m, FlashMultiHeadedAttention)]
+    assert layers
+    records = {layer: [] for layer in layers}
+    try:
+        for layer in layers:
+            def recording(*args, _layer=layer, **kwargs):
+                result = type(_layer).step(_layer, *args, **kwargs)
+                records[_layer].append(result)
+                return result
+            layer.step = recording  # an instance attribute: S4Decoder calls layer.step
+        expected = search(decoder, size, x)
+        for layer in layers:
+            # Every search makes the same calls in the same order, so a cycle replays them.
+            layer.step = lambda *args, _replies=itertools.cycle(records[layer]), **kwargs: next(_replies)
+        got = search(decoder, size, x)
+        assert [h.yseq.tolist() for h in got] == [h.yseq.tolist() for h in expected]
+        assert [float(h.score) for h in got] == [float(h.score) for h in expected]
+        run_case(benchmark, "s4decoder_beam_search", "attention_replayed", lambda: search(decoder, size, x),
+                 device, dtype, size)
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("step", None)
