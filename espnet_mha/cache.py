@@ -30,14 +30,20 @@ these weights is *recomputed* from the memory given (the layer's
 - its length, dtype or device differs from the memory's;
 - it has batch 1 and the memory holds B > 1 distinct items (not stride 0);
 - it was made under ``torch.inference_mode`` and the step records gradients;
-- the layer has no record of it (a copy, another layer's, a loaded one, or
-  forgotten: each layer keeps records of up to 1024 caches, then starts over);
+- the layer has no record of it (a copy, another layer's, a loaded one, a
+  tensor allocated where a freed cache was, or forgotten: each layer keeps
+  records of up to 1024 caches, then starts over, and forgets them all when
+  its parameters are moved or cast, or a state dict is loaded into it);
+- it is a view of other items of a cache (any view but the cache itself, the
+  states ``BatchBeamSearch`` splits off and the expanded state a step returns);
 - its record names another memory or other weights. Per cache storage, a
   layer keeps :func:`record`: the memory's address, strides and in-place
   write counter, and the address and write counter of the projection's
-  weight and bias, each with a weak reference to its storage (so a new memory
-  or new weights allocated where freed ones were do not match). No tensor is
-  kept alive: this can force a recomputation, never change a result.
+  weight and bias (and, for projections the layer calls as modules, the
+  write counters of their buffers), each with a weak reference to its storage
+  (so a new memory or new weights allocated where freed ones were do not
+  match), and a weak reference to the cache's own storage. No tensor is kept
+  alive: this can force a recomputation, never change a result.
 
 A malformed state (not a tensor, wrong rank, heads, head size, or a batch that
 is neither 1 nor the query's) raises ``TypeError``/``ValueError``. What cannot
@@ -145,9 +151,11 @@ def record(memory, key, weights, kv, weight_tensors, previous=None):
     :func:`storage_ref` of each of its ``weight_tensors`` (the same for new weights at a
     freed one's address), the cache's own write counter (shared by every view of it, such
     as the states ``BatchBeamSearch`` splits off: an in-place change to a state is seen),
-    and its :func:`grad_flags` with weak references to the tensors its graph reaches:
-    none if it was made without gradients, those of ``previous`` (its record before) if
-    it is reused without gradients (it keeps the graph it had)."""
+    its :func:`grad_flags` with weak references to the tensors its graph reaches (none if
+    it was made without gradients, those of ``previous`` (its record before) if it is
+    reused without gradients: it keeps the graph it had), and a :func:`storage_ref` and
+    the :func:`view_of` of the cache itself (so a tensor allocated where a freed cache
+    was, or a view of other items of a cache, is not taken for it)."""
     grads = grad_flags(memory, weight_tensors)
     if grads is not None:
         flags, reached = grads[0], tuple(weakref.ref(t) for t in grads[1])
@@ -156,7 +164,25 @@ def record(memory, key, weights, kv, weight_tensors, previous=None):
     else:
         flags, reached = (False,) * (1 + len(weight_tensors)), ()
     return (key, storage_ref(memory), weights, _version(kv), tuple(storage_ref(t) for t in weight_tensors),
-            flags, reached)
+            flags, reached, storage_ref(kv), view_of(kv))
+
+
+def view_of(kv):
+    """Where a cache ``(b, 2, H, T2, d_k)`` starts in its storage and how it steps through it."""
+    return kv.data_ptr(), kv.stride(), kv.size(0)
+
+
+def _views_the_cache(view, state):
+    """Whether ``state`` reads the elements of the cache whose :func:`view_of` is ``view``,
+    each item as the cache's item (or, for a cache of batch 1, its one item for all): the
+    cache itself, the states ``BatchBeamSearch`` splits off (``state[b].unsqueeze(0)``)
+    and the expanded state a step returns. Any other view is recomputed."""
+    ptr, strides, batch = view
+    given = state.stride()
+    if state.data_ptr() != ptr or given[1:] != strides[1:]:
+        return False
+    n = state.size(0)
+    return n == 1 or (batch == 1 and given[0] == 0) or (n == batch and given[0] == strides[0])
 
 
 def provenance_problem(sources, state, key, memory, weights, grads=None):
@@ -164,9 +190,16 @@ def provenance_problem(sources, state, key, memory, weights, grads=None):
     with the projection's current ``weights`` key and, with gradients on, the current
     :func:`grad_flags` ``grads``, by the layer's ``sources`` (its :func:`record` per
     :func:`source_slot`); "" if it can."""
-    kept = sources.get(source_slot(state))
+    storage = state.untyped_storage()
+    kept = sources.get(storage.data_ptr())  # source_slot(state)
     if kept is None:
         return "this layer has no record of the state (not made by it, or forgotten)"
+    own = kept[7]
+    if _expired(own.cdata) or own.cdata != storage._cdata:
+        # The cache that record is about was freed; this tensor was allocated where it was.
+        return "this layer has no record of the state (not made by it, or forgotten)"
+    if not _views_the_cache(kept[8], state):
+        return "the state is a view of other items of the cache this layer made"
     # The storage itself (not only its address): two tensors over one numpy buffer share
     # an address but not a storage, and a rewrite of the buffer moves neither write counter.
     memory_ref = kept[1]

@@ -34,7 +34,8 @@ class DecodingSteps:
         Args:
             query: ``(B, D)`` (or ``(B, 1, D)``), the newest position of every hypothesis.
             state: None (start of an utterance) or what the previous step returned
-                (possibly split per hypothesis and given back with batch 1). A
+                (possibly split per hypothesis and given back with batch 1, or, for a
+                shared cache, handed to a query batch of another size). A
                 cross-attention state made from another memory (a streaming
                 search's grown or moved encoder output) is recomputed from
                 ``memory``; ``last_cache`` says so.
@@ -83,6 +84,11 @@ class DecodingSteps:
             # tensors may have no storage for the cache's records.
             return self._stock_step(query.unsqueeze(1), memory, mask).squeeze(1), state
         self._check_memory(query, memory)
+        if type(state) is torch.Tensor and state.dim() == 5 and state.size(0) not in (1, batch) \
+                and state.stride(0) == 0:
+            # One cache expanded over another number of hypotheses (a search that shrank or
+            # grew its beam and handed back the state a step returned): its batch-1 self.
+            state = state[:1]
         proj = quantized.projections(self)
         key, weights, stale = self._check_state(state, memory, batch)
         if state is None or stale:

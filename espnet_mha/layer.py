@@ -237,6 +237,23 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
             self.attn = weights
         return out
 
+    def _forget_records(self):
+        """Drop what the layer remembers about its parameters and caches: the query views
+        (which hold the parameters), the module projections, and the cache records (weak
+        references to the parameters; every cache made so far is recomputed on its next
+        step). Called before the parameters are moved, cast or loaded: with
+        ``torch.__future__.set_swap_module_params_on_conversion(True)``, ``.to()`` and
+        ``load_state_dict`` swap each parameter object's contents
+        (``torch.utils.swap_tensors``), which refuses a tensor held elsewhere or weakly
+        referenced."""
+        self._query_views = None
+        self._cache_sources.clear()
+        self.__dict__.pop("_projections", None)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._forget_records()
+        return super()._apply(fn, *args, **kwargs)
+
     def __getstate__(self):
         """What ``pickle``, ``torch.save(model)`` and ``copy.deepcopy`` copy: no per-layer records.
 

@@ -184,11 +184,14 @@ def modules_key(layer, modules):
     layer calls them (the decoding cache's record, see :func:`espnet_mha.cache.record`):
     how many times the layer made its projections (a new module, new quantized weights),
     the addresses, strides and write counters of the modules' parameters (LoRA's, a
-    parametrization's originals), and their hooks."""
+    parametrization's originals) and buffers (a pruning mask, ``spectral_norm``'s
+    vectors, a parametrization's constants), and their hooks."""
     projections(layer)
     return (layer.__dict__["_projections_made"],
             tuple((p.data_ptr(), p.stride(), p._version if not p.is_inference() else -1)
                   for module in modules for p in module.parameters()),
+            tuple((b.data_ptr(), b.stride(), b._version if not b.is_inference() else -1)
+                  for module in modules for b in module.buffers()),
             tuple(hook for module in modules for hook in module._forward_pre_hooks),
             tuple(hook for module in modules for hook in module._forward_hooks))
 

@@ -199,6 +199,7 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
     Raises:
         ValueError: a stock tensor has the wrong shape (see ``fuse_keys``).
     """
+    module._forget_records()  # the parameters may be swapped (see FlashMultiHeadedAttention._forget_records)
     stock = [key for key in _stock_keys(prefix) if key in state_dict]
     fused = {param: f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS}
     if FUSED_PROJECTION not in module._modules:

@@ -792,3 +792,101 @@ def test_a_wrapper_subclass_memory_gets_the_stock_step():
         got, state = ours.step(query, None, memory=memory)
         torch.testing.assert_close(got.a, stock.step(query, None, memory=a)[0], **FP64)
     assert state is None and ours.last_cache is None
+
+
+def test_a_tensor_over_a_cache_address_is_not_that_cache():
+    """A record keeps a weak reference to the cache's own storage: another storage over
+    the same elements (a numpy alias, rewritten through numpy, which no write counter
+    sees) is not the cache, and is recomputed."""
+    stock, ours = stock_and_flash(16, 4)
+    memory, query = seq(1, 9, 16).expand(3, -1, -1), seq(3, 16, seed=1)
+    with torch.no_grad():
+        _, state = ours.step(query, None, memory=memory)
+        elements = state[0].numpy()
+        elements[...] = 0.0
+        alias = torch.from_numpy(elements).unsqueeze(0)
+        assert alias.data_ptr() == state.data_ptr() and alias._version == state._version
+        got, _ = ours.step(query, alias, memory=memory)
+    assert ours.last_cache == "recomputed: this layer has no record of the state (not made by it, or forgotten)"
+    torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
+
+
+def test_states_allocated_where_freed_caches_were_are_recomputed():
+    """What a probe found reused: a zeros state given at the start of each utterance (in
+    place of None) landing where the last utterance's freed cache was (27 of 30 steps
+    wrong), and another layer's state landing where this layer's freed cache was (19 of
+    20). The allocator decides where they land; the results may not depend on it."""
+    stock, ours = stock_and_flash(16, 4, seed=1)
+    _, other = stock_and_flash(16, 4, seed=2)
+    memory, query = seq(1, 9, 16).expand(3, -1, -1), seq(3, 16, seed=1)
+    expected = stock.step(query, None, memory=memory)[0]
+    with torch.no_grad():
+        for _ in range(10):
+            state = torch.zeros(1, 2, 4, 9, 4, dtype=torch.float64)
+            for _ in range(3):
+                got, state = ours.step(query, state, memory=memory)
+                torch.testing.assert_close(got, expected, **FP64)
+            del state
+        for _ in range(10):
+            _, state = ours.step(query, None, memory=memory)
+            del state
+            _, foreign = other.step(query, None, memory=memory)
+            got, _ = ours.step(query, foreign, memory=memory)
+            torch.testing.assert_close(got, expected, **FP64)
+            assert ours.last_cache.startswith("recomputed")
+
+
+def test_a_view_of_other_items_of_a_cache_is_recomputed():
+    """With B distinct memories, ``state[0:1].expand(B, ...)`` is a view of the cache with
+    item 0's keys for every item: recomputed (it was reused)."""
+    stock, ours = stock_and_flash(16, 4)
+    memory, query = seq(3, 9, 16), seq(3, 16, seed=1)
+    with torch.no_grad():
+        _, state = ours.step(query, None, memory=memory)
+        got, _ = ours.step(query, state[0:1].expand(3, -1, -1, -1, -1), memory=memory)
+    assert ours.last_cache == "recomputed: the state is a view of other items of the cache this layer made"
+    torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
+    with torch.no_grad():
+        ours.step(query, state, memory=memory)
+    assert ours.last_cache == "reused"
+
+
+def test_a_search_that_changes_its_beam_can_hand_back_the_last_state():
+    """A shared cache comes back expanded (stride 0) over the query batch; handed to a
+    step with another batch it is its batch-1 self, as the stock step passes any state."""
+    stock, ours = stock_and_flash(16, 4)
+    memory = seq(1, 9, 16)
+    state = None
+    with torch.no_grad():
+        for batch in (1, 10, 3, 5, 2):
+            query = seq(batch, 16, seed=batch)
+            got, state = ours.step(query, state, memory=memory.expand(batch, -1, -1))
+            torch.testing.assert_close(got, stock.step(query, None, memory=memory.expand(batch, -1, -1))[0], **FP64)
+            assert ours.last_cache == ("filled" if batch == 1 else "reused")
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_parameters_can_be_swapped_after_a_step(grad):
+    """With ``swap_module_params_on_conversion``, ``.to()`` and ``load_state_dict`` swap the
+    parameter objects' contents (``torch.utils.swap_tensors``), which refuses a tensor held
+    elsewhere (the remembered query views) or weakly referenced (the cache records): both
+    failed after one step. The layer forgets them first; the next step recomputes."""
+    stock, ours = stock_and_flash(16, 4, dtype=torch.float32)
+    memory, query = seq(1, 9, 16, dtype=torch.float32).expand(3, -1, -1), seq(3, 16, seed=1, dtype=torch.float32)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with torch.set_grad_enabled(grad):
+            state = ours.step(query, None, memory=memory)[1]
+            # Detached: a state's graph holds the weights, as any output's graph does.
+            state = ours.step(query, state, memory=memory)[1].detach()
+            ours.double()
+            stock.double()
+            got, _ = ours.step(query.double(), state.double(), memory=memory.double())
+            assert ours.last_cache.startswith("recomputed")
+            torch.testing.assert_close(got, stock.step(query.double(), None, memory=memory.double())[0], **FP64)
+            del got  # (its graph holds the output weights)
+            ours.load_state_dict(stock.state_dict())
+            ours.step(query.double(), None, memory=memory.double())
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)

@@ -255,6 +255,45 @@ def test_a_cache_follows_changes_to_a_called_projection_within_an_utterance():
             torch.testing.assert_close(got, stock.step(query, None, memory=memory.expand(2, -1, -1))[0], **fp64)
 
 
+class Scaled(nn.Module):
+    """A parametrization with a constant held as a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, weight):
+        return weight * self.scale
+
+
+@pytest.mark.parametrize("change", ["prune_mask", "parametrization_buffer"])
+def test_a_cache_follows_the_buffers_of_a_called_projection(change):
+    """A pruning mask or a parametrization's constant (buffers, not parameters) changed in
+    place between two steps recomputes the cache, as for a parameter (it was reused)."""
+    from torch.nn.utils import parametrize, prune
+
+    stock, ours = stock_and_flash(16, 4)
+    if change == "prune_mask":
+        prune.random_unstructured(ours.linear_qkv, "weight", amount=0.3)
+        buffer = ours.linear_qkv.weight_mask
+    else:
+        parametrize.register_parametrization(ours.linear_qkv, "weight", Scaled())
+        buffer = ours.linear_qkv.parametrizations.weight[0].scale
+    stock.linear_q, stock.linear_k, stock.linear_v = (Rows(ours.linear_qkv, i * 16, (i + 1) * 16) for i in range(3))
+    query, memory = seq(2, 16).double(), seq(1, 5, 16, seed=1).double().expand(2, -1, -1)
+    with torch.no_grad():
+        _, state = ours.step(query, None, memory=memory)
+        ours.step(query, state[:1], memory=memory)
+        assert ours.last_cache == "reused"
+        if change == "prune_mask":
+            buffer[:5].zero_()
+        else:
+            buffer.fill_(2.0)
+        got, _ = ours.step(query, state[:1], memory=memory)
+    assert ours.last_cache == "recomputed: the key/value weights changed since the state was made"
+    torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], rtol=1e-10, atol=1e-10)
+
+
 def test_a_projection_without_bias_is_called_as_a_module():
     """A bias-less nn.Linear put in as linear_qkv (the stock layer's with zero biases)."""
     stock, ours = stock_and_flash(16, 4)
