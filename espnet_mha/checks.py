@@ -114,3 +114,8 @@ def check_same_batch(query, memory):
             f"memory batch {memory.size(0)} (shape {tuple(memory.shape)}) != query batch "
             f"{query.size(0)} (shape {tuple(query.shape)})"
         )
+
+
+def one_frame(memory):
+    """A ``(B, D)`` memory as the stock layer reads it (``view(B, -1, H, d_k)``): ``(B, 1, D)``."""
+    return memory.unsqueeze(1) if isinstance(memory, torch.Tensor) and memory.dim() == 2 else memory

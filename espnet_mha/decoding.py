@@ -40,7 +40,7 @@ class DecodingSteps:
                 search's grown or moved encoder output) is recomputed from
                 ``memory``; ``last_cache`` says so.
             memory: ``(B, T2, D)`` encoder output, possibly expanded with stride 0
-                over the beam; None for self-attention.
+                over the beam (a ``(B, D)`` memory is one frame); None for self-attention.
             mask: ``(B or 1, 1, T2)`` over the memory (or, when ``causal`` and
                 ``memory`` is None, over the cached positions), nonzero = keep.
 
@@ -66,6 +66,7 @@ class DecodingSteps:
             fast = self._checked_cached_step(query, state, memory)
             if fast is not None:
                 return fast
+        memory = checks.one_frame(memory)
         self._check_features("query", query, 2, "(B, D)")
         batch = query.size(0)
         if self.causal:

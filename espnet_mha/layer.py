@@ -181,8 +181,10 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
         """Scaled dot-product attention (cross-attention to ``memory``, or self-attention).
 
         Args:
-            query: ``(B, T1, D)``, or ``(B, D, T1)`` when ``transposed``.
-            memory: ``(B, T2, D)``; None for self-attention. Ignored when ``causal``.
+            query: ``(B, T1, D)``, or ``(B, D, T1)`` when ``transposed``. A ``(B, D)``
+                query is one position (output ``(B, 1, D)``), as the stock layer reads it.
+            memory: ``(B, T2, D)`` (a ``(B, D)`` memory is one frame); None for
+                self-attention. Ignored when ``causal``.
             mask: ``(B or 1, 1, T2)`` or ``(B or 1, T1, T2)``, bool or numeric,
                 nonzero = keep. Ignored when ``causal`` and ``memory`` is given.
             *args, **kwargs: ignored (``SequenceModel`` passes ``state=``, ``lengths=``).
@@ -197,7 +199,9 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
         if self.transposed:
             self._check_features("query", query, 3, "(B, D, T1) (transposed)", feature_dim=1)
             query = query.transpose(1, 2)
-        out = self._sequence(query, memory, mask)
+        elif isinstance(query, torch.Tensor) and query.dim() == 2:
+            query = query.unsqueeze(1)  # (B, D): one position, (B, 1, D) out, as the stock layer reads it
+        out = self._sequence(query, checks.one_frame(memory), mask)
         return (out.transpose(1, 2) if self.transposed else out), None
 
     def _sequence(self, query, memory, mask):

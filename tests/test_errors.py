@@ -55,10 +55,11 @@ def test_environment_overrides_are_checked(monkeypatch):
     "query,memory,mask,error,match",
     [
         ([1.0], None, None, TypeError, r"query must be a torch.Tensor, got list"),
-        (torch.randn(2, 8), None, None, ValueError, r"query must be 3-D \(B, T1, D\), got shape \(2, 8\)"),
+        # (A (B, D) query or memory is one position, as in the stock layer: test_layer.py.)
+        (torch.randn(2, 3, 1, 8), None, None, ValueError, r"query must be 3-D \(B, T1, D\), got shape \(2, 3, 1, 8\)"),
         (torch.randn(2, 3, 7), None, None, ValueError, r"query has feature size 7 \(shape \(2, 3, 7\), \(B, T1, D\)\), expected n_feat=8"),
         (torch.ones(2, 3, 8, dtype=torch.long), None, None, TypeError, r"query must be floating point, got torch.int64"),
-        (torch.randn(2, 3, 8), torch.randn(2, 8), None, ValueError, r"memory must be 3-D \(B, T2, D\), got shape \(2, 8\)"),
+        (torch.randn(2, 3, 8), torch.randn(8), None, ValueError, r"memory must be 3-D \(B, T2, D\), got shape \(8,\)"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 6), None, ValueError, r"memory has feature size 6"),
         (torch.randn(2, 3, 8), torch.randn(3, 5, 8), None, ValueError, r"memory batch 3 \(shape \(3, 5, 8\)\) != query batch 2"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 8, dtype=torch.float64), None, TypeError, r"memory dtype torch.float64 != the layer.s parameter dtype torch.float32"),

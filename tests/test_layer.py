@@ -101,6 +101,30 @@ def test_empty_batch_gives_an_empty_output():
     assert ours.step(query[:, 0], None, memory=memory)[0].shape == (0, 8)
 
 
+@pytest.mark.parametrize("query_2d, memory_2d", [(True, False), (False, True), (True, True)],
+                         ids=["query", "memory", "both"])
+def test_a_2d_query_or_memory_is_one_position_as_in_the_stock_layer(query_2d, memory_2d):
+    """The stock layer reads a ``(B, D)`` query or memory as one position
+    (``view(B, -1, H, d_k)``; its ``step`` hands ``forward`` the 2-D query): forward
+    returns ``(B, 1, D)``. Ours raised "must be 3-D"."""
+    stock, ours = stock_and_flash(16, 4)
+    query = torch.randn(3, 1 if query_2d else 4, 16, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(3, 1 if memory_2d else 5, 16, dtype=torch.float64)
+    mask = torch.tensor([[[True]], [[False]], [[True]]]) if memory_2d else None
+    args = (query[:, 0] if query_2d else query), (memory[:, 0] if memory_2d else memory), mask
+    expected, _ = stock(*args)
+    got, _ = ours(*args)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, **FP64)
+    grad_out = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, query, grad_out)[0],
+                               torch.autograd.grad(expected, query, grad_out)[0], **FP64)
+    if query_2d:  # step with a one-frame memory
+        for state in (None, ours.step(args[0], None, memory=args[1])[1]):
+            torch.testing.assert_close(ours.step(args[0], state, memory=args[1], mask=mask)[0],
+                                       stock.step(args[0], None, memory=args[1], mask=mask)[0], **FP64)
+
+
 @pytest.mark.parametrize("self_attention", [False, True], ids=["cross", "self"])
 def test_transposed_layout(self_attention):
     """transposed=True: query and output (B, D, T1); memory stays (B, T2, D)."""
