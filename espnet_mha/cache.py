@@ -181,8 +181,8 @@ def _views_the_cache(view, state):
     given = state.stride()
     if state.data_ptr() != ptr or given[1:] != strides[1:]:
         return False
-    n = state.size(0)
-    return n == 1 or (batch == 1 and given[0] == 0) or (n == batch and given[0] == strides[0])
+    shared = batch == 1 or strides[0] == 0  # one item for the whole batch
+    return state.size(0) == 1 or (shared and given[0] == 0) or (state.size(0) == batch and given[0] == strides[0])
 
 
 def provenance_problem(sources, state, key, memory, weights, grads=None):

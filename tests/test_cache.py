@@ -890,3 +890,15 @@ def test_parameters_can_be_swapped_after_a_step(grad):
             ours.step(query.double(), None, memory=memory.double())
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+def test_any_stride0_view_of_a_shared_cache_is_reused():
+    """The state a step returns for a shared cache (expanded with stride 0), handed back
+    whole, then a part of it: one cache for every hypothesis, reused each time."""
+    _, ours = stock_and_flash(16, 4)
+    memory = seq(1, 9, 16)
+    with torch.no_grad():
+        _, state = ours.step(seq(1, 16), None, memory=memory)
+        for batch, part in ((10, 10), (10, 10), (3, 3), (4, 1)):
+            _, state = ours.step(seq(batch, 16, seed=batch), state[:part], memory=memory.expand(batch, -1, -1))
+            assert ours.last_cache == "reused"
