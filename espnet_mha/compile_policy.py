@@ -9,8 +9,9 @@ Policy:
   ``max-autotune``...).
 - Compilation is lazy: the first call on a device compiles.
 - ``dynamic=True`` so a new batch size or length does not recompile; sizes 0/1
-  are still specialised by dynamo (#136605), which bounds the graphs to a small
-  fixed set per configuration (1 vs many hypotheses, T1 = 1 vs many).
+  are still specialised by dynamo (#136605), which bounds the graphs to a fixed
+  set per configuration (1 vs many hypotheses, T1 = 1 vs many). A call beyond
+  dynamo's recompile limit runs eagerly, with a warning (see :func:`compiled`).
 - ``fullgraph=True``: a graph break is an error, not a silent slowdown.
 - The functions are module-level and take the parameters as arguments, so all
   layers of a model share graphs and state-dict keys never get ``_orig_mod.``.
@@ -84,14 +85,54 @@ def wants_compile(setting, device_type):
 
 @functools.lru_cache(maxsize=None)
 def compiled(fn, mode):
-    """``torch.compile(fn)`` with our policy, made once per (function, mode)."""
+    """``torch.compile(fn)`` with our policy, made once per (function, mode).
+
+    Each function's graphs count against dynamo's recompile limit (for all layers,
+    dtypes and modes together). A call that would need a graph beyond it runs ``fn``
+    eagerly, with a warning (the first time per function; then at debug level) and
+    counted in :func:`eager_fallbacks`, as dynamo itself falls back to eager there
+    without ``fullgraph``. ``torch._dynamo.config.fail_on_recompile_limit_hit = True``,
+    dynamo's own switch against that fallback, makes it raise instead."""
     # recompile_limit is torch >= 2.7's name for cache_size_limit.
     name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     limit = getattr(torch._dynamo.config, name, None)
     if limit is not None and limit < MIN_RECOMPILE_LIMIT:
+        logger.info("espnet_mha: raising torch._dynamo.config.%s from %s to %s (our functions need a "
+                    "graph per call form)", name, limit, MIN_RECOMPILE_LIMIT)
         setattr(torch._dynamo.config, name, MIN_RECOMPILE_LIMIT)
     logger.info("espnet_mha: compiling %s (mode=%s, dynamic, fullgraph)", fn.__name__, mode)
-    return torch.compile(fn, dynamic=True, fullgraph=True, mode=mode)
+    graph = torch.compile(fn, dynamic=True, fullgraph=True, mode=mode)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return graph(*args, **kwargs)
+        except _LIMIT_HIT as error:  # raised before the graph runs: nothing was computed
+            if getattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False):
+                raise
+            _FALLBACKS[fn.__name__] = _FALLBACKS.get(fn.__name__, 0) + 1
+            logger.log(logging.WARNING if _FALLBACKS[fn.__name__] == 1 else logging.DEBUG,
+                       "espnet_mha: compile=True: %s reached dynamo's recompile limit (torch._dynamo.config.%s"
+                       " = %s graphs for all layers, sizes 0 and 1, mask forms, grad modes); calls that need "
+                       "a new graph run eagerly (same results). Raise the limit, or set "
+                       "torch._dynamo.config.fail_on_recompile_limit_hit = True to make this an error. (%s)",
+                       fn.__name__, name, getattr(torch._dynamo.config, name, "?"), str(error).splitlines()[0])
+            return fn(*args, **kwargs)
+
+    return run
+
+
+# What dynamo raises when a fullgraph function needs a graph beyond the limit
+# (FailOnCacheLimitHit before torch 2.7).
+_LIMIT_HIT = tuple(getattr(torch._dynamo.exc, name) for name in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+                   if hasattr(torch._dynamo.exc, name))
+# Per function name: calls run eagerly because the recompile limit was reached.
+_FALLBACKS = {}
+
+
+def eager_fallbacks():
+    """{function name: calls that ran eagerly because dynamo's recompile limit was reached}."""
+    return dict(_FALLBACKS)
 
 
 def pick(fn, setting, mode, device_type):

@@ -144,3 +144,51 @@ def test_a_user_can_compile_a_fresh_model_with_fullgraph():
     mask = torch.tensor([[[True] * 5], [[True] * 3 + [False] * 2]])
     got, _ = torch.compile(ours, fullgraph=True, backend="eager")(query, memory, mask)
     torch.testing.assert_close(got, stock(query, memory, mask)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_users_compile_of_a_float64_model_trains():
+    """torch.compile(model) by the user (the layer's own compile off): in float64 on CPU,
+    Inductor's compiled SDPA backward fails (pytorch #185539), so the layer must take the
+    math path there too, as under its own compile (it raised 'expected scalar type Double
+    but found Float'; the stock layer under the same compile trains)."""
+    torch._dynamo.reset()
+    stock, ours = stock_and_flash(32, 4, dtype=torch.float64)
+    query = rand(2, 5, 32).double().requires_grad_(True)
+    memory, mask = rand(2, 7, 32, seed=1).double(), torch.ones(2, 1, 7, dtype=torch.bool)
+    mask[1, 0, 4:] = False
+    got, _ = torch.compile(ours)(query, memory, mask)
+    (grad,) = torch.autograd.grad(got.sum(), query)
+    expected, _ = stock(query, memory, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.sum(), query)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_calls_beyond_the_recompile_limit_run_eagerly_and_say_so(monkeypatch, caplog):
+    """Graphs of every layer, size 0/1 specialisation, mask form and grad mode count
+    against one dynamo limit per function; a training loop reached 64 and the next call
+    raised dynamo's fullgraph error. Beyond the limit a call now runs eagerly (the same
+    results) with a warning, unless dynamo's own fail_on_recompile_limit_hit asks for the
+    error. (Dynamo's eager backend: the same guards, no code generation.)"""
+    import functools
+    import logging
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(compile_policy.torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(compile_policy, "MIN_RECOMPILE_LIMIT", 2)
+    monkeypatch.setattr(compile_policy, "_FALLBACKS", {})
+    compile_policy.compiled.cache_clear()
+    stock, ours = stock_and_flash(16, 4, dtype=torch.float32, compile=True)
+    query, memory = rand(3, 4, 16), rand(3, 5, 16, seed=1)
+    masks = [None, rand(3, 1, 5, seed=2) > -0.5, rand(3, 4, 5, seed=3) > -0.5]  # three call forms
+    try:
+        with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level(logging.WARNING):
+            for mask in masks:
+                torch.testing.assert_close(ours(query, memory, mask)[0], stock(query, memory, mask)[0], **FP32)
+            assert compile_policy.eager_fallbacks() == {"attend": 1}
+            assert "espnet_mha: compile=True: attend reached dynamo's recompile limit" in caplog.text
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+                    ours(query, memory, masks[2])
+    finally:
+        compile_policy.compiled.cache_clear()
+        torch._dynamo.reset()
