@@ -50,6 +50,12 @@ def resolve_compile(option, mode):
     Raises:
         ValueError: an option or environment value is not recognised.
     """
+    # The option is checked even where the environment overrides it. 0 and 1 (a YAML
+    # config's integers) are False and True; other numbers are not (1.0 == True).
+    if type(option) is int and option in (0, 1):
+        option = bool(option)
+    if not (option is None or type(option) is bool or (isinstance(option, str) and option == AUTO)):
+        raise ValueError(f"compile must be True, False or 'auto', got {option!r}")
     env = os.environ.get(ENV_COMPILE, "").strip().lower()
     if env:
         table = {"0": False, "false": False, "1": True, "true": True, AUTO: AUTO}
@@ -58,8 +64,6 @@ def resolve_compile(option, mode):
         option = table[env]
     elif option is None:
         option = AUTO
-    if option not in (True, False, AUTO):
-        raise ValueError(f"compile must be True, False or 'auto', got {option!r}")
     env_mode = os.environ.get(ENV_COMPILE_MODE, "").strip()
     mode = env_mode or mode
     if mode is not None and (not isinstance(mode, str) or mode not in _modes()):

@@ -69,6 +69,8 @@ def resolve_backend(option):
     Raises:
         ValueError: option or the environment variable is not a known backend.
     """
+    if option is not None and option not in BACKENDS:  # checked even where the environment overrides it
+        raise ValueError(f"backend must be one of {BACKENDS}, got {option!r}")
     env = os.environ.get(ENV_BACKEND, "").strip()
     if env:
         if env not in BACKENDS:
@@ -76,11 +78,7 @@ def resolve_backend(option):
         if option not in (None, env):
             logger.info("espnet_mha: %s=%s overrides backend=%r", ENV_BACKEND, env, option)
         return env
-    if option is None:
-        return AUTO
-    if option not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {option!r}")
-    return option
+    return AUTO if option is None else option
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ def layer():
         (dict(n_feat=8, n_head=2, dropout=1.5), ValueError, r"dropout must be in \[0, 1\], got 1.5"),
         (dict(n_feat=8, n_head=2, backend="cudnn"), ValueError, r"backend must be one of .* got 'cudnn'"),
         (dict(n_feat=8, n_head=2, compile="yes"), ValueError, r"compile must be True, False or 'auto', got 'yes'"),
+        (dict(n_feat=8, n_head=2, compile=1.0), ValueError, r"compile must be True, False or 'auto', got 1.0"),
+        (dict(n_feat=8, n_head=2, compile=2), ValueError, r"compile must be True, False or 'auto', got 2"),
         (dict(n_feat=8, n_head=2, compile_mode=3), ValueError, r"compile_mode must be None or one of \(.*\), got 3"),
         (dict(n_feat=8, n_head=2, compile_mode="bogus"), ValueError, r"compile_mode must be None or one of \('default', .*\), got 'bogus'"),
         (dict(n_feat=8, n_head=2, dropout="0.1"), TypeError, r"dropout must be a float in \[0, 1\], got str '0.1'"),
@@ -49,6 +51,21 @@ def test_environment_overrides_are_checked(monkeypatch):
     monkeypatch.setenv("ESPNET_MHA_COMPILE", "maybe")
     with pytest.raises(ValueError, match=r"ESPNET_MHA_COMPILE='maybe' must be 0, 1 or auto"):
         FlashMultiHeadedAttention(8, 2)
+
+
+def test_options_are_checked_where_the_environment_overrides_them(monkeypatch):
+    """A bad option is an error even while an environment variable decides (it was
+    accepted, and stored, as long as the variable was set)."""
+    monkeypatch.setenv("ESPNET_MHA_BACKEND", "math")
+    monkeypatch.setenv("ESPNET_MHA_COMPILE", "0")
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'fast'"):
+        FlashMultiHeadedAttention(8, 2, backend="fast")
+    with pytest.raises(ValueError, match=r"compile must be True, False or 'auto', got 'bogus'"):
+        FlashMultiHeadedAttention(8, 2, compile="bogus")
+    monkeypatch.delenv("ESPNET_MHA_COMPILE")
+    # A YAML config's 0 and 1 are False and True.
+    assert FlashMultiHeadedAttention(8, 2, compile=1).compile_setting is True
+    assert FlashMultiHeadedAttention(8, 2, compile=0).compile_setting is False
 
 
 @pytest.mark.parametrize(
