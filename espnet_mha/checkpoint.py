@@ -37,6 +37,8 @@ COMPILE_SEGMENT = "_orig_mod"  # torch.compile's OptimizedModule (pytorch #10110
 PARALLEL_SEGMENT = "module"  # DistributedDataParallel / DataParallel
 _STOCK_KEY = re.compile(r"^((?:.*\.)?)(?:linear_q|linear_k|linear_v)\.(?:weight|bias)$")
 _FUSED_KEY = re.compile(r"^((?:.*\.)?)linear_qkv\.(?:weight|bias)$")
+# Keys of a fused projection that is not a plain nn.Linear (quantized, parametrized, adapted).
+_FUSED_OTHER = re.compile(r"^((?:.*\.)?)linear_qkv\.(?!(?:weight|bias)$)")
 
 
 def strip_wrapper_prefixes(state_dict):
@@ -225,7 +227,21 @@ def to_stock(state_dict):
             expected and found shapes).
     """
     check_mapping(state_dict)
+    _check_plain_fused(state_dict)
     return _convert(state_dict, dict.fromkeys(fused_layers(state_dict)), fuse=False)
+
+
+def _check_plain_fused(state_dict):
+    """Raise if a fused projection has keys beyond ``weight``/``bias``: they have no
+    stock counterpart, and were passed through (quantized) or misreported (parametrized)."""
+    other = [key for key in state_dict if _FUSED_OTHER.match(key)]
+    if other:
+        raise ValueError(
+            f"{other[0]} (and {len(other) - 1} more such keys): this layer's linear_qkv is not a plain "
+            "nn.Linear (quantized, parametrized or adapted), and the stock layer has no counterpart for "
+            "its keys. Export the float model before quantize_dynamic, or remove the parametrization "
+            "first (torch.nn.utils.parametrize.remove_parametrizations(layer.linear_qkv, 'weight'))."
+        )
 
 
 def _unfuse_checked(layer, prefix):
@@ -307,8 +323,10 @@ def load_stock_or_fused(model, state_dict, *, strict=True):
     if isinstance(state_dict.get("model"), dict):
         raise TypeError("state_dict looks like an ESPnet training checkpoint (it has a 'model' entry): "
                         "pass checkpoint['model']")
-    clean, _ = strip_wrapper_prefixes(state_dict)
     target = _unwrap(model)
+    # A model whose own keys start with such segments (a child named ``module``, a compiled
+    # submodule) takes the file's keys as they are: stripping them would lose its own names.
+    clean = state_dict if strip_wrapper_prefixes(target.state_dict())[1] else strip_wrapper_prefixes(state_dict)[0]
     stock_targets = {}
     for prefix in fused_layers(clean):
         try:
@@ -318,5 +336,6 @@ def load_stock_or_fused(model, state_dict, *, strict=True):
         if hasattr(module, "linear_q") and not hasattr(module, FUSED_PROJECTION):
             stock_targets[prefix] = None
     if stock_targets:
+        _check_plain_fused({key: None for key in clean if any(key.startswith(p) for p in stock_targets)})
         clean = _convert(clean, stock_targets, fuse=False)
     return target.load_state_dict(clean, strict=strict)

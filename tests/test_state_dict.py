@@ -280,3 +280,40 @@ def test_a_layer_pickled_with_the_old_stock_layout_still_saves_it():
     assert list(state) == list(MultiHeadedAttention(8, 2).state_dict())
     assert torch.equal(torch.cat([state[f"linear_{x}.weight"] for x in "qkv"]), old.linear_qkv.weight)
     copy.load_state_dict(state)
+
+
+@pytest.mark.parametrize("change", ["weight_norm", "quantize_dynamic"])
+def test_to_stock_refuses_a_fused_projection_that_is_not_a_plain_linear(change):
+    """Its keys have no stock counterpart: a quantized layer's were passed through (the
+    result then failed to load into the quantized stock layer), a parametrized one was
+    reported as half-converted."""
+    from espnet_mha import to_stock
+
+    layer = FlashMultiHeadedAttention(16, 4).eval()
+    if change == "weight_norm":
+        torch.nn.utils.parametrizations.weight_norm(layer.linear_qkv)
+    else:
+        layer = torch.ao.quantization.quantize_dynamic(layer, {torch.nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ValueError, match=r"^linear_qkv\.\S+ \(and \d+ more such keys\): this layer's linear_qkv "
+                                         r"is not a plain nn.Linear \(quantized, parametrized or adapted\)"):
+        to_stock(layer.state_dict())
+
+
+def test_load_stock_or_fused_keeps_a_models_own_module_prefix():
+    """A model whose child is named ``module`` (not DDP): its keys start with ``module.``,
+    which the loader took for DDP's and removed (every key then missing)."""
+    from espnet_mha.checkpoint import load_stock_or_fused
+
+    class Holder(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.module = layer
+
+    stock, ours = stock_and_flash(16, 4)
+    query, memory = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    holder = Holder(ours)
+    with torch.no_grad():
+        for p in holder.parameters():
+            p.zero_()
+    assert not load_stock_or_fused(holder, Holder(stock).state_dict()).missing_keys
+    torch.testing.assert_close(ours(query, memory)[0], stock(query, memory)[0], rtol=1e-10, atol=1e-10)
