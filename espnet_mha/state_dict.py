@@ -23,6 +23,8 @@ from espnet_mha import checks
 STOCK_PROJECTIONS = ("linear_q", "linear_k", "linear_v")
 FUSED_PROJECTION = "linear_qkv"
 PARAMS = ("weight", "bias")
+# What quantize_dynamic leaves of the stock linear_q/k/v in a state dict (their first two key segments).
+_QUANTIZED_STOCK_KEYS = [[name, part] for name in STOCK_PROJECTIONS for part in ("scale", "zero_point", "_packed_params")]
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +208,15 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
         _load_into_stock_parameters(module, state_dict, prefix, stock, fused)
         return
     params = module.linear_qkv._parameters  # empty after quantize_dynamic swapped it
+    packed = [key for key in state_dict if key.startswith(prefix)
+              and key[len(prefix):].split(".")[:2] in _QUANTIZED_STOCK_KEYS]
+    if packed:
+        raise ValueError(
+            f"{packed[0]}: a quantize_dynamic'd stock state dict cannot be loaded into a layer with the fused "
+            "linear_qkv (each of linear_q/k/v was packed with its own scale). Load the float checkpoint and "
+            "quantize after (as asr_inference --quantize_asr_model does), or build the layer with "
+            "state_dict_layout='stock'."
+        )
     if stock and all(key in state_dict for key in fused.values()) and all(params.get(param) is not None for param in PARAMS):
         if all(_equal(state_dict[key], params[param]) for param, key in fused.items()):
             # The model's current fused tensors beside a file's stock keys.

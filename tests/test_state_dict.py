@@ -1,5 +1,6 @@
 """Layer-level state-dict adapter: stock checkpoints load with plain strict load_state_dict."""
 
+import functools
 import logging
 
 import pytest
@@ -317,3 +318,16 @@ def test_load_stock_or_fused_keeps_a_models_own_module_prefix():
             p.zero_()
     assert not load_stock_or_fused(holder, Holder(stock).state_dict()).missing_keys
     torch.testing.assert_close(ours(query, memory)[0], stock(query, memory)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_a_quantized_stock_state_dict_into_the_fused_layout_says_why_not():
+    """quantize_dynamic packs each stock linear with its own scale, which one fused module
+    cannot hold: a clear error naming the key (it was a bare KeyError from torch's loader).
+    The stock layout takes it."""
+    quantize = functools.partial(torch.ao.quantization.quantize_dynamic, qconfig_spec={torch.nn.Linear},
+                                 dtype=torch.qint8)
+    stock = quantize(MultiHeadedAttention(16, 4).eval())
+    with pytest.raises(ValueError, match=r"^linear_q\.scale: a quantize_dynamic'd stock state dict cannot be "
+                                         r"loaded into a layer with the fused linear_qkv"):
+        quantize(FlashMultiHeadedAttention(16, 4).eval()).load_state_dict(stock.state_dict())
+    quantize(FlashMultiHeadedAttention(16, 4, state_dict_layout="stock").eval()).load_state_dict(stock.state_dict())
