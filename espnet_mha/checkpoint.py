@@ -231,10 +231,10 @@ def to_stock(state_dict):
     return _convert(state_dict, dict.fromkeys(fused_layers(state_dict)), fuse=False)
 
 
-def _check_plain_fused(state_dict):
+def _check_plain_fused(keys):
     """Raise if a fused projection has keys beyond ``weight``/``bias``: they have no
     stock counterpart, and were passed through (quantized) or misreported (parametrized)."""
-    other = [key for key in state_dict if _FUSED_OTHER.match(key)]
+    other = [key for key in keys if _FUSED_OTHER.match(key)]
     if other:
         raise ValueError(
             f"{other[0]} (and {len(other) - 1} more such keys): this layer's linear_qkv is not a plain "
@@ -336,6 +336,6 @@ def load_stock_or_fused(model, state_dict, *, strict=True):
         if hasattr(module, "linear_q") and not hasattr(module, FUSED_PROJECTION):
             stock_targets[prefix] = None
     if stock_targets:
-        _check_plain_fused({key: None for key in clean if any(key.startswith(p) for p in stock_targets)})
+        _check_plain_fused(key for key in clean if key.startswith(tuple(stock_targets)))
         clean = _convert(clean, stock_targets, fuse=False)
     return target.load_state_dict(clean, strict=strict)

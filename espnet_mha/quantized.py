@@ -188,10 +188,8 @@ def modules_key(layer, modules):
     vectors, a parametrization's constants), and their hooks."""
     projections(layer)
     return (layer.__dict__["_projections_made"],
-            tuple((p.data_ptr(), p.stride(), p._version if not p.is_inference() else -1)
-                  for module in modules for p in module.parameters()),
-            tuple((b.data_ptr(), b.stride(), b._version if not b.is_inference() else -1)
-                  for module in modules for b in module.buffers()),
+            tuple((t.data_ptr(), t.stride(), t._version if not t.is_inference() else -1)
+                  for module in modules for t in (*module.parameters(), *module.buffers())),
             tuple(hook for module in modules for hook in module._forward_pre_hooks),
             tuple(hook for module in modules for hook in module._forward_hooks))
 

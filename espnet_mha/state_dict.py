@@ -24,7 +24,7 @@ STOCK_PROJECTIONS = ("linear_q", "linear_k", "linear_v")
 FUSED_PROJECTION = "linear_qkv"
 PARAMS = ("weight", "bias")
 # What quantize_dynamic leaves of the stock linear_q/k/v in a state dict (their first two key segments).
-_QUANTIZED_STOCK_KEYS = [[name, part] for name in STOCK_PROJECTIONS for part in ("scale", "zero_point", "_packed_params")]
+_QUANTIZED_STOCK_KEYS = {(name, part) for name in STOCK_PROJECTIONS for part in ("scale", "zero_point", "_packed_params")}
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
         return
     params = module.linear_qkv._parameters  # empty after quantize_dynamic swapped it
     packed = [key for key in state_dict if key.startswith(prefix)
-              and key[len(prefix):].split(".")[:2] in _QUANTIZED_STOCK_KEYS]
+              and tuple(key[len(prefix):].split(".")[:2]) in _QUANTIZED_STOCK_KEYS]
     if packed:
         raise ValueError(
             f"{packed[0]}: a quantize_dynamic'd stock state dict cannot be loaded into a layer with the fused "
