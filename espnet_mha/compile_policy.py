@@ -127,8 +127,9 @@ def compiled(fn, mode):
 
 
 # What dynamo raises when a fullgraph function needs a graph beyond the limit
-# (FailOnCacheLimitHit before torch 2.7).
-_LIMIT_HIT = tuple(getattr(torch._dynamo.exc, name) for name in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+# (CacheLimitExceeded in torch 2.5, FailOnCacheLimitHit up to 2.6).
+_LIMIT_HIT = tuple(getattr(torch._dynamo.exc, name)
+                   for name in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit", "CacheLimitExceeded")
                    if hasattr(torch._dynamo.exc, name))
 # Per function name: calls run eagerly because the recompile limit was reached.
 _FALLBACKS = {}
