@@ -114,10 +114,14 @@ def test_training_step(benchmark, impl, scenario, quick, device, dtype):
     run_case(benchmark, scenario, impl, lambda: step(layer), device, dtype, size)
 
 
-def test_decoding_steps(benchmark, impl, quick, device, dtype):
+@pytest.mark.parametrize("hand_back", ["split", "whole"])
+def test_decoding_steps(benchmark, impl, hand_back, quick, device, dtype):
     """Decoding steps the way BatchBeamSearch drives S4Decoder: 1 hypothesis, then the
     beam; memory expanded over the beam; states split per hypothesis, the first one
-    handed back. The first step (which fills our cache) is timed too."""
+    handed back. The first step (which fills our cache) is timed too. ``whole``: a loop
+    of one's own that hands each step the state the last one returned (scenario
+    ``decode_50_steps_whole_state``; the stock step returns no state, so it times the same)."""
+    scenario = "decode_50_steps" if hand_back == "split" else "decode_50_steps_whole_state"
     size = sizes("decode_50_steps", quick)
     layer, stock = layers(impl, size, device, dtype)
     memory = rand(1, size["t2"], size["n_feat"], seed=4, device=device, dtype=dtype)
@@ -128,12 +132,13 @@ def test_decoding_steps(benchmark, impl, quick, device, dtype):
         for t in range(size["steps"]):
             batch = 1 if t == 0 else size["beam"]
             out, state = module.step(queries[t, :batch], state, memory=memory.expand(batch, -1, -1))
-            per_hypothesis = [None if state is None else state[b].unsqueeze(0) for b in range(batch)]
-            state = per_hypothesis[0]
+            if hand_back == "split":
+                per_hypothesis = [None if state is None else state[b].unsqueeze(0) for b in range(batch)]
+                state = per_hypothesis[0]
             outs.append(out)
         return outs
 
     with torch.no_grad():
         for got, expected in zip(decode(layer), decode(stock)):
             torch.testing.assert_close(got, expected, **tolerance(dtype))
-        run_case(benchmark, "decode_50_steps", impl, lambda: decode(layer), device, dtype, size)
+        run_case(benchmark, scenario, impl, lambda: decode(layer), device, dtype, size)
