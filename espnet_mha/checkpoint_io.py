@@ -9,6 +9,7 @@ import contextlib
 import importlib
 import os
 import pickle
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -134,8 +135,13 @@ def load_weights_only(path, *, allow_globals=()):
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             if any(sign in str(error) for sign in _CLASS_REFUSALS):
+                # torch < 2.6 names one class per refusal ("GLOBAL datetime.timedelta was not an
+                # allowed global"): the flag for it, where it can be read from the message.
+                named = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+                hint = (f"--allow-global {named.group(1)} admits it if you trust it (torch < 2.6 names one class "
+                        "at a time: more may follow)" if named else "--allow-global NAME admits a class you trust")
                 raise ConversionError(f"{path}: torch.load(weights_only=True) refused it ({_reason(error)}); "
-                                      "--allow-global NAME admits a class you trust") from error
+                                      + hint) from error
             raise _unreadable(path, error) from error
         except Exception as error:  # noqa: BLE001 (torch.load raises OSError, RuntimeError, EOFError, KeyError...)
             raise _unreadable(path, error) from error
