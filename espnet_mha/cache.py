@@ -30,6 +30,8 @@ these weights is *recomputed* from the memory given (the layer's
 - its length, dtype or device differs from the memory's;
 - it has batch 1 and the memory holds B > 1 distinct items (not stride 0);
 - it was made under ``torch.inference_mode`` and the step records gradients;
+- gradients are on, and it carries no graph (detached) or its graph does not reach
+  the memory and weights that now need gradients;
 - the layer has no record of it (a copy, another layer's, a loaded one, a
   tensor allocated where a freed cache was, or forgotten: each layer keeps
   records of up to 1024 caches, then starts over, and forgets them all when
@@ -40,7 +42,8 @@ these weights is *recomputed* from the memory given (the layer's
   layer keeps :func:`record`: the memory's address, strides and in-place
   write counter, and the address and write counter of the projection's
   weight and bias (and, for projections the layer calls as modules, the
-  write counters of their buffers), each with a weak reference to its storage
+  write counters of their buffers, and their hooks and plain attributes), and the
+  number of optimizer steps taken in the process, each with a weak reference to its storage
   (so a new memory or new weights allocated where freed ones were do not
   match), and a weak reference to the cache's own storage. No tensor is kept
   alive: this can force a recomputation, never change a result.
@@ -49,8 +52,8 @@ A malformed state (not a tensor, wrong rank, heads, head size, or a batch that
 is neither 1 nor the query's) raises ``TypeError``/``ValueError``. What cannot
 be seen: writes into the memory or the weights that bypass the write counter
 (through ``.data`` or ``untyped_storage()``, from numpy, from another process
-through shared memory, or on tensors made under ``torch.inference_mode``, which
-have no counter). And after a backward through
+through shared memory or ``torch.distributed``, or on tensors made under
+``torch.inference_mode``, which have no counter). And after a backward through
 a step, the state's graph is freed as for any tensor: the next step with
 gradients needs ``retain_graph=True`` on that backward, or ``state=None``.
 Start each utterance with ``default_state()`` (``state=None``), as ESPnet
@@ -61,6 +64,7 @@ import weakref
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # StorageWeakRef.expired() without its Python frame: every decoding step checks three.
 _expired = torch.UntypedStorage._expired
@@ -68,6 +72,25 @@ _expired = torch.UntypedStorage._expired
 # Per layer: the records of up to this many caches are kept (then forgotten at once; a
 # forgotten cache is recomputed on its next step).
 MAX_SOURCES = 1024
+
+
+# Steps of any torch.optim optimizer in this process. Fused ones (Adam(fused=True), SGD...) and
+# optimizers that write through ``.data`` update the weights without moving their write
+# counters, so the weights keys hold this count too: a cache made before an optimizer step
+# is recomputed after it (a reused one was 1.4 off after Adam(fused=True) on CPU, torch 2.11).
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    _optimizer_steps[0] += 1
+
+
+_OPTIMIZER_HOOK = register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_steps():
+    """How many optimizer steps this process has taken (part of every weights key)."""
+    return _optimizer_steps[0]
 
 
 def _shape(x):
@@ -82,6 +105,8 @@ def _check_cache(state, what, *, batch, n_head, d_k, dtype=None, device=None, de
             f"state must be None or the (b, 2, n_head, T, d_k) cache a previous step returned, "
             f"got {type(state).__name__}"
         )
+    if state.layout != torch.strided:
+        raise TypeError(f"state {what}: it must be a dense (strided) tensor, got layout {state.layout}")
     problems = []
     if state.dim() != 5 or state.size(1) != 2 or state.size(2) != n_head or state.size(4) != d_k:
         problems.append(f"shape {_shape(state)} is not (1 or {batch}, 2, {n_head}, t, {d_k})")
@@ -127,7 +152,7 @@ def weights_key(weight, bias):
     """Addresses, strides and write counters of a plain ``nn.Linear``'s weight and bias (the
     fused projection, or the stock ``linear_k``/``linear_v``; modules the layer calls:
     :func:`espnet_mha.quantized.modules_key`)."""
-    return (weight.data_ptr(), weight.stride(), _version(weight), bias.data_ptr(), _version(bias))
+    return (weight.data_ptr(), weight.stride(), _version(weight), bias.data_ptr(), _version(bias), _optimizer_steps[0])
 
 
 def grad_flags(memory, weight_tensors):
@@ -217,6 +242,11 @@ def provenance_problem(sources, state, key, memory, weights, grads=None):
         # gradients now (memory.detach(), frozen or swapped weights): other gradients than
         # the stock step's.
         flags, reached = grads
+        if state.grad_fn is None and any(flags):
+            # Detached (state.detach(), the habit after a backward through the steps), or
+            # returned by a step without gradients: its keys would give the memory and the
+            # key/value weights no gradient (0.4-4.7 off against the stock step's).
+            return "the state carries no graph, and the memory or the key/value weights need gradients"
         if kept[5] != flags or (any(flags) and (len(kept[6]) != len(reached)
                                                 or any(r() is not t for r, t in zip(kept[6], reached)))):
             return "the state's graph does not reach the memory and weights that now need gradients"

@@ -4,6 +4,7 @@ argument, the values received and the rule."""
 import numbers
 
 import torch
+from torch.autograd import forward_ad
 
 
 def autocast_dtype(device_type):
@@ -14,6 +15,11 @@ def autocast_dtype(device_type):
     except RuntimeError:  # a device type autocast does not know (meta...)
         pass
     return None
+
+
+def forward_ad_active():
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``)."""
+    return getattr(forward_ad, "_current_level", -1) >= 0
 
 
 def compute_dtype(x):

@@ -51,8 +51,9 @@ class DecodingSteps:
             With ``causal``: the grown self-attention cache. Otherwise (stock
             behaviour: the token attends to itself only) ``state`` unchanged.
             Also unchanged, computed as the stock step (no cache), while
-            ``torch.jit.trace``/``torch.export`` capture the step, and when the
-            layer's dropout module is replaced or hooked (see ``README``).
+            ``torch.jit.trace``/``torch.export`` capture the step, inside a
+            forward-mode AD level, and when the layer's dropout module is
+            replaced or hooked (see ``README``).
 
         Raises:
             TypeError, ValueError: bad shapes, or a malformed state (see :mod:`espnet_mha.cache`).
@@ -73,8 +74,8 @@ class DecodingSteps:
             # As forward: the encoder memory, and the mask that comes with it, are not ours.
             return self._step_self(query, state, mask if memory is None else None)
         if (memory is None or self._custom_dropout() is not None or compile_policy.capturing()
-                or torch._C._are_functorch_transforms_active() or type(memory) is not torch.Tensor
-                or self._kv_may_change()):
+                or torch._C._are_functorch_transforms_active() or checks.forward_ad_active()
+                or type(memory) is not torch.Tensor or self._kv_may_change()):
             # The stock step (forward over one position, the state passed through): for a
             # dropout module the layer must call; for a key/value projection that may
             # compute differently at each call, which the stock step calls at every step;
@@ -82,7 +83,9 @@ class DecodingSteps:
             # cache's checks cannot run and its shortcuts (a stride-0 memory, a batch-1
             # state) would be frozen for every later input; and under torch.func
             # transforms or for tensor subclasses (wrappers such as TwoTensor), whose
-            # tensors may have no storage for the cache's records.
+            # tensors may have no storage for the cache's records; and in forward-mode AD,
+            # where a dual memory has the address and write counter of its primal (a cache
+            # of the primal, or of another tangent, lost or misstated the tangent).
             return self._stock_step(query.unsqueeze(1), memory, mask).squeeze(1), state
         self._check_memory(query, memory)
         if type(state) is torch.Tensor and state.dim() == 5 and state.size(0) not in (1, batch) \
@@ -142,9 +145,10 @@ class DecodingSteps:
         if (type(query) is not torch.Tensor or type(state) is not torch.Tensor or type(memory) is not torch.Tensor
                 or self.causal or self.keep_attn or self._custom_dropout() is not None or self._dropout_p() > 0
                 or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
-                or compile_policy.capturing() or torch._C._are_functorch_transforms_active()):
+                or compile_policy.capturing() or torch._C._are_functorch_transforms_active()
+                or checks.forward_ad_active()):
             return None
-        return (query.shape, memory.shape, state.shape, query.dtype, memory.dtype, state.dtype,
+        return (query.shape, memory.shape, state.shape, state.layout, query.dtype, memory.dtype, state.dtype,
                 query.device, memory.device, state.device, self.backend, self.compile_setting,
                 torch.is_grad_enabled(), state.is_inference())
 

@@ -98,6 +98,7 @@ class AttentionCall:
         grad: gradients are recorded (a backward may follow).
         captured: the call is captured by ``torch.jit.trace`` or ``torch.export``
             (see :func:`espnet_mha.compile_policy.capturing`).
+        forward_ad: a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``).
         dropout_module: the type name of a dropout module only the math path can call
             (replaced, hooked or in-place, see ``StockHelpers._custom_dropout``), or "".
     """
@@ -113,6 +114,7 @@ class AttentionCall:
     empty: bool = False
     grad: bool = False
     captured: bool = False
+    forward_ad: bool = False
     dropout_module: str = ""
 
 
@@ -193,6 +195,9 @@ def select_backend(requested, call):
         )
     if requested in (MATH, SDPA):
         return requested, ""
+    if call.forward_ad and requested == AUTO:
+        # Tangents of dual tensors: only the math path has forward derivatives.
+        return MATH, "forward-mode AD: SDPA's CPU kernel and flash-attn have no forward derivative"
     refusal = flash_attn_refusal(call)
     if requested == FLASH_ATTN and refusal:
         raise BackendUnavailableError(

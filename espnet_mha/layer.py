@@ -128,7 +128,7 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
         # memoised per layer: decoding steps pay a dict lookup, not the rules.
         key = (x.device, checks.compute_dtype(x), masks.mask_kind(keep), causal, need_weights, decode_step,
                self.backend, self.compile_setting, empty, dropout_module, compile_policy.capturing(),
-               torch.is_grad_enabled(), torch.compiler.is_compiling())
+               checks.forward_ad_active(), torch.is_grad_enabled(), torch.compiler.is_compiling())
         decision = self._decisions.get(key)
         if decision is None:
             device, dtype, mask_kind = key[:3]
@@ -137,7 +137,7 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
                 need_weights=need_weights, decode_step=decode_step,
                 # Compiled by the layer's policy, or traced by a user's torch.compile.
                 compiled=compile_policy.wants_compile(self.compile_setting, device.type) or key[-1], empty=empty,
-                dropout_module=dropout_module, captured=key[-3], grad=key[-2],
+                dropout_module=dropout_module, captured=key[-4], forward_ad=key[-3], grad=key[-2],
             )
             try:
                 decision = self._decisions[key] = dispatch.select_backend(self.backend, call)

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from espnet_mha import compile_policy, dispatch, functional
+from espnet_mha import cache, compile_policy, dispatch, functional
 from espnet_mha.state_dict import STOCK_PROJECTIONS
 
 logger = logging.getLogger(__name__)
@@ -179,19 +179,29 @@ def _fused_parts(layer, qkv, out):
     return parts, exact, fused
 
 
+_SETTING_TYPES = (bool, int, float, str, type(None))
+
+
 def modules_key(layer, modules):
     """What tells the current weights of the key/value projection's ``modules`` when the
     layer calls them (the decoding cache's record, see :func:`espnet_mha.cache.record`):
     how many times the layer made its projections (a new module, new quantized weights),
-    the addresses, strides and write counters of the modules' parameters (LoRA's, a
-    parametrization's originals) and buffers (a pruning mask, ``spectral_norm``'s
-    vectors, a parametrization's constants), and their hooks."""
+    the optimizer steps taken (:func:`espnet_mha.cache.optimizer_steps`), the addresses,
+    strides and write counters of the modules' parameters (LoRA's, a parametrization's
+    originals) and buffers (a pruning mask, ``spectral_norm``'s vectors, a
+    parametrization's constants), and the hooks and plain (bool, number, string, None)
+    attributes of the modules and their children."""
     projections(layer)
-    return (layer.__dict__["_projections_made"],
+    subtree = [child for module in modules for child in module.modules()]
+    return (layer.__dict__["_projections_made"], cache.optimizer_steps(),
             tuple((t.data_ptr(), t.stride(), t._version if not t.is_inference() else -1)
                   for module in modules for t in (*module.parameters(), *module.buffers())),
-            tuple(hook for module in modules for hook in module._forward_pre_hooks),
-            tuple(hook for module in modules for hook in module._forward_hooks))
+            tuple(hook for child in subtree for hook in child._forward_pre_hooks),
+            tuple(hook for child in subtree for hook in child._forward_hooks),
+            # Plain settings that change what a module computes (LoRA's scale, an adapter
+            # switched off: 1.4e-2 off when a cache was reused across such a change).
+            tuple((name, value) for child in subtree for name, value in child.__dict__.items()
+                  if type(value) in _SETTING_TYPES))
 
 
 def _packed(module):
@@ -226,9 +236,11 @@ def project_memory(proj, memory, n_head):
 def attend_cached(proj, query, kv, keep, *, backend, dropout_p):
     """:func:`functional.attend_cached` with module projections."""
     n_head = kv.size(2)
+    # The modules get the shapes the stock step (forward of the (B, D) query) gives them,
+    # (B, D) to the query projection and (B, 1, D) to linear_out: hooks may index them.
     q = proj.q(query).view(query.size(0), n_head, -1).transpose(0, 1)  # (H, B, d_k)
     context, weights = functional.cached_context(q, kv, keep, backend=backend, dropout_p=dropout_p)
-    return proj.out(context), weights
+    return proj.out(context.unsqueeze(1)).squeeze(1), weights
 
 
 def step_self(proj, query, cache, keep, *, n_head, backend, dropout_p):

@@ -926,3 +926,114 @@ def test_a_shared_cache_handed_back_whole_is_attended_as_one_cache(dtype, masked
             assert torch.equal(whole, first)
             expected, _ = stock.step(query, None, memory=memory.expand(6, -1, -1), mask=mask)
             torch.testing.assert_close(whole, expected, **(FP64 if dtype == torch.float64 else {}))
+
+
+@pytest.mark.parametrize("how", ["detach", "no_grad_step"])
+def test_a_state_without_a_graph_is_recomputed_when_gradients_are_needed(how):
+    """Training through the steps with a backward every two steps, the state detached after
+    each (the habit that avoids backward through a freed graph), or a state returned by a
+    step without gradients: its keys would carry no gradient to the memory and the k/v
+    weights (they were reused: 0.4-4.7 off the stock step's gradients)."""
+    stock, ours = stock_and_flash(16, 4)
+    names = [name for name, _ in stock.named_parameters()]
+
+    caches = []
+
+    def train(layer):
+        memory = seq(2, 5, 16, seed=1).requires_grad_(True)
+        params = [memory, *layer.parameters()]
+        grads, state, loss = [torch.zeros_like(p) for p in params], None, 0
+        for t in range(6):
+            if how == "no_grad_step" and t % 2 == 1 and state is not None:
+                with torch.no_grad():
+                    state = layer.step(seq(2, 16, seed=50 + t), state, memory=memory)[1]
+            out, state = layer.step(seq(2, 16, seed=t), state, memory=memory)
+            caches.append(getattr(layer, "last_cache", "stock"))
+            loss = loss + out.pow(2).sum()
+            if t % 2 == 1:
+                grads = [g + d for g, d in zip(grads, torch.autograd.grad(loss, params))]
+                loss, state = 0, state.detach() if state is not None else None
+        return grads
+
+    expected, got = train(stock), train(ours)
+    reason = "recomputed: the state carries no graph, and the memory or the key/value weights need gradients"
+    assert caches[6:] == ["filled", "reused", reason, "reused", reason, "reused"]
+    torch.testing.assert_close(got[0], expected[0], **FP64)
+    ours_grads = dict(zip([name for name, _ in ours.named_parameters()], got[1:]))
+    stock_grads = dict(zip(names, expected[1:]))
+    torch.testing.assert_close(ours_grads["linear_out.weight"], stock_grads["linear_out.weight"], **FP64)
+    kv = ours_grads.get("linear_k.weight")
+    if kv is None:  # the fused layout: rows q, k, v
+        kv = ours_grads["linear_qkv.weight"][16:32]
+    torch.testing.assert_close(kv, stock_grads["linear_k.weight"], **FP64)
+
+
+class DataWriter(torch.optim.Optimizer):
+    """An optimizer that writes through ``.data``, which moves no write counter."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.add_(p.grad, alpha=-0.5)
+
+
+@pytest.mark.parametrize("make", ["adam_fused", "sgd_fused", "data_writer"])
+def test_an_optimizer_step_within_an_utterance_recomputes_the_cache(make):
+    """Fused optimizers update the weights without moving their write counters (torch 2.11,
+    CPU), as does one writing through ``.data``: a cache made before the step was reused
+    (1.4 off with Adam(fused=True))."""
+    stock, ours = stock_and_flash(16, 4)
+    params = list(ours.parameters())
+    optimizer = {"adam_fused": lambda: torch.optim.Adam(params, lr=0.1, fused=True),
+                 "sgd_fused": lambda: torch.optim.SGD(params, lr=0.5, fused=True),
+                 "data_writer": lambda: DataWriter(params)}[make]()
+    query, memory = seq(3, 16), seq(1, 5, 16, seed=1).expand(3, -1, -1)
+    out, state = ours.step(query, None, memory=memory)
+    out.pow(2).sum().backward()
+    versions = [p._version for p in params]
+    optimizer.step()
+    if make != "data_writer":
+        assert [p._version for p in params] == versions  # the fused update moved no counter
+    stock.load_state_dict(to_stock(ours.state_dict()))
+    with torch.no_grad():
+        got, _ = ours.step(query, state[:1], memory=memory)
+        expected, _ = stock.step(query, None, memory=memory)
+    assert ours.last_cache == "recomputed: the key/value weights changed since the state was made"
+    torch.testing.assert_close(got, expected, **FP64)
+
+
+def test_forward_mode_ad_gets_the_stock_step_and_the_math_path():
+    """A dual memory has its primal's address and write counter: a cache of the primal
+    (or of another tangent) lost or misstated the tangent. Under a dual level the step is
+    the stock step, and ``auto`` takes the math path (SDPA has no forward derivative)."""
+    import torch.autograd.forward_ad as fwad
+
+    stock, ours = stock_and_flash(16, 4)
+    query, memory = seq(2, 16), seq(2, 5, 16, seed=1)
+    _, state = ours.step(query, None, memory=memory)
+    for seed in (2, 3):
+        with fwad.dual_level():
+            dual = fwad.make_dual(memory, seq(2, 5, 16, seed=seed))
+            got, new_state = ours.step(query, state, memory=dual)
+            expected, _ = stock.step(query, None, memory=dual)
+            assert ours.last_cache is None and new_state is state
+            assert ours.last_backend == "math" and "forward-mode AD" in ours.last_fallback
+            torch.testing.assert_close(fwad.unpack_dual(got).tangent, fwad.unpack_dual(expected).tangent, **FP64)
+            torch.testing.assert_close(got, expected, **FP64)
+    tangent = seq(2, 5, 16, seed=4)
+    got = torch.func.jvp(lambda m: ours(query.unsqueeze(1), m)[0], (memory,), (tangent,))[1]
+    expected = torch.func.jvp(lambda m: stock(query.unsqueeze(1), m)[0], (memory,), (tangent,))[1]
+    torch.testing.assert_close(got, expected, **FP64)
+
+
+def test_a_sparse_state_is_refused_by_name():
+    _, ours = stock_and_flash(16, 4)
+    memory, query = seq(1, 5, 16), seq(1, 16)
+    _, state = ours.step(query, None, memory=memory)
+    ours.step(query, state, memory=memory)
+    with pytest.raises(TypeError, match=r"state is not a cross-attention cache for this query: it must be a dense "
+                                        r"\(strided\) tensor, got layout torch.sparse_coo"):
+        ours.step(query, state.to_sparse(), memory=memory)

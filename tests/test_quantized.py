@@ -308,3 +308,65 @@ def test_a_projection_without_bias_is_called_as_a_module():
         _, state = ours.step(query[:, 0], None, memory=memory)
         got, _ = ours.step(query[:, 1], state, memory=memory)
     torch.testing.assert_close(got, stock.step(query[:, 1], None, memory=memory)[0], rtol=1e-10, atol=1e-10)
+
+
+class Adapter(nn.Module):
+    """A LoRA-style wrapper: a child linear, and a plain attribute that changes the output."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.scale = base, 1.0
+        gen = torch.Generator().manual_seed(3)
+        self.down = nn.Parameter(torch.randn(2, base.in_features, generator=gen, dtype=base.weight.dtype))
+        self.up = nn.Parameter(torch.randn(base.out_features, 2, generator=gen, dtype=base.weight.dtype))
+
+    def forward(self, x):
+        return self.base(x) + self.scale * (x @ self.down.t() @ self.up.t())
+
+
+@pytest.mark.parametrize("change", ["attribute", "child_hook"])
+def test_a_cache_follows_the_settings_and_child_hooks_of_a_called_projection(change):
+    """An adapter switched off through a plain attribute (its scale set to 0), or a hook on a
+    child of the projection, between two steps recomputes the cache (it was reused: 1.4e-2
+    and 9.3e-2 off the stock step, which projects the memory every step)."""
+    stock, ours = stock_and_flash(16, 4)
+    ours.linear_qkv = Adapter(ours.linear_qkv)
+    stock.linear_q, stock.linear_k, stock.linear_v = (Rows(ours.linear_qkv, i * 16, (i + 1) * 16) for i in range(3))
+    query, memory = seq(2, 16).double(), seq(1, 5, 16, seed=1).double().expand(2, -1, -1)
+    with torch.no_grad():
+        _, state = ours.step(query, None, memory=memory)
+        ours.step(query, state[:1], memory=memory)
+        assert ours.last_cache == "reused"
+        if change == "attribute":
+            ours.linear_qkv.scale = 0.0
+        else:
+            ours.linear_qkv.base.register_forward_hook(lambda module, args, output: 2 * output)
+        got, _ = ours.step(query, state[:1], memory=memory)
+    assert ours.last_cache == "recomputed: the key/value weights changed since the state was made"
+    torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["fused", "stock"])
+def test_hooks_see_the_shapes_the_stock_step_gives(layout):
+    """A cached step calls a hooked linear_q with the (B, D) query and linear_out with
+    (B, 1, D), as the stock step (forward of the 2-D query) does: linear_out got (B, D),
+    so a hook taking ``output[:, -1]`` got (B,) instead of (B, D)."""
+    stock, ours = stock_and_flash(16, 4, state_dict_layout=layout)
+    seen = {"stock": [], "ours": []}
+    for name, layer in (("stock", stock), ("ours", ours)):
+        for linear in ("linear_q", "linear_out"):
+            if hasattr(layer, linear):
+                getattr(layer, linear).register_forward_hook(
+                    lambda module, args, output, name=name, linear=linear: seen[name].append((linear, output.shape)))
+    query, memory = seq(3, 16).double(), seq(1, 5, 16, seed=1).double().expand(3, -1, -1)
+    with torch.no_grad():
+        _, state = ours.step(query, None, memory=memory)
+        seen["ours"].clear()
+        got, _ = ours.step(query, state[:1], memory=memory)
+        expected, _ = stock.step(query, None, memory=memory)
+    assert ours.last_cache == "reused"
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    if layout == "fused":
+        assert seen["ours"] == [("linear_out", torch.Size([3, 1, 16]))]
+    else:
+        assert seen["ours"] == seen["stock"] == [("linear_q", torch.Size([3, 16])), ("linear_out", torch.Size([3, 1, 16]))]
