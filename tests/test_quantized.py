@@ -279,16 +279,20 @@ def test_a_cache_follows_the_buffers_of_a_called_projection(change):
     else:
         parametrize.register_parametrization(ours.linear_qkv, "weight", Scaled())
         buffer = ours.linear_qkv.parametrizations.weight[0].scale
+    assert_a_change_between_steps_recomputes(
+        stock, ours, (lambda: buffer[:5].zero_()) if change == "prune_mask" else (lambda: buffer.fill_(2.0)))
+
+
+def assert_a_change_between_steps_recomputes(stock, ours, change):
+    """The cache made through ours' called linear_qkv (stock reads its rows) is reused, then
+    ``change()`` between two steps recomputes it, and the step computes as the stock step."""
     stock.linear_q, stock.linear_k, stock.linear_v = (Rows(ours.linear_qkv, i * 16, (i + 1) * 16) for i in range(3))
     query, memory = seq(2, 16).double(), seq(1, 5, 16, seed=1).double().expand(2, -1, -1)
     with torch.no_grad():
         _, state = ours.step(query, None, memory=memory)
         ours.step(query, state[:1], memory=memory)
         assert ours.last_cache == "reused"
-        if change == "prune_mask":
-            buffer[:5].zero_()
-        else:
-            buffer.fill_(2.0)
+        change()
         got, _ = ours.step(query, state[:1], memory=memory)
     assert ours.last_cache == "recomputed: the key/value weights changed since the state was made"
     torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], rtol=1e-10, atol=1e-10)
@@ -330,20 +334,15 @@ def test_a_cache_follows_the_settings_and_child_hooks_of_a_called_projection(cha
     child of the projection, between two steps recomputes the cache (it was reused: 1.4e-2
     and 9.3e-2 off the stock step, which projects the memory every step)."""
     stock, ours = stock_and_flash(16, 4)
-    ours.linear_qkv = Adapter(ours.linear_qkv)
-    stock.linear_q, stock.linear_k, stock.linear_v = (Rows(ours.linear_qkv, i * 16, (i + 1) * 16) for i in range(3))
-    query, memory = seq(2, 16).double(), seq(1, 5, 16, seed=1).double().expand(2, -1, -1)
-    with torch.no_grad():
-        _, state = ours.step(query, None, memory=memory)
-        ours.step(query, state[:1], memory=memory)
-        assert ours.last_cache == "reused"
+    ours.linear_qkv = adapter = Adapter(ours.linear_qkv)
+
+    def change_it():
         if change == "attribute":
-            ours.linear_qkv.scale = 0.0
+            adapter.scale = 0.0
         else:
-            ours.linear_qkv.base.register_forward_hook(lambda module, args, output: 2 * output)
-        got, _ = ours.step(query, state[:1], memory=memory)
-    assert ours.last_cache == "recomputed: the key/value weights changed since the state was made"
-    torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], rtol=1e-10, atol=1e-10)
+            adapter.base.register_forward_hook(lambda module, args, output: 2 * output)
+
+    assert_a_change_between_steps_recomputes(stock, ours, change_it)
 
 
 @pytest.mark.parametrize("layout", ["fused", "stock"])
