@@ -38,6 +38,8 @@ these weights is *recomputed* from the memory given (the layer's
   its parameters are moved or cast, or a state dict is loaded into it);
 - it is a view of other items of a cache (any view but the cache itself, the
   states ``BatchBeamSearch`` splits off and the expanded state a step returns);
+- the memory is another tensor over the storage it was made from (an alias: ``.data``,
+  ``set_``, a queue's rebuild, a new ``detach()``), whose write counter is its own;
 - its record names another memory or other weights. Per cache storage, a
   layer keeps :func:`record`: the memory's address, strides and in-place
   write counter, and the address and write counter of the projection's
@@ -180,7 +182,8 @@ def record(memory, key, weights, kv, weight_tensors, previous=None):
     it was made without gradients, those of ``previous`` (its record before) if it is
     reused without gradients: it keeps the graph it had), and a :func:`storage_ref` and
     the :func:`view_of` of the cache itself (so a tensor allocated where a freed cache
-    was, or a view of other items of a cache, is not taken for it)."""
+    was, or a view of other items of a cache, is not taken for it), and the memory's
+    :func:`counter_owner`."""
     grads = grad_flags(memory, weight_tensors)
     if grads is not None:
         flags, reached = grads[0], tuple(weakref.ref(t) for t in grads[1])
@@ -189,7 +192,20 @@ def record(memory, key, weights, kv, weight_tensors, previous=None):
     else:
         flags, reached = (False,) * (1 + len(weight_tensors)), ()
     return (key, storage_ref(memory), weights, _version(kv), tuple(storage_ref(t) for t in weight_tensors),
-            flags, reached, storage_ref(kv), view_of(kv))
+            flags, reached, storage_ref(kv), view_of(kv), counter_owner(memory))
+
+
+def counter_owner(memory):
+    """A weak reference to the tensor whose write counter ``memory`` reads (its base for a
+    view; ``BatchBeamSearch`` passes a new ``expand`` of the encoder output every step), or
+    None for an inference tensor, which has no counter. Another tensor over the same
+    storage (``.data``, ``set_``, a ``torch.multiprocessing`` queue's rebuild in the same
+    process, a new ``detach()``) has a counter of its own, which may read the same after
+    a write through the original."""
+    if memory.is_inference():
+        return None
+    base = memory._base
+    return weakref.ref(memory if base is None else base)
 
 
 def view_of(kv):
@@ -230,6 +246,10 @@ def provenance_problem(sources, state, key, memory, weights, grads=None):
     memory_ref = kept[1]
     if kept[0] != key or _expired(memory_ref.cdata) or memory_ref.cdata != memory.untyped_storage()._cdata:
         return "the state was made from another memory"
+    owner = kept[9]
+    if owner is not None and owner() is not (memory if memory._base is None else memory._base):
+        # An alias of the memory or a new detach(): its counter cannot vouch for the keys.
+        return "the memory is another tensor over the storage the state was made from (its writes are not seen)"
     if kept[2] != weights:
         return "the key/value weights changed since the state was made"
     for ref in kept[4]:

@@ -1037,3 +1037,27 @@ def test_a_sparse_state_is_refused_by_name():
     with pytest.raises(TypeError, match=r"state is not a cross-attention cache for this query: it must be a dense "
                                         r"\(strided\) tensor, got layout torch.sparse_coo"):
         ours.step(query, state.to_sparse(), memory=memory)
+
+
+@pytest.mark.parametrize("alias", ["data", "set_", "queue_rebuild"])
+def test_another_tensor_over_the_memory_storage_is_not_trusted_after_a_write(alias):
+    """The memory written in place through its own tensor (its write counter moves), then
+    handed to the next step as another tensor over the same storage, whose counter is its
+    own (``.data``, ``set_``, a torch.multiprocessing queue's rebuild in the same process,
+    as an encoder thread writing blocks into one shared buffer): the old keys were reused
+    (0.28-0.47 off the stock step)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    stock, ours = stock_and_flash(16, 4)
+    make = {"data": lambda m: m.data,
+            "set_": lambda m: torch.empty(0, dtype=m.dtype).set_(m.untyped_storage(), m.storage_offset(),
+                                                                 m.shape, m.stride()),
+            "queue_rebuild": lambda m: pickle.loads(ForkingPickler.dumps(m))}[alias]
+    memory, query = seq(1, 7, 16).share_memory_(), seq(1, 16, seed=1)
+    with torch.no_grad():
+        _, state = ours.step(query, None, memory=make(memory))
+        memory.add_(1.0)
+        got, _ = ours.step(query, state, memory=make(memory))
+    assert ours.last_cache == ("recomputed: the memory is another tensor over the storage the state was made "
+                               "from (its writes are not seen)")
+    torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
