@@ -63,6 +63,9 @@ class DecodingSteps:
                 query = query.squeeze(1)  # (B, 1, D): the stock step takes it too, and returns (B, D)
             elif not self.causal:  # the stock step is forward over all T1 positions: (B, T1, D)
                 return self._stock_step(query, memory, mask), state
+            else:
+                raise ValueError(f"query of a causal step must be one position per hypothesis, (B, D) or "
+                                 f"(B, 1, D), got {tuple(query.shape)}; forward takes several positions")
         if mask is None and state is not None and memory is not None:
             fast = self._checked_cached_step(query, state, memory)
             if fast is not None:
@@ -236,6 +239,9 @@ class DecodingSteps:
 
     def _step_self(self, query, state, mask):
         batch = query.size(0)
+        if type(state) is torch.Tensor and state.dim() == 5 and state.size(0) not in (1, batch) \
+                and state.stride(0) == 0:
+            state = state[:1]  # one cache expanded over another beam size: its batch-1 self, as in step
         if state is not None:
             cache.check_self_cache(state, batch=batch, n_head=self.h, d_k=self.d_k,
                                    dtype=checks.compute_dtype(query), device=query.device)

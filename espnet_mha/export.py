@@ -102,14 +102,17 @@ def stock_config(config):
 
 def fused_config(config):
     """A copy of a loaded ``config.yaml`` whose ``mha`` layers are ``flash_mha`` (other options
-    kept) and whose attention layers have the fused parameters (no ``state_dict_layout:
+    kept, but ``causal``, which the stock layer ignores) and whose attention layers have the fused parameters (no ``state_dict_layout:
     stock``, whose layers would split the fused files again and whose parameter list would
     not fit the converted optimizer state), and the paths of those layers."""
     def rename(item, path):
         name = item.get("_name_")
         if name not in (OUR_NAME, STOCK_NAME) or (name == OUR_NAME and "state_dict_layout" not in item):
             return None
-        return {k: v for k, v in item.items() if k != "state_dict_layout"} | {"_name_": OUR_NAME}
+        # An mha layer's causal option was ignored (the stock layer drops unknown options):
+        # kept, it would turn the converted layer into causal self-attention.
+        dropped = ("state_dict_layout", "causal") if name == STOCK_NAME else ("state_dict_layout",)
+        return {k: v for k, v in item.items() if k not in dropped} | {"_name_": OUR_NAME}
 
     return _rename_layers(config, rename)
 

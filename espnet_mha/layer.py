@@ -289,8 +289,14 @@ class StockLayoutFlashMultiHeadedAttention(FlashMultiHeadedAttention):
     and ESPnet's ``build_model_from_file`` loads with ``strict=False``: fused
     keys would be dropped without a word. And whatever in the config selects
     parameters by their stock names (``--freeze_param``, LoRA targets) finds
-    them. Same arguments; ``state_dict_layout`` defaults to "stock".
+    them. Same arguments; ``state_dict_layout`` defaults to "stock". ``causal`` is
+    ignored, with a warning: the stock layer drops it with its other unknown options
+    (and stays cross-attention to the memory), so a config that says ``mha`` must compute
+    the same with this layer (``flash_mha`` builds the causal layer).
     """
 
-    def __init__(self, *args, state_dict_layout="stock", **kwargs):
+    def __init__(self, *args, state_dict_layout="stock", causal=False, **kwargs):
+        if checks.check_flag("causal", causal):
+            logger.warning("the mha name ignores causal: true, as the stock layer does (it stays cross-attention "
+                           "to the memory); use _name_: flash_mha for the causal layer")
         super().__init__(*args, state_dict_layout=state_dict_layout, **kwargs)

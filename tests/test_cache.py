@@ -1061,3 +1061,20 @@ def test_another_tensor_over_the_memory_storage_is_not_trusted_after_a_write(ali
     assert ours.last_cache == ("recomputed: the memory is another tensor over the storage the state was made "
                                "from (its writes are not seen)")
     torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
+
+
+def test_causal_step_takes_an_expanded_cache_of_another_beam_and_names_a_multi_position_query():
+    """As the cross-attention step: a cache expanded with stride 0 over another number of
+    hypotheses is its batch-1 self (it raised "batch 3 is neither 1 nor the query batch
+    2"); a (B, T>1, D) query raises saying what a causal step takes."""
+    _, ours = stock_and_flash(16, 4, causal=True)
+    query = seq(1, 4, 16)
+    expected, _ = ours(query.expand(2, -1, -1))
+    state = None
+    for t in range(4):
+        out, state = ours.step(query[:, t].expand(2, -1), state)
+        torch.testing.assert_close(out, expected[:, t], **FP64)
+        state = state[:1].expand(3, -1, -1, -1, -1)
+    with pytest.raises(ValueError, match=r"query of a causal step must be one position per hypothesis, \(B, D\) or "
+                                         r"\(B, 1, D\), got \(2, 3, 16\); forward takes several positions"):
+        ours.step(seq(2, 3, 16), None)

@@ -293,10 +293,13 @@ def test_fused_config_makes_every_attention_layer_flash_mha_with_the_fused_param
     config = {"decoder_conf": {"layer": [{"_name_": "s4"},
                                          {"_name_": "flash_mha", "n_head": 4, "state_dict_layout": "stock"},
                                          {"_name_": "mha", "n_head": 2, "state_dict_layout": "stock"},
-                                         {"_name_": "flash_mha", "n_head": 4, "causal": False}]}}
+                                         {"_name_": "flash_mha", "n_head": 4, "causal": False},
+                                         # The stock layer ignores causal; flash_mha would apply it.
+                                         {"_name_": "mha", "n_head": 2, "causal": True}]}}
     new, paths = fused_config(config)
     assert new["decoder_conf"]["layer"] == [{"_name_": "s4"}, {"_name_": "flash_mha", "n_head": 4},
                                             {"_name_": "flash_mha", "n_head": 2},
-                                            {"_name_": "flash_mha", "n_head": 4, "causal": False}]
-    assert paths == ["decoder_conf.layer[1]", "decoder_conf.layer[2]"]
+                                            {"_name_": "flash_mha", "n_head": 4, "causal": False},
+                                            {"_name_": "flash_mha", "n_head": 2}]
+    assert paths == ["decoder_conf.layer[1]", "decoder_conf.layer[2]", "decoder_conf.layer[4]"]
     assert config["decoder_conf"]["layer"][1]["state_dict_layout"] == "stock"  # a copy

@@ -97,3 +97,19 @@ def test_mha_builds_our_layer_saving_the_stock_layout():
     assert isinstance(layer, FlashMultiHeadedAttention) and layer.state_dict_layout == "stock"
     assert "linear_q.weight" in layer.state_dict() and "linear_qkv.weight" not in layer.state_dict()
     assert utils.instantiate(registry.layer, {"_name_": "flash_mha", "n_head": 2}, 8).state_dict_layout == "fused"
+
+
+def test_the_mha_name_ignores_causal_as_the_stock_layer_does(caplog):
+    """The stock layer drops unknown options, so an mha entry with causal: true is
+    cross-attention to the memory; under use_for_mha() it became causal self-attention
+    (an S4Decoder's logits 0.67 off). Ignored, with a warning."""
+    import torch
+
+    stock = utils.instantiate(registry.layer, {"_name_": "mha", "n_head": 2, "causal": True}, 8).double()
+    espnet_mha.use_for_mha()
+    ours = utils.instantiate(registry.layer, {"_name_": "mha", "n_head": 2, "causal": True}, 8).double()
+    assert "the mha name ignores causal: true" in caplog.text and not ours.causal
+    ours.load_state_dict(stock.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    query, memory = (torch.randn(2, t, 8, generator=gen, dtype=torch.float64) for t in (3, 5))
+    torch.testing.assert_close(ours(query, memory)[0], stock(query, memory)[0], rtol=1e-10, atol=1e-10)
