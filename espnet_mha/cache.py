@@ -68,6 +68,8 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from espnet_mha import checks
+
 # StorageWeakRef.expired() without its Python frame: every decoding step checks three.
 _expired = torch.UntypedStorage._expired
 
@@ -93,33 +95,6 @@ _OPTIMIZER_HOOK = register_optimizer_step_post_hook(_count_optimizer_step)
 def optimizer_steps():
     """How many optimizer steps this process has taken (part of every weights key)."""
     return _optimizer_steps[0]
-
-
-def _shape(x):
-    return tuple(x.shape)
-
-
-def _check_cache(state, what, *, batch, n_head, d_k, dtype=None, device=None, device_name=""):
-    """Raise unless ``state`` is a ``(1 or batch, 2, n_head, t, d_k)`` tensor (and, where
-    given, of ``dtype`` on ``device``)."""
-    if not isinstance(state, torch.Tensor):
-        raise TypeError(
-            f"state must be None or the (b, 2, n_head, T, d_k) cache a previous step returned, "
-            f"got {type(state).__name__}"
-        )
-    if state.layout != torch.strided:
-        raise TypeError(f"state {what}: it must be a dense (strided) tensor, got layout {state.layout}")
-    problems = []
-    if state.dim() != 5 or state.size(1) != 2 or state.size(2) != n_head or state.size(4) != d_k:
-        problems.append(f"shape {_shape(state)} is not (1 or {batch}, 2, {n_head}, t, {d_k})")
-    elif state.size(0) not in (1, batch):
-        problems.append(f"batch {state.size(0)} is neither 1 nor the query batch {batch}")
-    if dtype is not None and state.dtype != dtype:
-        problems.append(f"dtype {state.dtype} != {dtype}")
-    if device is not None and state.device != device:
-        problems.append(f"device {state.device} != {device_name} {device}")
-    if problems:
-        raise ValueError(f"state {what}: " + "; ".join(problems))
 
 
 def memory_key(memory):
@@ -303,8 +278,8 @@ def stale_reason(state, memory, key, *, batch, n_head, dtype):
         TypeError: state is not a tensor.
         ValueError: state is malformed: its rank, heads, head size or batch does not fit.
     """
-    _check_cache(state, "is not a cross-attention cache for this query", batch=batch, n_head=n_head,
-                 d_k=memory.size(2) // n_head)
+    checks.check_cache(state, "is not a cross-attention cache for this query", batch=batch, n_head=n_head,
+                       d_k=memory.size(2) // n_head)
     if state.size(3) != memory.size(1):
         return f"state length {state.size(3)} != memory length {memory.size(1)}"
     if state.dtype != dtype or state.device != memory.device:
@@ -314,17 +289,6 @@ def stale_reason(state, memory, key, *, batch, n_head, dtype):
     if state.is_inference() and torch.is_grad_enabled():
         return "a state made under torch.inference_mode cannot be saved for backward"
     return ""
-
-
-def check_self_cache(state, *, batch, n_head, d_k, dtype, device):
-    """Check a causal self-attention cache ``(b, 2, H, t, d_k)``.
-
-    Raises:
-        TypeError: state is not a tensor.
-        ValueError: its shape, batch, dtype or device does not match the query.
-    """
-    _check_cache(state, "is not a self-attention cache for this query", batch=batch,
-                 n_head=n_head, d_k=d_k, dtype=dtype, device=device, device_name="query device")
 
 
 def batch_state(kv, batch):

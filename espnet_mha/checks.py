@@ -125,3 +125,42 @@ def check_same_batch(query, memory):
 def one_frame(memory):
     """A ``(B, D)`` memory as the stock layer reads it (``view(B, -1, H, d_k)``): ``(B, 1, D)``."""
     return memory.unsqueeze(1) if isinstance(memory, torch.Tensor) and memory.dim() == 2 else memory
+
+
+def check_cache(state, what, *, batch, n_head, d_k, dtype=None, device=None, device_name=""):
+    """Raise unless ``state`` is a ``(1 or batch, 2, n_head, t, d_k)`` decoding cache (see
+    :mod:`espnet_mha.cache`; and, where given, of ``dtype`` on ``device``).
+
+    Raises:
+        TypeError: not a tensor, or not a dense one.
+        ValueError: its shape, batch, dtype or device does not fit; ``what`` says which cache.
+    """
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(
+            f"state must be None or the (b, 2, n_head, T, d_k) cache a previous step returned, "
+            f"got {type(state).__name__}"
+        )
+    if state.layout != torch.strided:
+        raise TypeError(f"state {what}: it must be a dense (strided) tensor, got layout {state.layout}")
+    problems = []
+    if state.dim() != 5 or state.size(1) != 2 or state.size(2) != n_head or state.size(4) != d_k:
+        problems.append(f"shape {tuple(state.shape)} is not (1 or {batch}, 2, {n_head}, t, {d_k})")
+    elif state.size(0) not in (1, batch):
+        problems.append(f"batch {state.size(0)} is neither 1 nor the query batch {batch}")
+    if dtype is not None and state.dtype != dtype:
+        problems.append(f"dtype {state.dtype} != {dtype}")
+    if device is not None and state.device != device:
+        problems.append(f"device {state.device} != {device_name} {device}")
+    if problems:
+        raise ValueError(f"state {what}: " + "; ".join(problems))
+
+
+def check_self_cache(state, *, batch, n_head, d_k, dtype, device):
+    """Check a causal self-attention cache ``(b, 2, H, t, d_k)``.
+
+    Raises:
+        TypeError: state is not a tensor.
+        ValueError: its shape, batch, dtype or device does not match the query.
+    """
+    check_cache(state, "is not a self-attention cache for this query", batch=batch,
+                n_head=n_head, d_k=d_k, dtype=dtype, device=device, device_name="query device")
