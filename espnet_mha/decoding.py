@@ -124,7 +124,9 @@ class DecodingSteps:
             )
         if self.keep_attn:
             self.attn = weights
-        elif state is kv and keep is None and proj is None:
+        elif self.attn is not None:  # keep_attn was switched off
+            self.attn = None
+        if not self.keep_attn and state is kv and keep is None and proj is None:
             key = self._cached_step_key(query, state, memory)
             # A key holds the device and the compile setting, so a call that compiles
             # is never remembered and the hot path need not ask again.
@@ -177,6 +179,8 @@ class DecodingSteps:
                 or cache.batch1_meets_distinct(state, key):
             return None  # the checked path decides: recompute, or reuse and remember
         self._last["backend"], self._last["fallback"] = decision
+        if self.attn is not None:  # keep_attn was switched off since the signature was remembered
+            self.attn = None
         params = self._decoding_params()
         self._last["cache"] = "reused"
         out, _ = functional.attend_cached(query, state, None, *params, backend=decision[0], need_weights=False)
@@ -261,6 +265,8 @@ class DecodingSteps:
             )
         if self.keep_attn:
             self.attn = weights
+        elif self.attn is not None:  # keep_attn was switched off
+            self.attn = None
         return out, new_state
 
     def _step_self_stock(self, query, state, keep):

@@ -240,6 +240,8 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
         self._last["skipped_keys"] = 0.0 if key_lengths is None else 1.0 - sum(key_lengths) / (batch * t2)
         if self.keep_attn:
             self.attn = weights
+        elif self.attn is not None:  # keep_attn was switched off
+            self.attn = None
         return out
 
     def _forget_records(self):

@@ -311,3 +311,28 @@ def test_the_query_scale_is_folded_only_where_it_is_a_power_of_two():
         scale = 1.0 / math.sqrt(d_k)
         assert exact_query_scale(d_k) == (scale if math.frexp(scale)[0] == 0.5 else None), d_k
         assert exact_query_scale(numpy.int64(d_k)) == exact_query_scale(d_k), d_k  # the loop dynamo traces
+
+
+def test_attn_goes_back_to_none_when_keep_attn_is_switched_off():
+    """``attn`` is the last weights while ``keep_attn`` is on, else None (it kept the weights
+    of the last call made with it on): forward, a cached step on a remembered signature,
+    and a causal step."""
+    _, ours = stock_and_flash(16, 4)
+    _, causal = stock_and_flash(16, 4, causal=True)
+    gen = torch.Generator().manual_seed(0)
+    query, memory = torch.randn(2, 3, 16, generator=gen, dtype=torch.float64), torch.randn(1, 5, 16, generator=gen,
+                                                                                          dtype=torch.float64)
+    with torch.no_grad():
+        _, state = ours.step(query[:, 0], None, memory=memory.expand(2, -1, -1))
+        for _ in range(2):  # the second one takes the remembered fast path
+            ours.step(query[:, 0], state[:1], memory=memory.expand(2, -1, -1))
+        calls = [lambda layer: layer(query, memory.expand(2, -1, -1)),
+                 lambda layer: layer.step(query[:, 1], state[:1], memory=memory.expand(2, -1, -1)),
+                 lambda layer: layer.step(query[:, 1], None)]
+        for layer, call in ((ours, calls[0]), (ours, calls[1]), (causal, calls[2])):
+            layer.keep_attn = True
+            call(layer)
+            assert layer.attn is not None
+            layer.keep_attn = False
+            call(layer)
+            assert layer.attn is None
