@@ -18,6 +18,7 @@ in the fused order, and its end-of-training averaging adds the older
 """
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class ExportReport:
     copied: list = field(default_factory=list)  # already in the layout
     links: list = field(default_factory=list)  # (link name, target name)
     skipped: list = field(default_factory=list)  # (name, why)
+    prefixes: set = field(default_factory=set)  # parameter prefixes of our layers in the model files
+    frozen: list = field(default_factory=list)  # (freeze_param entries before, after) where rewritten
 
     def lines(self):
         name = f"stock {STOCK_NAME}" if self.to == "stock" else OUR_NAME
@@ -55,6 +58,7 @@ class ExportReport:
         out += [f"{'left' if in_place else 'copied'} {file}: nothing to convert" for file in self.copied]
         out += [f"{'kept link' if in_place else 'linked'} {link} -> {target}" for link, target in self.links]
         out += [f"skipped {file}: {why}" for file, why in self.skipped]
+        out += [f"freeze_param: {', '.join(before)} -> {', '.join(after)}" for before, after in self.frozen]
         out.append(f"wrote {self.dst / CONFIG} and {len(self.converted) + len(self.copied) + len(self.links)} "
                    f"model file(s) in {self.dst}")
         return out
@@ -185,6 +189,8 @@ def convert_experiment(src, dst, *, to, force=False, allow_globals=(), drop_opti
                 report.links.append((name, target))
             else:
                 report.skipped.append((name, f"a link to {target}, which is not exported"))
+        if isinstance(config, dict) and config.get("freeze_param"):
+            config = config | {"freeze_param": freeze_names(config["freeze_param"], report.prefixes, to, report)}
         with open(work / CONFIG, "w", encoding="utf-8") as f:
             yaml_no_alias_safe_dump(config, f, indent=4, sort_keys=False)
         shutil.copymode(src / CONFIG, work / CONFIG)
@@ -193,6 +199,44 @@ def convert_experiment(src, dst, *, to, force=False, allow_globals=(), drop_opti
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+_PROJECTION = re.compile(r"\.(linear_q|linear_k|linear_v|linear_qkv)(\.weight|\.bias)?$")
+
+
+def freeze_names(names, prefixes, to, report):
+    """ESPnet's ``freeze_param`` entries (parameter name prefixes) for the layout ``to``: an
+    entry naming ``linear_q``, ``linear_k`` and ``linear_v`` of one of our layers (whose
+    parameter prefixes are ``prefixes``) becomes one ``linear_qkv`` entry (to fused), and a
+    ``linear_qkv`` entry three (to stock); otherwise they would freeze nothing, and the
+    converted run would train what the original froze. Rewrites go to ``report.frozen``.
+
+    Raises:
+        ConversionError: entries freeze part of one layer's q/k/v (to fused): the fused
+            projection is frozen or trained as one.
+    """
+    out, groups = [], {}
+    for name in names:
+        match = _PROJECTION.search(name) if isinstance(name, str) else None
+        if match is None or name[:match.start()] not in prefixes or (match.group(1) == "linear_qkv") != (to == "stock"):
+            out.append(name)
+            continue
+        layer, suffix = name[:match.start()], match.group(2) or ""
+        if to == "stock":
+            out += [f"{layer}.linear_{x}{suffix}" for x in "qkv"]
+            report.frozen.append(([name], out[-3:]))
+            continue
+        if (layer, suffix) not in groups:
+            groups[layer, suffix] = []
+            out.append((layer, suffix))  # where the fused entry goes
+        groups[layer, suffix].append(name)
+    for (layer, suffix), given in groups.items():
+        if sorted(n[len(layer) + 1:len(n) - len(suffix)] for n in set(given)) != ["linear_k", "linear_q", "linear_v"]:
+            raise ConversionError(f"freeze_param freezes {', '.join(given)} but not all of q, k and v of {layer}: "
+                                  "the fused linear_qkv is frozen or trained as one. Freeze all three, or keep the "
+                                  "stock parameters (state_dict_layout: stock)")
+        report.frozen.append((given, [f"{layer}.linear_qkv{suffix}"]))
+    return [f"{item[0]}.linear_qkv{item[1]}" if isinstance(item, tuple) else item for item in out]
 
 
 def _plan(src, report):
@@ -237,6 +281,7 @@ def _convert_file(path, out, to, report, allow_globals, drop_optimizer_state, co
         report.skipped.append((path.name, "not an ESPnet model file"))
         return False
     state, stripped = strip_wrapper_prefixes(state)
+    report.prefixes.update(p.rstrip(".") for p in (*stock_layers(state), *fused_layers(state)))
     if not (stripped or (fused_layers(state) if to == "stock" else stock_layers(state))):
         if not in_place:
             shutil.copyfile(path, out)

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import espnet_asr
-from espnet_mha.checkpoint import to_fused
+from espnet_mha.checkpoint import fused_layers, to_fused
 from espnet_mha.convert import ConversionError, main
 from espnet_mha.export import convert_experiment, export_experiment, fused_config
 
@@ -303,3 +303,29 @@ def test_fused_config_makes_every_attention_layer_flash_mha_with_the_fused_param
                                             {"_name_": "flash_mha", "n_head": 2}]
     assert paths == ["decoder_conf.layer[1]", "decoder_conf.layer[2]", "decoder_conf.layer[4]"]
     assert config["decoder_conf"]["layer"][1]["state_dict_layout"] == "stock"  # a copy
+
+
+def test_freeze_param_follows_the_layout(tmp_path):
+    """config.yaml's freeze_param names parameters: after converting, linear_q/k/v (or
+    linear_qkv) of our layers would freeze nothing, and a resumed or fine-tuned run trained
+    what the original froze (a probe: q/k/v 2e-3 off after two Adam steps). The entries are
+    rewritten; part of one layer's q/k/v cannot be frozen in the fused layout."""
+    src = experiment(tmp_path / "exp")
+    prefix = fused_layers(torch.load(src / "1epoch.pth", weights_only=True))[0].rstrip(".")
+    config = yaml.safe_load((src / "config.yaml").read_text())
+    others = ["encoder", "decoder.decoder.layers.0"]
+    (src / "config.yaml").write_text(yaml.safe_dump(config | {"freeze_param": [others[0], f"{prefix}.linear_qkv",
+                                                                               others[1]]}))
+    report = export_experiment(src, tmp_path / "stock")
+    stock_names = yaml.safe_load((tmp_path / "stock" / "config.yaml").read_text())["freeze_param"]
+    assert stock_names == [others[0], *(f"{prefix}.linear_{x}" for x in "qkv"), others[1]]
+    assert f"freeze_param: {prefix}.linear_qkv -> {', '.join(stock_names[1:4])}" in report.lines()
+    convert_experiment(tmp_path / "stock", tmp_path / "fused", to="fused")
+    assert yaml.safe_load((tmp_path / "fused" / "config.yaml").read_text())["freeze_param"] == [
+        others[0], f"{prefix}.linear_qkv", others[1]]
+    config = yaml.safe_load((tmp_path / "stock" / "config.yaml").read_text())
+    (tmp_path / "stock" / "config.yaml").write_text(yaml.safe_dump(config | {"freeze_param": stock_names[:3]}))
+    with pytest.raises(ConversionError, match=rf"freeze_param freezes {prefix}\.linear_q, {prefix}\.linear_k but not "
+                                              rf"all of q, k and v of {prefix}: the fused linear_qkv is frozen"):
+        convert_experiment(tmp_path / "stock", tmp_path / "partial", to="fused")
+    assert not (tmp_path / "partial" / "config.yaml").exists()
