@@ -248,7 +248,7 @@ class DecodingSteps:
             state = state[:1]  # one cache expanded over another beam size: its batch-1 self, as in step
         if state is not None:
             checks.check_self_cache(state, batch=batch, n_head=self.h, d_k=self.d_k,
-                                   dtype=checks.compute_dtype(query), device=query.device)
+                                    dtype=checks.compute_dtype(query), device=query.device)
         t2 = 1 if state is None else state.size(3) + 1
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
         if self._custom_dropout() is not None:
