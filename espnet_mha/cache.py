@@ -170,6 +170,12 @@ def record(memory, key, weights, kv, weight_tensors, previous=None):
             flags, reached, storage_ref(kv), view_of(kv), counter_owner(memory))
 
 
+def _counter_tensor(memory):
+    """The tensor whose write counter ``memory`` reads: its base for a view, else itself."""
+    base = memory._base
+    return memory if base is None else base
+
+
 def counter_owner(memory):
     """A weak reference to the tensor whose write counter ``memory`` reads (its base for a
     view; ``BatchBeamSearch`` passes a new ``expand`` of the encoder output every step), or
@@ -177,10 +183,7 @@ def counter_owner(memory):
     storage (``.data``, ``set_``, a ``torch.multiprocessing`` queue's rebuild in the same
     process, a new ``detach()``) has a counter of its own, which may read the same after
     a write through the original."""
-    if memory.is_inference():
-        return None
-    base = memory._base
-    return weakref.ref(memory if base is None else base)
+    return None if memory.is_inference() else weakref.ref(_counter_tensor(memory))
 
 
 def view_of(kv):
@@ -222,7 +225,7 @@ def provenance_problem(sources, state, key, memory, weights, grads=None):
     if kept[0] != key or _expired(memory_ref.cdata) or memory_ref.cdata != memory.untyped_storage()._cdata:
         return "the state was made from another memory"
     owner = kept[9]
-    if owner is not None and owner() is not (memory if memory._base is None else memory._base):
+    if owner is not None and owner() is not _counter_tensor(memory):
         # An alias of the memory or a new detach(): its counter cannot vouch for the keys.
         return "the memory is another tensor over the storage the state was made from (its writes are not seen)"
     if kept[2] != weights:
@@ -289,6 +292,16 @@ def stale_reason(state, memory, key, *, batch, n_head, dtype):
     if state.is_inference() and torch.is_grad_enabled():
         return "a state made under torch.inference_mode cannot be saved for backward"
     return ""
+
+
+def own_batch(state, batch):
+    """``state[:1]`` for a cache expanded with stride 0 over another number of hypotheses
+    than ``batch`` (a search that shrank or grew its beam and handed back the state a step
+    returned: it is its batch-1 self, as the stock step passes any state), else ``state``."""
+    if type(state) is torch.Tensor and state.dim() == 5 and state.size(0) not in (1, batch) \
+            and state.stride(0) == 0:
+        return state[:1]
+    return state
 
 
 def batch_state(kv, batch):

@@ -25,7 +25,7 @@ class DecodingSteps:
     """Mixin for :class:`espnet_mha.layer.FlashMultiHeadedAttention`: ``step`` and
     ``default_state`` (needs the layer's ``h``, ``causal``, ``keep_attn``, the parameter
     accessors of :class:`espnet_mha.parameters.ParameterLayout`, ``_select``,
-    ``_sequence``, ``_fn``, ``_check_features``, ``_check_memory``, and the per-layer
+    ``_sequence``, ``_fn``, ``_check_features``, ``_check_memory``, ``_keep_weights``, and the per-layer
     records ``_checked_steps``, ``_cache_sources``, ``_query_views``, ``_last``)."""
 
     def step(self, query, state, memory=None, mask=None, **kwargs):
@@ -91,11 +91,7 @@ class DecodingSteps:
             # of the primal, or of another tangent, lost or misstated the tangent).
             return self._stock_step(query.unsqueeze(1), memory, mask).squeeze(1), state
         self._check_memory(query, memory)
-        if type(state) is torch.Tensor and state.dim() == 5 and state.size(0) not in (1, batch) \
-                and state.stride(0) == 0:
-            # One cache expanded over another number of hypotheses (a search that shrank or
-            # grew its beam and handed back the state a step returned): its batch-1 self.
-            state = state[:1]
+        state = cache.own_batch(state, batch)
         proj = quantized.projections(self)
         key, weights, stale = self._check_state(state, memory, batch)
         if state is None or stale:
@@ -122,10 +118,7 @@ class DecodingSteps:
                 query, kv, keep, *self._decoding_params(), backend=backend, dropout_p=self._dropout_p(),
                 need_weights=self.keep_attn,
             )
-        if self.keep_attn:
-            self.attn = weights
-        elif self.attn is not None:  # keep_attn was switched off
-            self.attn = None
+        self._keep_weights(weights)
         if not self.keep_attn and state is kv and keep is None and proj is None:
             key = self._cached_step_key(query, state, memory)
             # A key holds the device and the compile setting, so a call that compiles
@@ -243,9 +236,7 @@ class DecodingSteps:
 
     def _step_self(self, query, state, mask):
         batch = query.size(0)
-        if type(state) is torch.Tensor and state.dim() == 5 and state.size(0) not in (1, batch) \
-                and state.stride(0) == 0:
-            state = state[:1]  # one cache expanded over another beam size: its batch-1 self, as in step
+        state = cache.own_batch(state, batch)
         if state is not None:
             checks.check_self_cache(state, batch=batch, n_head=self.h, d_k=self.d_k,
                                     dtype=checks.compute_dtype(query), device=query.device)
@@ -263,10 +254,7 @@ class DecodingSteps:
             out, new_state, weights = self._fn(functional.step_self, query)(
                 query, state, keep, *self._params(), n_head=self.h, backend=backend, dropout_p=self._dropout_p(),
             )
-        if self.keep_attn:
-            self.attn = weights
-        elif self.attn is not None:  # keep_attn was switched off
-            self.attn = None
+        self._keep_weights(weights)
         return out, new_state
 
     def _step_self_stock(self, query, state, keep):

@@ -106,9 +106,10 @@ def stock_config(config):
 
 def fused_config(config):
     """A copy of a loaded ``config.yaml`` whose ``mha`` layers are ``flash_mha`` (other options
-    kept, but ``causal``, which the stock layer ignores) and whose attention layers have the fused parameters (no ``state_dict_layout:
-    stock``, whose layers would split the fused files again and whose parameter list would
-    not fit the converted optimizer state), and the paths of those layers."""
+    kept, but ``causal``, which the stock layer ignores) and whose attention layers have the
+    fused parameters (no ``state_dict_layout: stock``, whose layers would split the fused
+    files again and whose parameter list would not fit the converted optimizer state), and
+    the paths of those layers."""
     def rename(item, path):
         name = item.get("_name_")
         if name not in (OUR_NAME, STOCK_NAME) or (name == OUR_NAME and "state_dict_layout" not in item):
@@ -281,8 +282,9 @@ def _convert_file(path, out, to, report, allow_globals, drop_optimizer_state, co
         report.skipped.append((path.name, "not an ESPnet model file"))
         return False
     state, stripped = strip_wrapper_prefixes(state)
-    report.prefixes.update(p.rstrip(".") for p in (*stock_layers(state), *fused_layers(state)))
-    if not (stripped or (fused_layers(state) if to == "stock" else stock_layers(state))):
+    stock, fused = stock_layers(state), fused_layers(state)
+    report.prefixes.update(p.rstrip(".") for p in (*stock, *fused))
+    if not (stripped or (fused if to == "stock" else stock)):
         if not in_place:
             shutil.copyfile(path, out)
         report.copied.append(path.name)

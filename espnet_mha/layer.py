@@ -238,11 +238,16 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
                 key_lengths=key_lengths,
             )
         self._last["skipped_keys"] = 0.0 if key_lengths is None else 1.0 - sum(key_lengths) / (batch * t2)
+        self._keep_weights(weights)
+        return out
+
+    def _keep_weights(self, weights):
+        """``attn``: the call's attention weights while ``keep_attn`` is on, else None (also
+        once ``keep_attn`` is switched off after a call that kept them)."""
         if self.keep_attn:
             self.attn = weights
-        elif self.attn is not None:  # keep_attn was switched off
+        elif self.attn is not None:
             self.attn = None
-        return out
 
     def _forget_records(self):
         """Drop what the layer remembers about its parameters and caches: the query views
