@@ -11,8 +11,10 @@ lists parameters and buffers in ``named_parameters`` order, interleaved; what th
 optimizer state adds is the shape of each parameter's per-element statistics
 (Adam's ``exp_avg``). :func:`convert_optimizer_state` finds every way of picking
 the parameters from the state dict entries that fits those shapes (our layers'
-projections are parameters for sure) and converts only when all of them put each
-converted layer at the same position; else it refuses (pass
+projections are parameters for sure) and converts only when all of them give the
+same converted state: they put each converted layer at the same position, or the
+positions they leave open hold no state (a frozen decoder), or every parameter's
+state is the same scalars (torch 1.x SGD); else it refuses (pass
 ``--drop-optimizer-state``). This needs every parameter in the model state:
 a parameter with no optimizer state (frozen, unused) is trusted only where the
 caller knows that the file holds it (ESPnet's ``--use_adapter`` with
@@ -81,7 +83,7 @@ def convert_optimizer_state(state, model_state, layers, *, fuse, complete=False,
             "and their places could then be taken by buffers of the same shapes. Keep the config.yaml ESPnet "
             "wrote beside the checkpoint (it tells)")
     entries = _entries(model_state)
-    starts = _layer_starts(entries, shapes, owned, layers, old, where)
+    starts = _layer_starts(entries, shapes, owned, layers, old, per_param, where)
     moved, out_index, i = {}, 0, 0
     while i < n_params:
         prefix = starts.get(i)
@@ -105,10 +107,16 @@ def _layer_keys(prefix, projections):
     return [f"{prefix}{name}.{param}" for name in projections for param in PARAMS]
 
 
-def _layer_starts(entries, shapes, owned, layers, old, where):
+def _layer_starts(entries, shapes, owned, layers, old, per_param, where):
     """{position of the layer's first parameter: prefix} for each layer in ``layers``,
     whose parameters in the old layout (``old`` projections, weight then bias) must be
-    consecutive entries of the model state."""
+    consecutive entries of the model state.
+
+    Where the shapes leave a layer's position open, the converted state can still be the
+    same whichever position it holds, and then it converts: the layer's parameters have no
+    state at any of them and no parameter with state lies between them (a frozen decoder
+    after a trained encoder), or every parameter's state is the same scalars (torch 1.x
+    SGD's ``momentum_buffer: None``)."""
     keys = [key for key, _ in entries]
     index = {key: i for i, key in enumerate(keys)}
     firsts = {}
@@ -119,8 +127,32 @@ def _layer_starts(entries, shapes, owned, layers, old, where):
             raise ConversionError(f"{where}: the model state does not list {', '.join(expected)} in this order "
                                   "and next to each other, as the layer registers them")
         firsts[expected[0]] = prefix
-    positions = _positions(entries, shapes, owned, set(firsts), where)
-    return {positions[key]: prefix for key, prefix in firsts.items()}
+    candidates = _positions(entries, shapes, owned, set(firsts), where)
+    width = len(old) * len(PARAMS)
+    open_keys = [key for key, found in candidates.items() if len(found) > 1]
+    if open_keys and not _alike(per_param, len(shapes)) and not all(
+            _stateless_between(candidates[key], width, per_param) for key in open_keys):
+        key = open_keys[0]
+        raise ConversionError(
+            f"{where}: cannot tell which optimizer position holds {key} (possible: {candidates[key][:6]}): buffers "
+            "and parameters of the same shapes before it leave it open, and the converted state would differ")
+    # Any reading gives the same state; the first possible position of each layer is one reading.
+    return {candidates[key][0]: prefix for key, prefix in firsts.items()}
+
+
+def _stateless_between(found, width, per_param):
+    """True if the positions ``found[0]`` .. ``found[-1] + width - 1`` hold no state: the
+    converted state is then the same whichever of ``found`` a layer starts at."""
+    return not any(found[0] <= index < found[-1] + width for index in per_param)
+
+
+def _alike(per_param, n_params):
+    """True if every one of the ``n_params`` parameters has the same state, of scalars only."""
+    values = [per_param.get(index) for index in range(n_params)]
+    first = values[0]
+    return isinstance(first, dict) and all(
+        isinstance(value, dict) and value.keys() == first.keys() and not any(map(_is_param_tensor, value.values()))
+        and all(_same(first[key], value[key]) for key in first) for value in values)
 
 
 def _check_structure(state, where):
@@ -202,11 +234,10 @@ def _identity(tensor):
 
 
 def _positions(entries, shapes, forced, wanted, where):
-    """{key: position} for each key in ``wanted``: its position in the optimizer's
-    parameter list, the same in every way of choosing ``len(shapes)`` parameters from
+    """{key: [position, ...]} for each key in ``wanted``: the positions in the optimizer's
+    parameter list it holds in the ways of choosing ``len(shapes)`` parameters from
     ``entries`` (in order) whose shapes fit ``shapes`` (None fits any) and that
-    includes every key in ``forced``. Raises if there is no such way, or if a wanted
-    key's position differs between them.
+    include every key in ``forced``. Raises if there is no such way.
 
     Bit sets over positions: ``ahead[i]`` holds j when the first i entries can be the
     first j parameters; ``behind[i]`` holds j when entries i.. can be parameters j..."""
@@ -236,12 +267,7 @@ def _positions(entries, shapes, forced, wanted, where):
         if key not in wanted:
             continue
         possible = ahead[i] & masks[i] & (behind[i + 1] >> 1)
-        found = [j for j in range(n) if possible >> j & 1]
-        if len(found) != 1:
-            raise ConversionError(
-                f"{where}: cannot tell which optimizer position holds {key} (possible: {found[:6]}): buffers "
-                "and parameters of the same shapes before it leave it open")
-        out[key] = found[0]
+        out[key] = [j for j in range(n) if possible >> j & 1]
     return out
 
 

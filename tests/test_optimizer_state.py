@@ -158,13 +158,17 @@ def test_element_wise_optimizers_convert_exactly(tmp_path, name):
         assert torch.equal(value, expected[key]), key
 
 
-def test_frozen_parameters_convert_where_the_config_says_the_model_state_is_whole(tmp_path):
-    """ESPnet's --freeze_param: the frozen encoder's parameters have no optimizer state. The
+@pytest.mark.parametrize("frozen", ["encoder.", "decoder."])
+def test_frozen_parameters_convert_where_the_config_says_the_model_state_is_whole(tmp_path, frozen):
+    """ESPnet's --freeze_param: the frozen parameters have no optimizer state. The
     config.yaml beside checkpoint.pth (no --use_adapter) says the model state holds them, so
-    their positions are found; the converted run then steps as the stock one, bit for bit."""
+    their positions are found; the converted run then steps as the stock one, bit for bit.
+    With the decoder frozen, its attention layers have no state, and buffers between its
+    parameters leave their positions open: every reading gives the same converted state,
+    so it converts (it was refused before)."""
     stock = model(tmp_path, "mha", seed=3)
     for name, param in stock.named_parameters():
-        param.requires_grad_(not name.startswith("encoder."))
+        param.requires_grad_(not name.startswith(frozen))
     first = torch.optim.Adam(stock.parameters(), lr=1e-3)
     train(stock, first, None, 2)
     folder = tmp_path / "exp"
@@ -174,14 +178,14 @@ def test_frozen_parameters_convert_where_the_config_says_the_model_state_is_whol
     torch.save(saved, folder / "checkpoint.pth")
     with pytest.raises(ConversionError, match=r"parameter\(s\) have no state \(frozen or unused"):
         convert_file(folder / "checkpoint.pth", folder / "fused.pth", to="fused")
-    (folder / "config.yaml").write_text(yaml.safe_dump({"use_adapter": False, "freeze_param": ["encoder"]}))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"use_adapter": False, "freeze_param": [frozen[:-1]]}))
     assert convert_file(folder / "checkpoint.pth", folder / "fused.pth", to="fused").converted_optimizers == 1
 
     optimizer = torch.optim.Adam(stock.parameters(), lr=1e-3)
     optimizer.load_state_dict(copy.deepcopy(saved["optimizers"][0]))
     ours = model(tmp_path, "flash_mha", seed=5)
     for name, param in ours.named_parameters():
-        param.requires_grad_(not name.startswith("encoder."))
+        param.requires_grad_(not name.startswith(frozen))
     ours.load_state_dict(stock.state_dict())
     mine = torch.optim.Adam(ours.parameters(), lr=1e-3)
     mine.load_state_dict(torch.load(folder / "fused.pth", weights_only=True)["optimizers"][0])
@@ -262,6 +266,26 @@ def test_positions_the_state_cannot_tell_are_refused():
     assert sorted(converted["state"]) == [0, 1, 2, 3]  # b1, b2, qkv weight and bias (out and extra: no state)
     assert torch.equal(converted["state"][2]["exp_avg"], torch.cat([torch.full(weight, i) for i in (2.0, 4.0, 6.0)]))
     assert torch.equal(converted["state"][3]["exp_avg"], torch.cat([torch.full(bias, i) for i in (3.0, 5.0, 7.0)]))
+
+
+def test_open_positions_convert_where_every_reading_gives_the_same_state():
+    """torch 1.x SGD without momentum kept ``momentum_buffer: None`` for every parameter: no
+    shapes, so the layer's position is open, but the state is the same whichever it is."""
+    layer = "layers.0.layer."
+    shapes = {"b1": (2, 2), "b2": (2,)}
+    for name in ("q", "k", "v", "out"):
+        shapes[f"{layer}linear_{name}.weight"], shapes[f"{layer}linear_{name}.bias"] = (2, 2), (2,)
+    model_state = {key: torch.zeros(shape) for key, shape in shapes.items()}
+    state = {"state": {i: {"momentum_buffer": None} for i in range(8)},
+             "param_groups": [{"lr": 1.0, "momentum": 0, "params": list(range(8))}]}
+    converted = convert_optimizer_state(state, model_state, [layer], fuse=True, complete=True)
+    assert converted["state"] == {i: {"momentum_buffer": None} for i in range(4)}
+    assert converted["param_groups"][0]["params"] == list(range(4))
+    back = convert_optimizer_state(converted, to_fused(model_state), [layer], fuse=False, complete=True)
+    assert back["state"] == state["state"] and back["param_groups"] == state["param_groups"]
+    state["state"][3] = {"momentum_buffer": None, "step": 2}  # no longer alike: which entry moves is open
+    with pytest.raises(ConversionError, match=r"cannot tell which optimizer position holds .*would differ"):
+        convert_optimizer_state(state, model_state, [layer], fuse=True, complete=True)
 
 
 def tiny(n_feat=2):
