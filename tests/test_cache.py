@@ -1078,3 +1078,28 @@ def test_causal_step_takes_an_expanded_cache_of_another_beam_and_names_a_multi_p
     with pytest.raises(ValueError, match=r"query of a causal step must be one position per hypothesis, \(B, D\) or "
                                          r"\(B, 1, D\), got \(2, 3, 16\); forward takes several positions"):
         ours.step(seq(2, 3, 16), None)
+
+
+def test_a_state_is_recomputed_when_the_fp32_matmul_precision_changes():
+    """``torch.set_float32_matmul_precision("medium")`` runs the CPU's fp32 batched matmuls in
+    bf16 (oneDNN, on CPUs with bf16 units) and CUDA's in tf32: keys projected under it and
+    reused after "highest" was set again were 3.7e-4 off the stock step (a probe's case).
+    The step after the change projects the memory again, as the stock step does."""
+    stock, ours = stock_and_flash(32, 4)
+    stock, ours = stock.float(), ours.float()
+    query, memory = seq(3, 32, dtype=torch.float32), seq(1, 7, 32, seed=1, dtype=torch.float32).expand(3, -1, -1)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        _, state = ours.step(query[:1], None, memory=memory[:1])
+        torch.set_float32_matmul_precision("highest")
+        with torch.no_grad():
+            got, _ = ours.step(query, state[:1], memory=memory)
+            assert ours.last_cache == ("recomputed: the fp32 matmul precision (torch.set_float32_matmul_precision) "
+                                       "changed since the state was made")
+            fresh, _ = ours.step(query, None, memory=memory)
+            expected, _ = stock.step(query, None, memory=memory)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(got, fresh)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
