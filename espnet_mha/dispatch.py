@@ -71,7 +71,7 @@ def resolve_backend(option):
     """
     if option is not None and option not in BACKENDS:  # checked even where the environment overrides it
         raise ValueError(f"backend must be one of {BACKENDS}, got {option!r}")
-    env = os.environ.get(ENV_BACKEND, "").strip()
+    env = os.environ.get(ENV_BACKEND, "").strip().lower()
     if env:
         if env not in BACKENDS:
             raise ValueError(f"{ENV_BACKEND}={env!r} is not one of {BACKENDS}")
@@ -101,6 +101,8 @@ class AttentionCall:
         forward_ad: a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``).
         dropout_module: the type name of a dropout module only the math path can call
             (replaced, hooked or in-place, see ``StockHelpers._custom_dropout``), or "".
+        sdpa_kernels: None while SDPA's math kernel is enabled (the default), else
+            :func:`sdpa_kernels` (``torch.nn.attention.sdpa_kernel`` restricts SDPA).
     """
 
     device: torch.device
@@ -116,6 +118,7 @@ class AttentionCall:
     captured: bool = False
     forward_ad: bool = False
     dropout_module: str = ""
+    sdpa_kernels: tuple = None
 
 
 def flash_attn_refusal(call):
@@ -153,11 +156,47 @@ def flash_attn_refusal(call):
     return ""
 
 
+def sdpa_kernels(dropout_p):
+    """None while SDPA may fall back to its math kernel (the default); else, under a
+    restriction by ``torch.nn.attention.sdpa_kernel`` (or ``torch.backends.cuda.enable_*_sdp``),
+    (the names of the kernels it allows, whether the call applies dropout: ``dropout_p()``
+    is nonzero). One flag read on every call (part of a layer's memo of decisions)."""
+    if torch._C._get_math_sdp_enabled():
+        return None
+    enabled = tuple(name for name, on in (("flash", torch._C._get_flash_sdp_enabled()),
+                                          ("efficient", torch._C._get_mem_efficient_sdp_enabled()),
+                                          ("cudnn", torch._C._get_cudnn_sdp_enabled())) if on)
+    return enabled, bool(dropout_p())
+
+
+def sdpa_restriction(call):
+    """Why SDPA has no kernel for ``call`` under an ``sdpa_kernel`` restriction ("" if it has).
+
+    On CPU, SDPA has its math kernel and a flash kernel, which takes no dropout and no
+    empty axis. On CUDA,
+    PyTorch chooses among the allowed kernels by rules of its own (dtype, head size, GPU),
+    so only a restriction that allows none is refused here."""
+    if call.sdpa_kernels is None:
+        return ""
+    enabled, dropout = call.sdpa_kernels
+    if call.device.type == "cpu":
+        if "flash" in enabled and not dropout and not call.empty:
+            return ""
+        why = " (its CPU flash kernel takes no dropout and no empty batch or time axis)" if "flash" in enabled else ""
+    elif enabled:
+        return ""
+    else:
+        why = ""
+    allowed = ", ".join(enabled) or "no kernel"
+    return (f"torch.nn.attention.sdpa_kernel allows SDPA {allowed}, which cannot serve this call on "
+            f"{call.device.type}{why}")
+
+
 def sdpa_refusal(call):
     """Why ``auto`` should not use SDPA for ``call`` ("" if it can)."""
     if _COMPILED_FP64_CPU_SDPA_BROKEN and call.compiled and call.device.type == "cpu" and call.dtype == torch.float64:
         return f"compiled float64 SDPA backward fails on CPU in torch {torch.__version__} (pytorch #185539)"
-    return ""
+    return sdpa_restriction(call)
 
 
 def select_backend(requested, call):
@@ -193,8 +232,15 @@ def select_backend(requested, call):
             f"backend={requested!r} cannot return attention weights; "
             "keep_attn=True needs backend='math' or 'auto'"
         )
-    if requested in (MATH, SDPA):
-        return requested, ""
+    if requested == SDPA:
+        restriction = sdpa_restriction(call)
+        if restriction:
+            raise BackendUnavailableError(
+                f"backend='sdpa' cannot serve this call: {restriction}. Allow SDPBackend.MATH in "
+                "sdpa_kernel, or use backend='auto' (or 'math') to run the math path.")
+        return SDPA, ""
+    if requested == MATH:
+        return MATH, ""
     if call.forward_ad and requested == AUTO:
         # Tangents of dual tensors: only the math path has forward derivatives.
         return MATH, "forward-mode AD: SDPA's CPU kernel and flash-attn have no forward derivative"

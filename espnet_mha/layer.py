@@ -126,8 +126,10 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
     def _select(self, x, keep, *, causal, need_weights, decode_step=False, empty=False, dropout_module=""):
         # The decision depends only on static properties of the call, so it is
         # memoised per layer: decoding steps pay a dict lookup, not the rules.
+        # SDPA's allowed kernels (torch.nn.attention.sdpa_kernel): None unless restricted.
+        kernels = dispatch.sdpa_kernels(self._dropout_p)
         key = (x.device, checks.compute_dtype(x), masks.mask_kind(keep), causal, need_weights, decode_step,
-               self.backend, self.compile_setting, empty, dropout_module, compile_policy.capturing(),
+               self.backend, self.compile_setting, empty, dropout_module, kernels, compile_policy.capturing(),
                checks.forward_ad_active(), torch.is_grad_enabled(), torch.compiler.is_compiling())
         decision = self._decisions.get(key)
         if decision is None:
@@ -137,7 +139,8 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
                 need_weights=need_weights, decode_step=decode_step,
                 # Compiled by the layer's policy, or traced by a user's torch.compile.
                 compiled=compile_policy.wants_compile(self.compile_setting, device.type) or key[-1], empty=empty,
-                dropout_module=dropout_module, captured=key[-4], forward_ad=key[-3], grad=key[-2],
+                dropout_module=dropout_module, sdpa_kernels=kernels, captured=key[-4], forward_ad=key[-3],
+                grad=key[-2],
             )
             try:
                 decision = self._decisions[key] = dispatch.select_backend(self.backend, call)

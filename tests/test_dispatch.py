@@ -277,3 +277,68 @@ def test_flash_attn_is_asked_for_a_deterministic_backward_when_torch_is(flash_on
     finally:
         torch.use_deterministic_algorithms(False)
     assert flash_on_cpu.calls[-1]["deterministic"] is True
+
+
+SDPA_RESTRICTIONS = [
+    # (kernels sdpa_kernel allows, dropout in training, whether SDPA serves the call on CPU)
+    ("EFFICIENT_ATTENTION", False, False),
+    ("CUDNN_ATTENTION", False, False),
+    ("FLASH_ATTENTION", True, False),  # the CPU flash kernel takes no dropout
+    ("FLASH_ATTENTION", False, True),
+    ("MATH", True, True),
+]
+
+
+@pytest.mark.parametrize("allowed,dropout,sdpa_serves", SDPA_RESTRICTIONS,
+                         ids=[f"{a}-{'dropout' if d else 'eval'}" for a, d, _ in SDPA_RESTRICTIONS])
+def test_an_sdpa_kernel_restriction_is_a_visible_fallback_to_math(allowed, dropout, sdpa_serves):
+    """``torch.nn.attention.sdpa_kernel([...])`` (e.g. left on from a GPU setup) that leaves
+    SDPA no kernel for a CPU call: the stock layer never calls SDPA and runs; ``auto`` raised
+    "No available kernel" (found by a probe). It now takes the math path and says why; a
+    forced ``sdpa`` raises our error naming the restriction."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    stock, ours = stock_and_flash(16, 4)
+    for layer in (stock, ours):
+        layer.dropout.p = 0.2 if dropout else 0.0
+        layer.train(dropout)
+    query, memory = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    keep = torch.ones(2, 1, 5, dtype=torch.bool)
+    keep[1, :, 3:] = False
+    with sdpa_kernel([getattr(SDPBackend, allowed)]):
+        for mask in (None, keep):
+            torch.manual_seed(0)
+            expected, _ = stock(query, memory, mask)
+            torch.manual_seed(0)
+            got, _ = ours(query, memory, mask)
+            torch.testing.assert_close(got, expected, **FP64)
+            if sdpa_serves:
+                assert ours.last_backend == "sdpa" and "sdpa_kernel" not in ours.last_fallback
+            else:
+                assert ours.last_backend == "math"
+                assert "torch.nn.attention.sdpa_kernel allows SDPA" in ours.last_fallback
+            with torch.no_grad():
+                torch.manual_seed(0)
+                _, state = ours.step(query[:, 0], None, memory, mask)
+                torch.manual_seed(0)
+                got, _ = ours.step(query[:, 1], state, memory, mask)
+                torch.manual_seed(0)
+                expected, _ = stock.step(query[:, 1], None, memory, mask)
+            torch.testing.assert_close(got, expected, **FP64)
+        forced = ours.__class__(16, 4, dropout=0.2 if dropout else 0.0, backend="sdpa").double().train(dropout)
+        if sdpa_serves:
+            forced(query, memory, keep)
+        else:
+            with pytest.raises(BackendUnavailableError, match=r"backend='sdpa' cannot serve this call: "
+                                                              r"torch.nn.attention.sdpa_kernel allows SDPA"):
+                forced(query, memory, keep)
+    ours(query, memory, keep)  # the restriction lifted: SDPA again
+    assert ours.last_backend == "sdpa"
+
+
+def test_on_cuda_an_sdpa_restriction_is_left_to_pytorch_unless_it_allows_no_kernel():
+    """CUDA's kernels have rules of their own (dtype, head size, GPU): not guessed here."""
+    assert dispatch.sdpa_restriction(call(sdpa_kernels=(("efficient",), True))) == ""
+    assert dispatch.sdpa_restriction(call(sdpa_kernels=((), False))) == (
+        "torch.nn.attention.sdpa_kernel allows SDPA no kernel, which cannot serve this call on cuda")
+    assert dispatch.sdpa_restriction(call(sdpa_kernels=None)) == ""
