@@ -57,6 +57,27 @@ def check_probability(name, value):
     return float(value)
 
 
+ENV_TRUE, ENV_FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_flag(name, value, extra=()):
+    """An environment variable's on/off value (any case, spaces stripped): True for
+    1/true/yes/on, False for 0/false/no/off, or one of ``extra`` as written (lower case).
+
+    Raises:
+        ValueError: anything else, naming the variable and the values it takes.
+    """
+    given = value.strip().lower()
+    if given in ENV_TRUE:
+        return True
+    if given in ENV_FALSE:
+        return False
+    if given in extra:
+        return given
+    allowed = "/".join(ENV_FALSE[:1] + ENV_TRUE[:1] + tuple(extra))
+    raise ValueError(f"{name}={value!r} must be {allowed} (or true/false, yes/no, on/off)")
+
+
 def check_flag(name, value):
     """An on/off option as a ``bool`` (bools, numpy bools and the ints 0/1; a string such as
     "false" is refused rather than read as true).

@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from espnet_mha import checks
+
 logger = logging.getLogger(__name__)
 
 ENV_COMPILE = "ESPNET_MHA_COMPILE"
@@ -56,12 +58,9 @@ def resolve_compile(option, mode):
         option = bool(option)
     if not (option is None or type(option) is bool or (isinstance(option, str) and option == AUTO)):
         raise ValueError(f"compile must be True, False or 'auto', got {option!r}")
-    env = os.environ.get(ENV_COMPILE, "").strip().lower()
-    if env:
-        table = {"0": False, "false": False, "1": True, "true": True, AUTO: AUTO}
-        if env not in table:
-            raise ValueError(f"{ENV_COMPILE}={env!r} must be 0, 1 or auto")
-        option = table[env]
+    env = os.environ.get(ENV_COMPILE, "")
+    if env.strip():
+        option = checks.env_flag(ENV_COMPILE, env, extra=(AUTO,))
     elif option is None:
         option = AUTO
     env_mode = os.environ.get(ENV_COMPILE_MODE, "").strip()

@@ -79,6 +79,8 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
             raise ValueError(f"n_feat ({n_feat}) must be divisible by n_head ({n_head})")
         dropout = checks.check_probability("dropout", dropout)
         causal, keep_attn = checks.check_flag("causal", causal), checks.check_flag("keep_attn", keep_attn)
+        # Read as a flag, not bool(): a YAML string "false" turned transposition on (a probe).
+        transposed = checks.check_flag("transposed", transposed)
         if kwargs:
             logger.warning("FlashMultiHeadedAttention ignores %s (as the stock layer does)", sorted(kwargs))
         self.n_feat = n_feat
@@ -86,7 +88,7 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
         self.d_k = n_feat // n_head
         self.d_model = n_feat
         self.d_output = n_feat
-        self.transposed = bool(transposed)
+        self.transposed = transposed
         self.causal = causal
         self.keep_attn = keep_attn
         self.backend = dispatch.resolve_backend(backend)

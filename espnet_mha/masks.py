@@ -22,11 +22,15 @@ def keep_mask(mask, *, batch, t1, t2, device):
 
     Args:
         mask: None, or a tensor of shape ``(b, m, n)`` with ``b`` in ``{1, B}``, ``m``
-            in ``{1, T1}`` and ``n`` in ``{1, T2}``, or ``(1, n)``; bool or numeric,
-            nonzero = keep. These are the shapes the stock layer broadcasts (its
-            ``mask.unsqueeze(1)`` against the ``(B, H, T1, T2)`` scores): ``n = 1``
-            keeps or masks all keys of a row (a query-padding mask ``(B, T1, 1)``), and
-            ``(1, n)`` is one key mask for every item.
+            in ``{1, T1}`` and ``n`` in ``{1, T2}``, or ``(1, n)``, or ``(m,)``; bool or
+            numeric (complex too), nonzero = keep. These are the shapes the stock layer
+            broadcasts (its ``mask.unsqueeze(1)`` against the ``(B, H, T1, T2)``
+            scores): ``n = 1`` keeps or masks all keys of a row (a query-padding mask
+            ``(B, T1, 1)``), ``(1, n)`` is one key mask for every item, and a 1-D
+            ``(m,)`` becomes ``(m, 1)``, one flag per query row for every item. A 2-D
+            ``(h, n)`` with ``h > 1`` is refused: the stock layer aligns ``h`` with the
+            heads (a per-head mask), and such a mask is mostly a ``(B, T2)`` key mask
+            that lacks its middle axis.
         batch, t1, t2: B, T1 and T2 of the attention call.
         device: the device of the query.
 
@@ -34,7 +38,7 @@ def keep_mask(mask, *, batch, t1, t2, device):
         None, or a bool tensor ``(b, m, T2)``, True where attention is allowed.
 
     Raises:
-        TypeError: mask is not a tensor, or is complex.
+        TypeError: mask is not a tensor.
         ValueError: mask has another rank or does not broadcast to (B, T1, T2), or
             is on another device than the query.
     """
@@ -42,20 +46,27 @@ def keep_mask(mask, *, batch, t1, t2, device):
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dim() == 2 and mask.size(0) == 1:
+    given = tuple(mask.shape)
+    if mask.dim() == 1:  # (m,) -> (m, 1) by the stock unsqueeze: one flag per query row
+        mask = mask.view(1, -1, 1)
+    elif mask.dim() == 2 and mask.size(0) == 1:
         mask = mask.unsqueeze(0)
+    elif mask.dim() == 2:
+        raise ValueError(
+            f"mask of shape {given}: a 2-D mask (h, T2) with h > 1 is a per-head mask to the "
+            "stock layer (its mask.unsqueeze(1) aligns h with the heads), which this layer does not take; "
+            "pass a key mask as (B, 1, T2), or (1, T2) for one mask for every item"
+        )
     if mask.dim() != 3:
         raise ValueError(
-            f"mask must be 3-D, (B, 1, T2) or (B, T1, T2) (or (1, T2)), got shape {tuple(mask.shape)}"
+            f"mask must be 3-D, (B, 1, T2) or (B, T1, T2) (or (1, T2), or (T1,)), got shape {given}"
         )
     b, m, n = mask.shape
     if b not in (1, batch) or m not in (1, t1) or n not in (1, t2):
         raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to "
+            f"mask of shape {given} does not broadcast to "
             f"(B, T1, T2) = ({batch}, {t1}, {t2})"
         )
-    if mask.is_complex():
-        raise TypeError(f"mask must be bool or real-valued, got {mask.dtype}")
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device} but query is on {device}")
     keep = mask if mask.dtype == torch.bool else mask.ne(0)

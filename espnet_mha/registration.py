@@ -73,12 +73,12 @@ def apply_environment():
     ``import espnet_mha``).
 
     Raises:
-        ValueError: if ``ESPNET_MHA_REPLACE_MHA`` is set to something other than 0/1.
+        ValueError: if ``ESPNET_MHA_REPLACE_MHA`` is set to something other than 0/1
+            (or false/true, no/yes, off/on).
     """
     register()
-    value = os.environ.get(ENV_REPLACE_MHA, "").strip()
-    if value in ("", "0"):
-        return
-    if value != "1":
-        raise ValueError(f"{ENV_REPLACE_MHA} must be '0' or '1', got {value!r}")
-    use_for_mha()
+    from espnet_mha import checks  # lazy: this module imports nothing heavy
+
+    value = os.environ.get(ENV_REPLACE_MHA, "")
+    if value.strip() and checks.env_flag(ENV_REPLACE_MHA, value):
+        use_for_mha()

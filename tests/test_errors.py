@@ -34,6 +34,8 @@ def layer():
         (dict(n_feat=8, n_head=2, dropout=float("nan")), ValueError, r"dropout must be in \[0, 1\], got nan"),
         (dict(n_feat=8, n_head=2, causal="false"), TypeError, r"causal must be True or False, got str 'false'"),
         (dict(n_feat=8, n_head=2, keep_attn="no"), TypeError, r"keep_attn must be True or False, got str 'no'"),
+        # bool("false") is True: a YAML string turned transposition on (a probe).
+        (dict(n_feat=8, n_head=2, transposed="false"), TypeError, r"transposed must be True or False, got str 'false'"),
     ],
 )
 def test_constructor_errors(kwargs, error, match):
@@ -49,8 +51,15 @@ def test_environment_overrides_are_checked(monkeypatch):
     assert FlashMultiHeadedAttention(8, 2, backend="sdpa").backend == "math"
     monkeypatch.delenv("ESPNET_MHA_BACKEND")
     monkeypatch.setenv("ESPNET_MHA_COMPILE", "maybe")
-    with pytest.raises(ValueError, match=r"ESPNET_MHA_COMPILE='maybe' must be 0, 1 or auto"):
+    with pytest.raises(ValueError, match=r"ESPNET_MHA_COMPILE='maybe' must be 0/1/auto \(or true/false, yes/no, "
+                                         r"on/off\)"):
         FlashMultiHeadedAttention(8, 2)
+    for value, setting in (("No", False), ("ON", True), (" Auto ", "auto")):
+        monkeypatch.setenv("ESPNET_MHA_COMPILE", value)
+        assert FlashMultiHeadedAttention(8, 2).compile_setting == setting, value
+    monkeypatch.delenv("ESPNET_MHA_COMPILE")
+    monkeypatch.setenv("ESPNET_MHA_BACKEND", "SDPA")  # as other variables, any case
+    assert FlashMultiHeadedAttention(8, 2).backend == "sdpa"
 
 
 def test_options_are_checked_where_the_environment_overrides_them(monkeypatch):
@@ -80,13 +89,14 @@ def test_options_are_checked_where_the_environment_overrides_them(monkeypatch):
         (torch.randn(2, 3, 8), torch.randn(2, 5, 6), None, ValueError, r"memory has feature size 6"),
         (torch.randn(2, 3, 8), torch.randn(3, 5, 8), None, ValueError, r"memory batch 3 \(shape \(3, 5, 8\)\) != query batch 2"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 8, dtype=torch.float64), None, TypeError, r"memory dtype torch.float64 != the layer.s parameter dtype torch.float32"),
-        (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool), ValueError, r"mask must be 3-D, \(B, 1, T2\) or \(B, T1, T2\) \(or \(1, T2\)\), got shape \(2, 5\)"),
+        (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool), ValueError, r"mask of shape \(2, 5\): a 2-D mask \(h, T2\) with h > 1 is a per-head mask to the stock layer"),
+        (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 1, 1, 5, dtype=torch.bool), ValueError, r"mask must be 3-D, \(B, 1, T2\) or \(B, T1, T2\) \(or \(1, T2\), or \(T1,\)\), got shape \(2, 1, 1, 5\)"),
+        (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(4, dtype=torch.bool), ValueError, r"mask of shape \(4,\) does not broadcast to \(B, T1, T2\) = \(2, 3, 5\)"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 1, 4, dtype=torch.bool), ValueError, r"mask of shape \(2, 1, 4\) does not broadcast to \(B, T1, T2\) = \(2, 3, 5\)"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(3, 1, 5, dtype=torch.bool), ValueError, r"mask of shape \(3, 1, 5\) does not broadcast"),
         (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 2, 5, dtype=torch.bool), ValueError, r"mask of shape \(2, 2, 5\) does not broadcast"),
         (torch.randn(2, 3, 8), None, torch.ones(2, 1, 5, dtype=torch.bool), ValueError, r"mask of shape \(2, 1, 5\) does not broadcast to \(B, T1, T2\) = \(2, 3, 3\)"),
         (torch.randn(2, 3, 8), None, [[1]], TypeError, r"mask must be a torch.Tensor or None, got list"),
-        (torch.randn(2, 3, 8), None, torch.ones(2, 1, 3, dtype=torch.complex64), TypeError, r"mask must be bool or real-valued, got torch.complex64"),
     ],
 )
 def test_forward_errors(layer, query, memory, mask, error, match):

@@ -260,13 +260,14 @@ def test_espnet_init_gives_the_stock_weights(init):
         torch.testing.assert_close(ours[key], stock[key], rtol=1e-6, atol=0, msg=key)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 1), (1, 3, 1), (2, 1, 1), (1, 5), (1, 1)],
-                         ids=["B,T1,1", "1,T1,1", "B,1,1", "1,T2", "1,1"])
+@pytest.mark.parametrize("shape", [(2, 3, 1), (1, 3, 1), (2, 1, 1), (1, 5), (1, 1), (3,), (1,)],
+                         ids=["B,T1,1", "1,T1,1", "B,1,1", "1,T2", "1,1", "T1", "1"])
 @pytest.mark.parametrize("self_attention", [False, True], ids=["cross", "self"])
 def test_masks_the_stock_layer_broadcasts(shape, self_attention):
     """Other mask shapes the stock layer broadcasts (its mask.unsqueeze(1) against the
     (B, H, T1, T2) scores) mean the same here: (B, T1, 1) masks whole query rows (their
-    output is the bias), (1, T2) is one key mask for all. They were refused."""
+    output is the bias), (1, T2) is one key mask for all, a 1-D (T1,) one flag per query
+    row. They were refused (the 1-D ones until a probe found them)."""
     stock, ours = stock_and_flash(8, 2)
     gen = torch.Generator().manual_seed(sum(shape))
     t2 = 3 if self_attention else 5
@@ -276,6 +277,24 @@ def test_masks_the_stock_layer_broadcasts(shape, self_attention):
     mask = torch.rand(shape, generator=gen) > 0.4
     mask.view(-1)[0] = False  # at least one masked entry
     torch.testing.assert_close(ours(query, memory, mask)[0], stock(query, memory, mask)[0], rtol=1e-10, atol=1e-10)
+    if not self_attention and len(shape) == 1:  # a step: one query row
+        row = mask[:1]
+        for state in (None, ours.step(query[:, 0], None, memory, row)[1]):
+            torch.testing.assert_close(ours.step(query[:, 1], state, memory, row)[0],
+                                       stock.step(query[:, 1], None, memory, row)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_complex_masks_mean_what_they_mean_to_the_stock_layer():
+    """The stock layer's ``mask.eq(0)`` takes a complex mask (nonzero keeps); ours refused it
+    (a probe). A per-head 2-D mask (h, T2), h > 1, stays refused, naming why."""
+    stock, ours = stock_and_flash(8, 2)
+    gen = torch.Generator().manual_seed(3)
+    query, memory = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    mask = (torch.rand(2, 1, 5, generator=gen) > 0.4).to(torch.complex64) * (1 - 2j)
+    torch.testing.assert_close(ours(query, memory, mask)[0], stock(query, memory, mask)[0], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 5\): a 2-D mask \(h, T2\) with h > 1 is a per-head "
+                                         r"mask to the stock layer"):
+        ours(query, memory, torch.ones(2, 5, dtype=torch.bool))
 
 
 def test_the_math_backend_gives_second_derivatives_as_the_stock_layer():

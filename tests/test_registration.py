@@ -41,8 +41,15 @@ def test_environment_switch(monkeypatch):
     monkeypatch.setenv("ESPNET_MHA_REPLACE_MHA", "1")
     apply_environment()
     assert espnet_mha.mha_is_ours()
-    monkeypatch.setenv("ESPNET_MHA_REPLACE_MHA", "yes")
-    with pytest.raises(ValueError, match=r"ESPNET_MHA_REPLACE_MHA must be '0' or '1', got 'yes'"):
+    # The usual spellings of on/off, as ESPNET_MHA_COMPILE takes them ("true" failed the import).
+    for value, ours in (("yes", True), (" TRUE ", True), ("Off", False), ("0", False), ("", False)):
+        espnet_mha.restore_mha()
+        monkeypatch.setenv("ESPNET_MHA_REPLACE_MHA", value)
+        apply_environment()
+        assert espnet_mha.mha_is_ours() == ours, value
+    monkeypatch.setenv("ESPNET_MHA_REPLACE_MHA", "maybe")
+    with pytest.raises(ValueError, match=r"ESPNET_MHA_REPLACE_MHA='maybe' must be 0/1 \(or true/false, yes/no, "
+                                         r"on/off\)"):
         apply_environment()
 
 
