@@ -183,7 +183,7 @@ def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
         in place of the six stock keys of each converted layer.
 
     Raises:
-        TypeError: ``state_dict`` is not a mapping.
+        TypeError: ``state_dict`` is not a mapping, or ``model`` not a module.
         KeyError: a layer of ``model`` has neither layout in the state dict; a
             layer is half-converted (names the missing keys) or has both layouts.
         ValueError: a q/k/v tensor has the wrong shape (names the key, expected
@@ -192,6 +192,8 @@ def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
     check_mapping(state_dict)
     if model is None:
         layers = {p: _stock_n_feat(state_dict, p) for p in stock_layers(state_dict, layer_pattern=layer_pattern)}
+    elif not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     else:
         stock, fused = set(stock_layers(state_dict, layer_pattern=None)), set(fused_layers(state_dict))
         layers = {}
@@ -249,6 +251,9 @@ def _unfuse_checked(layer, prefix):
     if both:
         raise KeyError(f"attention layer at {prefix!r} has both fused keys and stock {both}")
     weight, bias = (layer.get(f"{prefix}{FUSED_PROJECTION}.{param}") for param in PARAMS)
+    for param, value in zip(PARAMS, (weight, bias)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{prefix}{FUSED_PROJECTION}.{param} must be a tensor, got {type(value).__name__}")
     if weight is not None and bias is not None:
         expected = (3 * weight.shape[-1], weight.shape[-1])
         if tuple(weight.shape) != expected:

@@ -190,6 +190,16 @@ def convert_experiment(src, dst, *, to, force=False, allow_globals=(), drop_opti
                 report.links.append((name, target))
             else:
                 report.skipped.append((name, f"a link to {target}, which is not exported"))
+        converted = [f"{file}: {n}" for file, n in report.converted if n]
+        target = STOCK_NAME if to == "stock" else OUR_NAME
+        if converted and not _rename_layers(config, lambda item, path: item if item.get("_name_") == target else None)[1]:
+            # ESPnet would build the config's layers and load the converted weights beside them
+            # with strict=False (--init_param, averaging): silently without their q/k/v.
+            raise ConversionError(
+                f"{src / CONFIG} names no {target!r} layer (_name_: {target}; after the conversion), but the "
+                f"model files hold attention layers to convert ({', '.join(converted)}): the converted weights "
+                "would not fit the layers the config builds. Is it this experiment's config.yaml, with its "
+                "decoder's layer list?")
         if isinstance(config, dict) and config.get("freeze_param"):
             config = config | {"freeze_param": freeze_names(config["freeze_param"], report.prefixes, to, report)}
         with open(work / CONFIG, "w", encoding="utf-8") as f:

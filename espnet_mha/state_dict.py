@@ -87,7 +87,7 @@ def fuse_keys(state_dict, prefix, *, n_feat=None):
                         f"{prefix}{name}.{param}: expected shape {expected} for "
                         f"n_feat={n_feat}, found {tuple(part.shape)}"
                     )
-        described = {(tuple(p.shape[1:]), p.dtype, p.device) for p in parts}
+        described = {(tuple(p.shape), p.dtype, p.device) for p in parts}  # one (D, D) / (D,) each
         if len(described) != 1:
             raise ValueError("the q/k/v parts differ in shape, dtype or device: " + ", ".join(
                 f"{name} {tuple(p.shape)} {p.dtype} on {p.device}" for name, p in zip(names, parts)))
@@ -105,9 +105,9 @@ def unfuse_keys(state_dict, prefix):
 
     Raises:
         KeyError: only one of ``linear_qkv.weight``/``.bias`` is present.
-        TypeError: ``state_dict`` is not a mapping.
+        TypeError: ``state_dict`` is not a mapping, or a fused entry is not a tensor.
         ValueError: the fused tensor's first dimension is not divisible by 3, or
-            weight and bias do not fit each other.
+            weight and bias do not fit each other (the dict is then left as it was).
     """
     check_mapping(state_dict)
     fused = {param: f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS}
@@ -115,16 +115,20 @@ def unfuse_keys(state_dict, prefix):
     if not present:
         return False
     weight, bias = (state_dict[key] for key in fused.values()) if len(present) == len(fused) else (None, None)
+    for key in present:
+        if not isinstance(state_dict[key], torch.Tensor):
+            raise TypeError(f"{key} must be a tensor, got {type(state_dict[key]).__name__}")
     if weight is not None and (weight.dim() != 2 or tuple(bias.shape) != (weight.size(0),)):
         raise ValueError(f"{fused['weight']} {tuple(weight.shape)} and {fused['bias']} {tuple(bias.shape)} "
                          f"are not a (3D, D) weight and its (3D,) bias")
     if len(present) != len(fused):
         missing = [key for key in fused.values() if key not in state_dict]
         raise KeyError(f"half-converted attention layer at {prefix!r}: missing {missing}")
+    for key in fused.values():  # checked before any key is replaced: an error leaves the dict as it was
+        if state_dict[key].size(0) % 3:
+            raise ValueError(f"{key}: first dimension {state_dict[key].size(0)} is not divisible by 3")
     for param, key in fused.items():
         tensor = state_dict.pop(key)
-        if tensor.size(0) % 3:
-            raise ValueError(f"{key}: first dimension {tensor.size(0)} is not divisible by 3")
         for name, part in zip(STOCK_PROJECTIONS, tensor.chunk(3, dim=0)):
             state_dict[f"{prefix}{name}.{param}"] = part.clone()
     return True

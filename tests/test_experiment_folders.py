@@ -3,6 +3,7 @@ ESPnet without espnet-mha, checked by decoding in a Python that cannot import us
 folder converted in place, which ESPnet resumes and averages with flash_mha."""
 
 import json
+import re
 import subprocess
 import sys
 import sysconfig
@@ -176,6 +177,14 @@ def test_refusals(tmp_path, capsys):
     (plain / "config.yaml").write_text("a: [b\n")
     assert run(plain, tmp_path / "o2", "--to", "stock") == 1
     assert "not YAML ESPnet can read" in capsys.readouterr().err
+    # A config that names no attention layer (no decoder, a layer list that is not one): the
+    # weights were converted and the config left as it was, exit 0 (found by a probe).
+    for config in ({"encoder": "conformer"}, {"decoder": "s4", "decoder_conf": {"layer": "flash_mha"}}, [], None):
+        (plain / "config.yaml").write_text(yaml.safe_dump(config))
+        assert run(plain, tmp_path / "o3", "--to", "stock") == 1
+        assert re.search(r"config\.yaml names no 'mha' layer \(_name_: mha; after the conversion\), but the "
+                         r"model files hold attention layers to convert \(1epoch\.pth: \d", capsys.readouterr().err)
+        assert not (tmp_path / "o3" / "1epoch.pth").exists()
 
 
 def test_links_odd_files_and_failures(tmp_path, capsys):

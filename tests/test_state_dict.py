@@ -7,7 +7,7 @@ import pytest
 import torch
 from espnet2.asr.state_spaces.attention import MultiHeadedAttention
 
-from espnet_mha import FlashMultiHeadedAttention, fuse_keys, unfuse_keys
+from espnet_mha import FlashMultiHeadedAttention, fuse_keys, to_fused, to_stock, unfuse_keys
 from espnet_mha.testing import stock_and_flash
 
 
@@ -105,9 +105,22 @@ def test_mixed_layouts_are_refused():
 def test_unfuse_errors():
     with pytest.raises(KeyError, match=r"missing \['p.linear_qkv.bias'\]"):
         unfuse_keys({"p.linear_qkv.weight": torch.zeros(6, 2)}, "p.")
+    odd = {"p.linear_qkv.weight": torch.zeros(5, 2), "p.linear_qkv.bias": torch.zeros(5)}
     with pytest.raises(ValueError, match=r"p.linear_qkv.weight: first dimension 5 is not divisible by 3"):
-        unfuse_keys({"p.linear_qkv.weight": torch.zeros(5, 2), "p.linear_qkv.bias": torch.zeros(5)}, "p.")
+        unfuse_keys(odd, "p.")
+    assert sorted(odd) == ["p.linear_qkv.bias", "p.linear_qkv.weight"]  # left as it was (the weight was removed)
     assert not unfuse_keys({"x": torch.zeros(1)}, "")
+    for unfuse in (unfuse_keys, lambda sd, p: to_stock(sd)):
+        with pytest.raises(TypeError, match=r"p.linear_qkv.weight must be a tensor, got list"):
+            unfuse({"p.linear_qkv.weight": [1.0], "p.linear_qkv.bias": torch.zeros(3)}, "p.")
+    # Without n_feat, q/k/v of different row counts were fused into a tensor that splits otherwise.
+    uneven = {f"linear_{n}.{p}": torch.zeros((rows, 8) if p == "weight" else (rows,))
+              for n, rows in zip("qkv", (8, 16, 8)) for p in ("weight", "bias")}
+    with pytest.raises(ValueError, match=r"the q/k/v parts differ in shape, dtype or device: linear_q.weight \(8, 8\) "
+                                         r"torch.float32 on cpu, linear_k.weight \(16, 8\)"):
+        fuse_keys(uneven, "")
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module or None, got str"):
+        to_fused({}, model="decoder")
 
 
 def stacked(layer):
@@ -257,7 +270,7 @@ def test_stock_helpers_check_their_arguments():
         layer.forward_qkv(x, torch.randn(1, 5, 8), torch.randn(1, 5, 8))
     q, k, v = layer.forward_qkv(x, torch.randn(2, 5, 8), torch.randn(2, 5, 8))
     scores = q @ k.transpose(-2, -1)
-    with pytest.raises(ValueError, match=r"mask must be 3-D"):
+    with pytest.raises(ValueError, match=r"a 2-D mask \(h, T2\) with h > 1 is a per-head mask"):
         layer.forward_attention(v, scores, torch.ones(2, 5))
     with pytest.raises(TypeError, match=r"scores must be a 4-D torch.Tensor, got \(2, 3, 5\)"):
         layer.forward_attention(v, scores[:, 0], None)
