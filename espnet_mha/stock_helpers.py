@@ -25,18 +25,27 @@ class StockHelpers:
         """Project and split heads, as the stock layer does.
 
         Args:
-            query: ``(B, T1, D)``; key, value: ``(B, T2, D)``.
+            query: ``(B, T1, D)``; key ``(B, T2, D)``, value ``(B, T2', D)`` (T2' may differ,
+                as in the stock helper); each may be ``(B, D)``, one position.
 
         Returns:
-            q ``(B, H, T1, d_k)``, k ``(B, H, T2, d_k)``, v ``(B, H, T2, d_k)``.
+            q ``(B, H, T1, d_k)``, k ``(B, H, T2, d_k)``, v ``(B, H, T2', d_k)``.
 
         Raises:
             TypeError, ValueError: bad ranks, feature sizes, dtypes or devices, or
-                key/value shapes that do not fit the query's batch.
+                key/value batches that are not the query's.
         """
+        same_kv, kv_is_query = value is key, key is query
+        given = []
         for name, x, layout in (("query", query, "(B, T1, D)"), ("key", key, "(B, T2, D)"), ("value", value, "(B, T2, D)")):
-            self._check_features(name, x, 3, layout)
-        if key.shape != value.shape or key.size(0) != query.size(0):
+            if isinstance(x, torch.Tensor) and x.dim() == 2:  # (B, D): one position, as the stock view reads it
+                self._check_features(name, x, 2, "(B, D)")
+                x = x.unsqueeze(1)
+            else:
+                self._check_features(name, x, 3, layout)
+            given.append(x)
+        query, key, value = given
+        if key.size(0) != query.size(0) or value.size(0) != query.size(0):
             raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must both be (B, T2, D) "
                              f"with the query's batch B={query.size(0)}")
         n_batch = query.size(0)
@@ -48,8 +57,8 @@ class StockHelpers:
         if proj is not None and proj.fused is not None:  # linear_qkv called as a module, once per input
             d = self.h * self.d_k
             q = proj.fused(query)
-            kv = q if key is query else proj.fused(key)
-            v = kv if value is key else proj.fused(value)
+            kv = q if kv_is_query else proj.fused(key)
+            v = kv if same_kv else proj.fused(value)
             return heads(q[..., :d]), heads(kv[..., d:2 * d]), heads(v[..., 2 * d:])
         if proj is not None:  # quantize_dynamic swapped the linears: re-quantized parts
             return heads(proj.q(query)), heads(proj.k(key)), heads(proj.v(value))

@@ -193,6 +193,12 @@ def test_forward_qkv_and_forward_attention_helpers_match_stock():
     mask[1, 2] = False
     torch.testing.assert_close(ours.forward_attention(v, scores, mask), stock.forward_attention(v, scores, mask), **FP64)
     torch.testing.assert_close(ours.attn, stock.attn, **FP64)
+    # What the stock helper's view also reads (a probe): (B, D) inputs, one position each, and a
+    # value of another length than the key. They were refused.
+    for args in ((query[:, 0], key, key), (query, key[:, 0], key[:, 0]), (query, key, key[:, :3]),
+                 (query, query, query[:, :2])):
+        for got, expected in zip(ours.forward_qkv(*args), stock.forward_qkv(*args)):
+            torch.testing.assert_close(got, expected, **FP64)
 
 
 def test_dropout_is_applied_in_training_only():
