@@ -117,7 +117,7 @@ def load_weights_only(path, *, allow_globals=()):
     """
     path = Path(path)
     if not path.is_file():
-        raise ConversionError(f"{path}: no such file")
+        raise ConversionError(f"{path}: " + ("not a regular file" if path.exists() else "no such file"))
     allowed = [obj for name in allow_globals for obj in _resolve_global(name)]
     with torch.serialization.safe_globals(allowed):
         with open(path, "rb") as f:

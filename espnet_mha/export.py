@@ -160,6 +160,8 @@ def convert_experiment(src, dst, *, to, force=False, allow_globals=(), drop_opti
     src, dst = Path(src), Path(dst)
     if not (src / CONFIG).is_file():
         raise ConversionError(f"{src}: no {CONFIG} (an ESPnet experiment folder has one next to its model files)")
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"{dst} is a file: a folder EXP_DIR ({src}) is converted into a folder OUT_DIR")
     in_place = dst.exists() and dst.resolve() == src.resolve()
     with open(src / CONFIG, encoding="utf-8") as f:
         try:

@@ -270,6 +270,8 @@ def test_argument_errors(exp, tmp_path, capsys):
         convert_file(exp.ave, tmp_path / "o.pth", to="both")
     with pytest.raises(ConversionError, match=r"missing\.pth: no such file"):
         convert_file(tmp_path / "missing.pth", tmp_path / "o.pth", to="stock")
+    with pytest.raises(ConversionError, match=r"^/dev/null: not a regular file"):
+        convert_file("/dev/null", tmp_path / "o.pth", to="stock")
     with pytest.raises(ConversionError, match=r"--allow-global 'nosuchmodule\.Thing': cannot import it"):
         load_weights_only(exp.ave, allow_globals=["nosuchmodule.Thing"])
     with pytest.raises(FileNotFoundError, match=r"no-dir: no such directory"):

@@ -174,6 +174,9 @@ def test_refusals(tmp_path, capsys):
         export_experiment(plain, plain)
     with pytest.raises(ValueError, match=r"to must be 'stock' or 'fused', got 'fusd'"):
         convert_experiment(plain, out, to="fusd")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConversionError, match=r"a_file is a file: a folder EXP_DIR .* is converted into a folder"):
+        convert_experiment(plain, tmp_path / "a_file", to="stock")
     (plain / "config.yaml").write_text("a: [b\n")
     assert run(plain, tmp_path / "o2", "--to", "stock") == 1
     assert "not YAML ESPnet can read" in capsys.readouterr().err
