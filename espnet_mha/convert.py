@@ -3,8 +3,8 @@
 Usage::
 
     espnet-mha-convert IN OUT --to stock|fused [--force] [--layer-pattern REGEX]
-                       [--allow-global NAME ...] [--drop-optimizer-state]
-    espnet-mha-convert EXP_DIR OUT_DIR --to stock|fused [--force] [--allow-global NAME ...]
+                       [--allow-global NAME]... [--drop-optimizer-state]
+    espnet-mha-convert EXP_DIR OUT_DIR --to stock|fused [--force] [--allow-global NAME]...
                        [--drop-optimizer-state]
     python -m espnet_mha.convert ...
 

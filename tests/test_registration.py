@@ -69,9 +69,10 @@ def test_startup_hook_registers_without_importing_us_first():
     out = _fresh_python("from espnet2.asr.state_spaces import registry; print(registry.layer['mha'])",
                         ESPNET_MHA_REPLACE_MHA="1")
     assert out.strip() == MHA_LAYER_PATH
-    out = _fresh_python("from espnet2.asr.state_spaces import registry; print('flash_mha' in registry.layer)",
-                        ESPNET_MHA_NO_HOOK="1")
-    assert out.strip() == "False"
+    for value, on in (("1", False), ("yes", False), ("Off", True), ("false", True), ("0", True)):
+        out = _fresh_python("from espnet2.asr.state_spaces import registry; print('flash_mha' in registry.layer)",
+                            ESPNET_MHA_NO_HOOK=value)
+        assert out.strip() == str(on), value  # "off" disabled the hook (a probe)
 
 
 def test_import_applies_the_environment_without_the_startup_hook():

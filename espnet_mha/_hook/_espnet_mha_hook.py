@@ -5,7 +5,7 @@ It makes ``flash_mha`` visible to ESPnet's own entry points
 interpreter start: it only puts a finder on ``sys.meta_path`` that waits for
 ``espnet2.asr.state_spaces.registry`` to be imported, then adds our entry to
 its ``layer`` dict (and, if ``ESPNET_MHA_REPLACE_MHA=1``, points ``mha`` at our
-layer too). Set ``ESPNET_MHA_NO_HOOK=1`` to disable it.
+layer too). Set ``ESPNET_MHA_NO_HOOK=1`` to disable it (0/false/no/off, in any case, leave it on).
 """
 
 import os
@@ -49,7 +49,9 @@ def _remove():
 
 
 def _install():
-    if os.environ.get("ESPNET_MHA_NO_HOOK", "") not in ("", "0"):
+    # Off spellings as the package's other on/off variables take them ("off" disabled the hook);
+    # any other value disables it (nothing can be raised at interpreter start).
+    if os.environ.get("ESPNET_MHA_NO_HOOK", "").strip().lower() not in ("", "0", "false", "no", "off"):
         return
     if _TARGET in sys.modules:
         from espnet_mha.registration import apply_environment
