@@ -160,8 +160,10 @@ def sdpa_kernels(dropout_p):
     """None while SDPA may fall back to its math kernel (the default); else, under a
     restriction by ``torch.nn.attention.sdpa_kernel`` (or ``torch.backends.cuda.enable_*_sdp``),
     (the names of the kernels it allows, whether the call applies dropout: ``dropout_p()``
-    is nonzero). One flag read on every call (part of a layer's memo of decisions)."""
-    if torch._C._get_math_sdp_enabled():
+    is nonzero). One flag read on every call (part of a layer's memo of decisions). Not
+    read while torch.compile or torch.export traces (strict export refuses the flag
+    reads): a traced call under such a restriction raises PyTorch's error."""
+    if torch.compiler.is_compiling() or torch._C._get_math_sdp_enabled():
         return None
     enabled = tuple(name for name, on in (("flash", torch._C._get_flash_sdp_enabled()),
                                           ("efficient", torch._C._get_mem_efficient_sdp_enabled()),
