@@ -98,22 +98,6 @@ def optimizer_steps():
     return _optimizer_steps[0]
 
 
-# The precision fp32 matmuls run at: torch.set_float32_matmul_precision("medium") runs the
-# CPU's (oneDNN) fp32 batched matmuls in bf16 and CUDA's in tf32. A cache's record keeps
-# it: keys projected under one setting were reused under another, 3.7e-4 off the stock
-# step (found by a probe).
-if hasattr(torch._C, "_get_fp32_precision_getter"):  # torch >= 2.9: per backend
-    _fp32_precision = torch._C._get_fp32_precision_getter
-
-    def matmul_precision():
-        """The fp32 matmul precision of the CPU's and CUDA's matmuls (about 0.4 us)."""
-        return _fp32_precision("mkldnn", "matmul"), _fp32_precision("cuda", "matmul")
-else:
-    def matmul_precision():
-        """The fp32 matmul precision (``torch.get_float32_matmul_precision``)."""
-        return torch.get_float32_matmul_precision()
-
-
 def memory_key(memory):
     """What tells apart memories ``(B, T2, D)`` of the same shape, dtype and device: the
     address, the strides and the in-place write counter. The batch stride counts only
@@ -175,7 +159,7 @@ def record(memory, key, weights, kv, weight_tensors, previous=None):
     reused without gradients: it keeps the graph it had), and a :func:`storage_ref` and
     the :func:`view_of` of the cache itself (so a tensor allocated where a freed cache
     was, or a view of other items of a cache, is not taken for it), the memory's
-    :func:`counter_owner`, and the :func:`matmul_precision` the keys were projected at."""
+    :func:`counter_owner`, and the :func:`checks.matmul_precision` the keys were projected at."""
     grads = grad_flags(memory, weight_tensors)
     if grads is not None:
         flags, reached = grads[0], tuple(weakref.ref(t) for t in grads[1])
@@ -184,7 +168,7 @@ def record(memory, key, weights, kv, weight_tensors, previous=None):
     else:
         flags, reached = (False,) * (1 + len(weight_tensors)), ()
     return (key, storage_ref(memory), weights, _version(kv), tuple(storage_ref(t) for t in weight_tensors),
-            flags, reached, storage_ref(kv), view_of(kv), counter_owner(memory), matmul_precision())
+            flags, reached, storage_ref(kv), view_of(kv), counter_owner(memory), checks.matmul_precision())
 
 
 def _counter_tensor(memory):
@@ -252,7 +236,7 @@ def provenance_problem(sources, state, key, memory, weights, grads=None):
             return "the key/value weights changed since the state was made"
     if kept[3] != _version(state):
         return "the state was changed in place since it was made"
-    if kept[10] != matmul_precision():
+    if kept[10] != checks.matmul_precision():
         return "the fp32 matmul precision (torch.set_float32_matmul_precision) changed since the state was made"
     if grads is not None:
         # Made without gradients, or its graph reaches other tensors than those that need

@@ -175,9 +175,8 @@ def sdpa_restriction(call):
     """Why SDPA has no kernel for ``call`` under an ``sdpa_kernel`` restriction ("" if it has).
 
     On CPU, SDPA has its math kernel and a flash kernel, which takes no dropout and no
-    empty axis. On CUDA,
-    PyTorch chooses among the allowed kernels by rules of its own (dtype, head size, GPU),
-    so only a restriction that allows none is refused here."""
+    empty axis. On CUDA, PyTorch chooses among the allowed kernels by rules of its own
+    (dtype, head size, GPU), so only a restriction that allows none is refused here."""
     if call.sdpa_kernels is None:
         return ""
     enabled, dropout = call.sdpa_kernels

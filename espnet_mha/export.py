@@ -194,7 +194,8 @@ def convert_experiment(src, dst, *, to, force=False, allow_globals=(), drop_opti
                 report.skipped.append((name, f"a link to {target}, which is not exported"))
         converted = [f"{file}: {n}" for file, n in report.converted if n]
         target = STOCK_NAME if to == "stock" else OUR_NAME
-        if converted and not _rename_layers(config, lambda item, path: item if item.get("_name_") == target else None)[1]:
+        named = _rename_layers(config, lambda item, path: item if item.get("_name_") == target else None)[1]
+        if converted and not named:
             # ESPnet would build the config's layers and load the converted weights beside them
             # with strict=False (--init_param, averaging): silently without their q/k/v.
             raise ConversionError(
