@@ -172,8 +172,7 @@ class DecodingSteps:
                 or cache.batch1_meets_distinct(state, key):
             return None  # the checked path decides: recompute, or reuse and remember
         self._last["backend"], self._last["fallback"] = decision
-        if self.attn is not None:  # keep_attn was switched off since the signature was remembered
-            self.attn = None
+        self._keep_weights(None)  # keep_attn may have been switched off since the signature was remembered
         params = self._decoding_params()
         self._last["cache"] = "reused"
         out, _ = functional.attend_cached(query, state, None, *params, backend=decision[0], need_weights=False)

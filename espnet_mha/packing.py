@@ -30,7 +30,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from espnet_mha import compile_policy, dispatch
+from espnet_mha import checks, compile_policy, dispatch
 
 ENV_SKIP = "ESPNET_MHA_SKIP_PADDED_KEYS"
 # Measured on a 2-core CPU: splitting lost with 4.4M skipped multiply-adds per
@@ -41,7 +41,7 @@ ITEM_COST_MACS = 6 << 20
 
 def enabled():
     """Whether padded keys are skipped (``$ESPNET_MHA_SKIP_PADDED_KEYS`` is not 0)."""
-    return os.environ.get(ENV_SKIP, "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(ENV_SKIP, "1").strip().lower() not in checks.ENV_FALSE
 
 
 def plain_eager():

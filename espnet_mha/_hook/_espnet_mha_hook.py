@@ -49,7 +49,8 @@ def _remove():
 
 
 def _install():
-    # Off spellings as the package's other on/off variables take them ("off" disabled the hook);
+    # Off spellings as the package's other on/off variables take them (checks.ENV_FALSE, not
+    # imported: it would import torch at every interpreter start; "off" disabled the hook);
     # any other value disables it (nothing can be raised at interpreter start).
     if os.environ.get("ESPNET_MHA_NO_HOOK", "").strip().lower() not in ("", "0", "false", "no", "off"):
         return
