@@ -158,7 +158,8 @@ def test_mixed_dtypes_under_autocast_work_like_the_stock_layer(query_dtype, memo
 
 OTHER_DEVICES = [
     "meta",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]),
 ]
 
 
