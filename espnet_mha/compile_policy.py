@@ -163,6 +163,14 @@ def capturing():
     return torch.compiler.is_compiling() if exporting is None else exporting
 
 
+def plain_eager():
+    """Whether a call runs eagerly on real tensors, so the mask's values can be read: not
+    under ``torch.compile`` or a capture (:func:`capturing`), functorch transforms
+    (``vmap``, ``grad``...) or a ``TorchDispatchMode`` (``make_fx``, ``FlopCounterMode``...)."""
+    return not (torch.compiler.is_compiling() or capturing()
+                or torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack())
+
+
 def _exporting():
     """Whether ``torch.export`` is tracing, or None where torch cannot say (torch < 2.7)."""
     # Not torch.compiler.is_exporting() first: dynamo reads it as True under torch.compile

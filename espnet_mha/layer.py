@@ -235,7 +235,7 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
             # Per-item calls draw dropout in other shapes than the stock layer's one call,
             # so with dropout the batch runs whole (the same random numbers as stock).
             if (backend == dispatch.SDPA and not self.causal and query.device.type == "cpu"
-                    and fn is functional.attend and not self._dropout_p() and packing.plain_eager()):
+                    and fn is functional.attend and not self._dropout_p() and compile_policy.plain_eager()):
                 key_lengths = packing.plan(keep, batch=batch, t1=t1, t2=t2, d=self.n_feat)
             out, weights = fn(
                 query, memory, keep, *self._params(), n_head=self.h, causal=self.causal,

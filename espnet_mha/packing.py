@@ -18,8 +18,8 @@ layer propagates it through ``0 * NaN``).
 
 Not used on CUDA (choosing the rows needs the mask's values on the host, a
 synchronisation; flash-attn's varlen path and SDPA's kernels handle padding
-there), outside plain eager calls (:func:`plain_eager`: ``torch.compile``,
-tracing and export, ``vmap``, ``make_fx``), when the attention weights are
+there), outside plain eager calls (:func:`espnet_mha.compile_policy.plain_eager`:
+``torch.compile``, tracing and export, ``vmap``, ``make_fx``), when the attention weights are
 requested, with dropout (per-item calls would draw other random numbers than
 the stock layer), or for causal layers. ``$ESPNET_MHA_SKIP_PADDED_KEYS=0``
 turns it off.
@@ -30,7 +30,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from espnet_mha import checks, compile_policy, dispatch
+from espnet_mha import checks, dispatch
 
 ENV_SKIP = "ESPNET_MHA_SKIP_PADDED_KEYS"
 # Measured on a 2-core CPU: splitting lost with 4.4M skipped multiply-adds per
@@ -42,15 +42,6 @@ ITEM_COST_MACS = 6 << 20
 def enabled():
     """Whether padded keys are skipped (``$ESPNET_MHA_SKIP_PADDED_KEYS`` is not 0)."""
     return os.environ.get(ENV_SKIP, "1").strip().lower() not in checks.ENV_FALSE
-
-
-def plain_eager():
-    """Whether a call runs eagerly on real tensors, so the mask's values can be read: not
-    under ``torch.compile`` or a capture (:func:`espnet_mha.compile_policy.capturing`),
-    functorch transforms (``vmap``, ``grad``...) or a ``TorchDispatchMode`` (``make_fx``,
-    ``FlopCounterMode``...)."""
-    return not (torch.compiler.is_compiling() or compile_policy.capturing()
-                or torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack())
 
 
 def plan(keep, *, batch, t1, t2, d):
