@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from espnet_mha import masks
+from espnet_mha import compile_policy, masks
 
 
 def sdpa_attention(q, k, v, keep, *, causal, dropout_p):
@@ -19,15 +19,19 @@ def sdpa_attention(q, k, v, keep, *, causal, dropout_p):
 
     Args:
         q: ``(B, H, T1, d_k)``; k, v: ``(B, H, T2, d_k)``.
-        keep: None or bool ``(B or 1, T1 or 1, T2)`` with no empty rows.
+        keep: None or bool ``(B or 1, T1 or 1, T2)``; without empty rows unless
+            :func:`takes_empty_rows` (then their context is finite, to be zeroed).
         causal: top-left causal mask; only with ``keep=None``.
         dropout_p: dropout on the attention weights.
 
     Returns:
         ``(B, H, T1, d_k)``.
     """
-    attn_mask = None if keep is None else keep.unsqueeze(1)  # (b, 1, m, T2)
-    if attn_mask is not None and attn_mask.is_cuda:
+    if keep is not None and takes_empty_rows(q):
+        attn_mask = additive_mask(keep, bias_dtype(q))
+    else:
+        attn_mask = None if keep is None else keep.unsqueeze(1)  # (b, 1, m, T2)
+    if attn_mask is not None and attn_mask.is_cuda and attn_mask.dtype == torch.bool:
         attn_mask = aligned_mask(attn_mask)
     if attn_mask is None and q.device.type == "cpu":
         # Without a mask (also with is_causal), SDPA's CPU kernel returns zeros for a
@@ -40,6 +44,51 @@ def sdpa_attention(q, k, v, keep, *, causal, dropout_p):
         else:
             attn_mask = torch.ones(1, 1, 1, k.size(-2), dtype=torch.bool, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
+
+
+def takes_empty_rows(q):
+    """Whether a masked SDPA call on ``q`` gets the additive mask of :func:`additive_mask`:
+    eager calls on CUDA that compute in a dtype with float32's range. There SDPA would turn
+    a bool mask into a float one (two kernel launches) and the memory-efficient kernel copy
+    it into an aligned buffer (two or three more), and masks without empty rows need three
+    more (:func:`masks.guard_empty_rows`): at ESPnet's sizes a layer's call is bound by its
+    launches (an H200 measured 491 us against 644 us for a masked cross-attention forward,
+    B=8, T1=60, T2=300, D=256, float32).
+
+    Not in float16: a score plus its lowest value (-65504, spaced 32 apart there) rounds
+    to -inf once the score is below -16, and a fully masked row of -inf gave NaN query
+    gradients on an H200 (``benchmarks.gpu_check``). Not on the CPU, nor under
+    ``torch.compile`` (Inductor fuses the bool path), a capture or functorch transforms.
+    """
+    return q.is_cuda and bias_dtype(q) != torch.float16 and compile_policy.plain_eager()
+
+
+def bias_dtype(q):
+    """The dtype SDPA computes ``q`` in: autocast's where it is on for ``q``'s device and
+    would cast ``q`` (not float64), else ``q``'s. The mask must have it: autocast casts a
+    float32 mask's lowest value to -inf in float16."""
+    device = q.device.type
+    if q.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return q.dtype
+
+
+def additive_mask(keep, dtype, multiple=8):
+    """SDPA's additive mask for a bool keep mask ``(b, m, T2)``: ``(b, 1, m, T2)``, 0 where
+    kept and ``dtype``'s lowest value where masked (the value the stock layer fills masked
+    scores with), a view into a buffer whose rows start at multiples of ``multiple``
+    elements (what the memory-efficient kernel wants, PR #114173; it copies other masks).
+
+    A finite value serves fully masked rows too: their weights are finite (equal
+    scores, or nearly), so the caller only zeroes their context, where a bool or -inf
+    mask gives NaN. A masked key of a row that keeps any gets weight exactly 0, unless a
+    kept score is below the masked one by more than the lowest value (beyond 65504 in
+    float16, where the stock layer's float16 scores overflow first).
+    """
+    t2 = keep.size(-1)
+    buffer = torch.empty(*keep.shape[:-1], -(-t2 // multiple) * multiple, dtype=dtype, device=keep.device)
+    bias = buffer[..., :t2].fill_(torch.finfo(dtype).min).masked_fill_(keep, 0.0)
+    return bias.unsqueeze(1)
 
 
 def aligned_mask(mask, multiple=8):

@@ -6,8 +6,10 @@ convention). A query whose keys are all masked must produce a zero context
 (the stock layer softmaxes ``finfo.min`` scores and then zeroes the weights), so
 its output is ``linear_out.bias``. Kernels disagree on such rows (NaN before
 torch 2.5, pytorch #103749/#109517; 0 since PR #133882; NaN on MPS, #156707), so
-we never hand a kernel an empty row: :func:`guard_empty_rows` lets those rows
-attend everywhere and :func:`zero_empty_rows` zeroes their context afterwards.
+no kernel sees a row without a finite score: :func:`guard_empty_rows` lets those
+rows attend everywhere (eager SDPA calls on CUDA get a finite additive mask
+instead, :func:`espnet_mha.kernels.additive_mask`) and :func:`zero_empty_rows`
+zeroes their context afterwards.
 """
 
 import torch
@@ -104,4 +106,4 @@ def zero_empty_rows(context, rows_ok):
     """Zero the context ``(B, T1, D)`` of rows whose keys were all masked (stock semantics)."""
     if rows_ok is None:
         return context
-    return context.masked_fill(~rows_ok, 0.0)
+    return torch.where(rows_ok, context, 0.0)  # one kernel; masked_fill(~rows_ok) takes two
