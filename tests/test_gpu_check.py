@@ -3,6 +3,10 @@ its flash-attn cases exercise their flash-attn branch against the CPU stand-in."
 
 import dataclasses
 import json
+import os
+import pathlib
+import re
+import subprocess
 import sys
 
 import pytest
@@ -21,6 +25,22 @@ NEW_CASES = {
     "expanded_state_step": gpu_check.check_expanded_state_steps,
     "dropout_train": gpu_cases.check_dropout,  # also records dropout_eval
 }
+
+
+@pytest.mark.slow
+def test_gpu_all_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_all.sh, what runs on a lent GPU, runs every step here at small sizes."""
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "benchmarks/gpu_all.sh", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=pathlib.Path(__file__).parents[1])
+    log = (tmp_path / "all.log").read_text()
+    assert done.returncode == 0, log[-3000:]
+    steps = re.findall(r"^== (\S+): exit (\d+)", log, flags=re.M)
+    assert steps == [(name, "0") for name in
+                     ("env", "gpu_check", "cuda_tests", "bench_fp32", "bench_fp32_compiled", "bench_fp16")]
+    assert "16 skipped" in log  # the tests that want CUDA, selected by their gpu marker
+    for name in ("gpu_check", "bench_fp32", "bench_fp16"):
+        assert json.loads((tmp_path / f"{name}.json").read_text())
 
 
 @pytest.mark.slow
