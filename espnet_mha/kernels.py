@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from espnet_mha import compile_policy, masks
+from espnet_mha import checks, compile_policy, masks
 
 
 def sdpa_attention(q, k, v, keep, *, causal, dropout_p):
@@ -28,7 +28,8 @@ def sdpa_attention(q, k, v, keep, *, causal, dropout_p):
         ``(B, H, T1, d_k)``.
     """
     if keep is not None and takes_empty_rows(q):
-        attn_mask = additive_mask(keep, bias_dtype(q))
+        # The dtype SDPA computes in: autocast casts a float32 mask's lowest value to -inf in float16.
+        attn_mask = additive_mask(keep, checks.compute_dtype(q))
     else:
         attn_mask = None if keep is None else keep.unsqueeze(1)  # (b, 1, m, T2)
     if attn_mask is not None and attn_mask.is_cuda and attn_mask.dtype == torch.bool:
@@ -60,17 +61,7 @@ def takes_empty_rows(q):
     gradients on an H200 (``benchmarks.gpu_check``). Not on the CPU, nor under
     ``torch.compile`` (Inductor fuses the bool path), a capture or functorch transforms.
     """
-    return q.is_cuda and bias_dtype(q) != torch.float16 and compile_policy.plain_eager()
-
-
-def bias_dtype(q):
-    """The dtype SDPA computes ``q`` in: autocast's where it is on for ``q``'s device and
-    would cast ``q`` (not float64), else ``q``'s. The mask must have it: autocast casts a
-    float32 mask's lowest value to -inf in float16."""
-    device = q.device.type
-    if q.dtype != torch.float64 and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return q.dtype
+    return q.is_cuda and checks.compute_dtype(q) != torch.float16 and compile_policy.plain_eager()
 
 
 def additive_mask(keep, dtype, multiple=8):

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from espnet_mha import compile_policy, kernels
+from espnet_mha import checks, compile_policy, kernels
 from espnet_mha.testing import stock_and_flash
 
 
@@ -72,18 +72,6 @@ def test_mask_values_and_layout(dtype):
     assert bias.stride(-1) == 1 and all(s % 8 == 0 for s in bias.stride()[:-1])
 
 
-def test_bias_dtype_follows_autocast():
-    """Autocast casts SDPA's mask to its dtype: float32's lowest value would become -inf in
-    float16, so the mask is made in the dtype the call computes in."""
-    q32, q64 = torch.zeros(1), torch.zeros(1, dtype=torch.float64)
-    assert kernels.bias_dtype(q32) == torch.float32
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert kernels.bias_dtype(q32) == torch.bfloat16
-        assert kernels.bias_dtype(q64) == torch.float64  # autocast leaves float64 alone
-    with torch.autocast("cpu", enabled=False):
-        assert kernels.bias_dtype(q32) == torch.float32
-
-
 def test_autocast_keeps_fully_masked_rows_finite(forced):
     """bf16 under autocast: finite everywhere, fully masked rows give the output bias, and
     the rest within bf16 rounding of the float64 stock result."""
@@ -120,8 +108,6 @@ def test_not_taken_in_float16(monkeypatch):
     -inf, and fully masked rows then gave NaN query gradients on an H200. float16 calls
     (also float32 ones under float16 autocast) keep the bool mask and the guard."""
     assert not kernels.takes_empty_rows(cuda_query(torch.float16))
-    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device=None: device == "cuda")
-    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device: torch.float16)
-    assert kernels.bias_dtype(cuda_query(torch.float32)) == torch.float16
+    monkeypatch.setattr(checks, "autocast_dtype", lambda device: torch.float16 if device == "cuda" else None)
     assert not kernels.takes_empty_rows(cuda_query(torch.float32))
     assert kernels.takes_empty_rows(cuda_query(torch.float64))  # autocast leaves float64 alone
