@@ -49,7 +49,7 @@ def sdpa_attention(q, k, v, keep, *, causal, dropout_p):
 
 def takes_empty_rows(q):
     """Whether a masked SDPA call on ``q`` gets the additive mask of :func:`additive_mask`:
-    eager calls on CUDA that compute in a dtype with float32's range. There SDPA would turn
+    eager calls on CUDA that compute in a dtype with at least float32's range. There SDPA would turn
     a bool mask into a float one (two kernel launches) and the memory-efficient kernel copy
     it into an aligned buffer (two or three more), and masks without empty rows need three
     more (:func:`masks.guard_empty_rows`): at ESPnet's sizes a layer's call is bound by its
@@ -71,10 +71,11 @@ def additive_mask(keep, dtype, multiple=8):
     elements (what the memory-efficient kernel wants, PR #114173; it copies other masks).
 
     A finite value serves fully masked rows too: their weights are finite (equal
-    scores, or nearly), so the caller only zeroes their context, where a bool or -inf
-    mask gives NaN. A masked key of a row that keeps any gets weight exactly 0, unless a
-    kept score is below the masked one by more than the lowest value (beyond 65504 in
-    float16, where the stock layer's float16 scores overflow first).
+    scores, or nearly), so the caller only zeroes their context, with no guard against
+    the kernels' ways with rows of -inf (NaN in some). A masked key of a row that keeps
+    any gets weight exactly 0, unless a kept score is below the masked one by more than
+    the lowest value's magnitude (float16 does not get this mask, see
+    :func:`takes_empty_rows`).
     """
     t2 = keep.size(-1)
     buffer = torch.empty(*keep.shape[:-1], -(-t2 // multiple) * multiple, dtype=dtype, device=keep.device)
