@@ -111,3 +111,36 @@ def test_not_taken_in_float16(monkeypatch):
     monkeypatch.setattr(checks, "autocast_dtype", lambda device: torch.float16 if device == "cuda" else None)
     assert not kernels.takes_empty_rows(cuda_query(torch.float32))
     assert kernels.takes_empty_rows(cuda_query(torch.float64))  # autocast leaves float64 alone
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_masked_decoding_steps_equal_stock(seed, forced):
+    """Masked cross-attention steps (the first fills the cache, then a beam reuses it, with
+    fully masked hypotheses) and causal self-attention steps with a mask over the cache."""
+    gen = torch.Generator().manual_seed(seed)
+    n_head, beam, t2 = 1 + seed % 4, 1 + seed, 3 + 2 * seed
+    n_feat = 4 * n_head
+    stock, ours = stock_and_flash(n_feat, n_head, dtype=torch.float64, seed=seed, backend="sdpa")
+    memory = torch.randn(1, t2, n_feat, generator=gen, dtype=torch.float64).expand(beam, -1, -1)
+    mask = torch.rand(beam, 1, t2, generator=gen) > 0.4
+    mask[-1] = False
+    state = None
+    for _ in range(3):
+        query = torch.randn(beam, n_feat, generator=gen, dtype=torch.float64)
+        expected, _ = stock.step(query, None, memory=memory, mask=mask)
+        got, state = ours.step(query, state, memory=memory, mask=mask)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    assert forced
+    made = len(forced)
+
+    stock, causal = stock_and_flash(n_feat, n_head, dtype=torch.float64, seed=seed, backend="sdpa", causal=True)
+    tokens = torch.randn(beam, 4, n_feat, generator=gen, dtype=torch.float64)
+    keep = torch.rand(beam, 1, 4, generator=gen) > 0.3
+    keep[..., 0] = True
+    state = None
+    for t in range(4):
+        got, state = causal.step(tokens[:, t], state, mask=keep[..., :t + 1])
+        lower = torch.ones(t + 1, t + 1, dtype=torch.bool).tril()[None]
+        expected, _ = stock(tokens[:, :t + 1], None, keep[..., :t + 1] & lower)
+        torch.testing.assert_close(got, expected[:, -1], rtol=0, atol=1e-10)
+    assert len(forced) > made
