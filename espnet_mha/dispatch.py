@@ -288,12 +288,13 @@ def run(backend, q, k, v, keep, *, causal, dropout_p, training):
     if backend == MATH:
         context, weights = kernels.math_attention(q, k, v, keep, dropout_p=dropout_p, training=training)
     else:
-        if keep is not None and backend == SDPA and kernels.takes_empty_rows(q):
+        additive = keep is not None and backend == SDPA and kernels.takes_empty_rows(q)
+        if additive:
             rows_ok = keep.any(dim=-1, keepdim=True)
         elif keep is not None:
             keep, rows_ok = masks.guard_empty_rows(keep)
         if backend == SDPA:
-            context = kernels.sdpa_attention(q, k, v, keep, causal=causal, dropout_p=dropout_p)
+            context = kernels.sdpa_attention(q, k, v, keep, causal=causal, dropout_p=dropout_p, additive=additive)
         else:
             context = kernels.flash_attention(
                 q, k, v, keep, causal=causal, dropout_p=dropout_p,

@@ -14,20 +14,22 @@ import torch.nn.functional as F
 from espnet_mha import checks, compile_policy, masks
 
 
-def sdpa_attention(q, k, v, keep, *, causal, dropout_p):
+def sdpa_attention(q, k, v, keep, *, causal, dropout_p, additive=False):
     """Attention through PyTorch SDPA.
 
     Args:
         q: ``(B, H, T1, d_k)``; k, v: ``(B, H, T2, d_k)``.
         keep: None or bool ``(B or 1, T1 or 1, T2)``; without empty rows unless
-            :func:`takes_empty_rows` (then their context is finite, to be zeroed).
+            ``additive`` (then their context is finite, to be zeroed).
         causal: top-left causal mask; only with ``keep=None``.
         dropout_p: dropout on the attention weights.
+        additive: hand SDPA :func:`additive_mask` of ``keep`` (the caller's
+            :func:`takes_empty_rows`), not the bool mask.
 
     Returns:
         ``(B, H, T1, d_k)``.
     """
-    if keep is not None and takes_empty_rows(q):
+    if keep is not None and additive:
         # The dtype SDPA computes in: autocast casts a float32 mask's lowest value to -inf in float16.
         attn_mask = additive_mask(keep, checks.compute_dtype(q))
     else:
