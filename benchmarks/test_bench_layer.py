@@ -21,6 +21,7 @@ FULL = {
     "self_infer": dict(batch=4, t1=1000, t2=1000, n_feat=256, n_head=4),
     "self_train": dict(batch=4, t1=2000, t2=2000, n_feat=256, n_head=4),
     "decode_50_steps": dict(steps=50, beam=10, t2=300, n_feat=256, n_head=4),
+    "decode_50_steps_per_utterance": dict(steps=50, batch=10, t2=300, n_feat=256, n_head=4),
 }
 QUICK = {
     "cross_infer": dict(batch=2, t1=8, t2=20, n_feat=32, n_head=4),
@@ -29,6 +30,7 @@ QUICK = {
     "self_infer": dict(batch=2, t1=48, t2=48, n_feat=32, n_head=4),
     "self_train": dict(batch=2, t1=64, t2=64, n_feat=32, n_head=4),
     "decode_50_steps": dict(steps=5, beam=4, t2=20, n_feat=32, n_head=4),
+    "decode_50_steps_per_utterance": dict(steps=5, batch=3, t2=20, n_feat=32, n_head=4),
 }
 
 
@@ -142,3 +144,25 @@ def test_decoding_steps(benchmark, impl, hand_back, quick, device, dtype):
         for got, expected in zip(decode(layer), decode(stock)):
             torch.testing.assert_close(got, expected, **tolerance(dtype))
         run_case(benchmark, scenario, impl, lambda: decode(layer), device, dtype, size)
+
+
+def test_decoding_steps_per_utterance(benchmark, impl, quick, device, dtype):
+    """Greedy decoding steps of a batch of utterances decoded together: one hypothesis
+    each, a memory (and so a cache) per utterance, each step handed the state the last one
+    returned. The first step, which fills our caches, is timed too."""
+    size = sizes("decode_50_steps_per_utterance", quick)
+    layer, stock = layers(impl, size, device, dtype)
+    memory = rand(size["batch"], size["t2"], size["n_feat"], seed=4, device=device, dtype=dtype)
+    queries = rand(size["steps"], size["batch"], size["n_feat"], seed=5, device=device, dtype=dtype)
+
+    def decode(module):
+        state, outs = None, []
+        for t in range(size["steps"]):
+            out, state = module.step(queries[t], state, memory=memory)
+            outs.append(out)
+        return outs
+
+    with torch.no_grad():
+        for got, expected in zip(decode(layer), decode(stock)):
+            torch.testing.assert_close(got, expected, **tolerance(dtype))
+        run_case(benchmark, "decode_50_steps_per_utterance", impl, lambda: decode(layer), device, dtype, size)

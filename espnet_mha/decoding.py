@@ -107,7 +107,8 @@ class DecodingSteps:
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         # The mask as the kernel gets it: (1 or B, 1, T2) whether or not functional.cached_context
         # folds the beam (it folds only with a (1, 1, T2) mask, which folding leaves as it is).
-        decision = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True,
+        decision = self._select(query, keep, causal=False, need_weights=self.keep_attn,
+                                shared_step=functional.shared_memory(kv).size(0) == 1,
                                 empty=0 in (batch, memory.size(1)))
         backend = decision[0]
         if proj is not None:
@@ -146,9 +147,10 @@ class DecodingSteps:
                 or compile_policy.capturing() or torch._C._are_functorch_transforms_active()
                 or checks.forward_ad_active()):
             return None
-        return (query.shape, memory.shape, state.shape, state.layout, query.dtype, memory.dtype, state.dtype,
-                query.device, memory.device, state.device, self.backend, self.compile_setting,
-                torch.is_grad_enabled(), state.is_inference())
+        # state.stride(0) == 0: a shared cache (expanded over the beam), which selects its own backend.
+        return (query.shape, memory.shape, state.shape, state.stride(0) == 0, state.layout, query.dtype,
+                memory.dtype, state.dtype, query.device, memory.device, state.device, self.backend,
+                self.compile_setting, torch.is_grad_enabled(), state.is_inference())
 
     def _checked_cached_step(self, query, state, memory):
         """The decoding hot path: a cached cross-attention step (no mask) whose shapes,
@@ -243,7 +245,8 @@ class DecodingSteps:
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
         if self._custom_dropout() is not None:
             return self._step_self_stock(query, state, keep)
-        backend, _ = self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True,
+        # One hypothesis has one cache: GEMM-shaped as a shared beam step (see dispatch).
+        backend, _ = self._select(query, keep, causal=False, need_weights=self.keep_attn, shared_step=batch == 1,
                                   empty=batch == 0)
         proj = quantized.projections(self)
         if proj is not None:
@@ -259,8 +262,8 @@ class DecodingSteps:
     def _step_self_stock(self, query, state, keep):
         """A causal step through the stock helpers, which call the dropout module (see
         :meth:`_stock_sequence`): (output ``(B, D)``, the grown cache)."""
-        self._select(query, keep, causal=False, need_weights=self.keep_attn, decode_step=True,
-                     empty=query.size(0) == 0, dropout_module=type(self._modules["dropout"]).__name__)
+        self._select(query, keep, causal=False, need_weights=self.keep_attn, empty=query.size(0) == 0,
+                     dropout_module=type(self._modules["dropout"]).__name__)
         x = query.unsqueeze(1)
         q, k, v = self.forward_qkv(x, x, x)  # (B, H, 1, d_k) each
         new = torch.stack([k, v], dim=1)  # (B, 2, H, 1, d_k)

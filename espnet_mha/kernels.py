@@ -41,12 +41,36 @@ def sdpa_attention(q, k, v, keep, *, causal, dropout_p, additive=False):
         # query row whose scores are all NaN (a NaN in the query, or in a key column),
         # where the stock layer gives NaN (pytorch #141128, since torch 2.5, still in
         # 2.11). With a mask it propagates the NaN; an explicit one costs 1-5% on
-        # sequences (decoding steps take the math path instead, see select_backend).
+        # sequences, and ~2 us on a decoding step when it is a remembered zero mask.
         if causal:
             attn_mask, causal = masks.causal_keep(q.size(-2), k.size(-2), q.device).unsqueeze(1), False
-        else:
+        elif compile_policy.plain_eager():
+            attn_mask = zero_mask(k.size(-2), checks.compute_dtype(q), q.device)
+        else:  # a graph keeps no Python dict: a mask of its own
             attn_mask = torch.ones(1, 1, 1, k.size(-2), dtype=torch.bool, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
+
+
+# Zero masks handed to unmasked CPU SDPA calls, per (T2, dtype, device); emptied when full.
+_ZERO_MASKS = {}
+_MAX_ZERO_MASKS = 64
+
+
+def zero_mask(t2, dtype, device):
+    """An additive mask of zeros ``(1, 1, 1, T2)`` in ``dtype``: what an unmasked CPU SDPA
+    call gets so that the kernel keeps NaN rows (see :func:`sdpa_attention`). Made once
+    per length and remembered: a decoding step then pays ~2 us for it, where a new bool
+    mask (made, then converted by SDPA) cost ~8 us, more than the step's own attention
+    saves over the stock math. Made outside inference mode, so autograd may save it; it
+    is never written to."""
+    key = (t2, dtype, device)
+    mask = _ZERO_MASKS.get(key)
+    if mask is None:
+        if len(_ZERO_MASKS) >= _MAX_ZERO_MASKS:
+            _ZERO_MASKS.clear()  # atomic when threads share it; masks forgotten are made again
+        with torch.inference_mode(False), torch.no_grad():
+            mask = _ZERO_MASKS[key] = torch.zeros(1, 1, 1, t2, dtype=dtype, device=device)
+    return mask
 
 
 def takes_empty_rows(q):

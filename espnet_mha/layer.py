@@ -125,12 +125,12 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
         checks.check_same_batch(query, memory)
 
     # ---------------------------------------------------------------- dispatch
-    def _select(self, x, keep, *, causal, need_weights, decode_step=False, empty=False, dropout_module=""):
+    def _select(self, x, keep, *, causal, need_weights, shared_step=False, empty=False, dropout_module=""):
         # The decision depends only on static properties of the call, so it is
         # memoised per layer: decoding steps pay a dict lookup, not the rules.
         # SDPA's allowed kernels (torch.nn.attention.sdpa_kernel): None unless restricted.
         kernels = dispatch.sdpa_kernels(self._dropout_p)
-        key = (x.device, checks.compute_dtype(x), masks.mask_kind(keep), causal, need_weights, decode_step,
+        key = (x.device, checks.compute_dtype(x), masks.mask_kind(keep), causal, need_weights, shared_step,
                self.backend, self.compile_setting, empty, dropout_module, kernels, compile_policy.capturing(),
                checks.forward_ad_active(), torch.is_grad_enabled(), torch.compiler.is_compiling())
         decision = self._decisions.get(key)
@@ -138,7 +138,7 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
             device, dtype, mask_kind = key[:3]
             call = dispatch.AttentionCall(
                 device=device, dtype=dtype, d_k=self.d_k, mask_kind=mask_kind, causal=causal,
-                need_weights=need_weights, decode_step=decode_step,
+                need_weights=need_weights, shared_step=shared_step,
                 # Compiled by the layer's policy, or traced by a user's torch.compile.
                 compiled=compile_policy.wants_compile(self.compile_setting, device.type) or key[-1], empty=empty,
                 dropout_module=dropout_module, sdpa_kernels=kernels, captured=key[-4], forward_ad=key[-3],

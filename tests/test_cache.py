@@ -928,6 +928,52 @@ def test_a_shared_cache_handed_back_whole_is_attended_as_one_cache(dtype, masked
             torch.testing.assert_close(whole, expected, **(FP64 if dtype == torch.float64 else {}))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_shared_and_per_utterance_caches_each_run_their_backend(dtype):
+    """CPU, no mask: a beam over one shared cache runs the stock math (its products are
+    GEMMs); caches per utterance (a batch of utterances decoded together) run SDPA, 3-4x
+    faster than the math's matrix-vector products, with a zero mask that keeps NaN rows.
+    The two states have the same shape: the remembered signature of a step must tell them
+    apart. Both equal the stock step."""
+    stock, ours = stock_and_flash(16, 4, seed=3, dtype=dtype)
+    shared, own = seq(1, 11, 16, seed=1, dtype=dtype).expand(4, -1, -1), seq(4, 11, 16, seed=2, dtype=dtype)
+    query = seq(4, 16, seed=5, dtype=dtype)
+    with torch.no_grad():
+        _, shared_state = ours.step(query, None, memory=shared)
+        _, own_state = ours.step(query, None, memory=own)
+        assert shared_state.shape == own_state.shape and shared_state.stride(0) == 0
+        for _ in range(3):  # the later rounds take the remembered signatures
+            for state, memory, backend in [(shared_state, shared, "math"), (own_state, own, "sdpa")]:
+                got, _ = ours.step(query, state, memory=memory)
+                assert (ours.last_backend, ours.last_cache) == (backend, "reused")
+                expected, _ = stock.step(query, None, memory=memory)
+                torch.testing.assert_close(got, expected, **(FP64 if dtype == torch.float64 else {}))
+    assert len(ours._checked_steps) == 2
+
+
+def test_the_zero_mask_of_unmasked_cpu_calls_is_made_once_and_serves_autograd():
+    """Unmasked CPU SDPA calls get a remembered zero mask (pytorch #141128). The first one
+    made under inference mode must still serve a forward and backward with gradients,
+    where an inference tensor cannot be saved for backward."""
+    from espnet_mha import kernels
+
+    stock, ours = stock_and_flash(16, 4)
+    kernels._ZERO_MASKS.clear()
+    query = seq(2, 7, 16)
+    with torch.inference_mode():
+        ours(query, None, None)
+    (mask,) = kernels._ZERO_MASKS.values()
+    assert not mask.is_inference() and mask.shape == (1, 1, 1, 7) and not mask.any()
+    query.requires_grad_(True)
+    got, _ = ours(query, None, None)
+    (grad,) = torch.autograd.grad(got.sum(), query)
+    assert list(kernels._ZERO_MASKS.values()) == [mask]  # the same tensor served again
+    stock_query = query.detach().requires_grad_(True)
+    expected, _ = stock(stock_query, None, None)
+    torch.testing.assert_close(got, expected, **FP64)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.sum(), stock_query)[0], **FP64)
+
+
 @pytest.mark.parametrize("how", ["detach", "no_grad_step"])
 def test_a_state_without_a_graph_is_recomputed_when_gradients_are_needed(how):
     """Training through the steps with a backward every two steps, the state detached after

@@ -65,10 +65,12 @@ RULES = [
     (dict(compiled=True, mask_kind=masks.KEY_PADDING), "sdpa", "key padding under torch.compile"),
     (dict(need_weights=True), "math", ""),
     (dict(dropout_module="Identity"), "math", "the dropout module (Identity) is called"),
-    # Unmasked decoding steps on CPU: math keeps NaN without a mask (pytorch #141128).
-    (dict(device=torch.device("cpu"), dtype=torch.float32, decode_step=True), "math", "tensors are on cpu"),
-    (dict(device=torch.device("cpu"), decode_step=True, mask_kind=masks.KEY_PADDING), "sdpa", "tensors are on cpu"),
-    (dict(decode_step=True), "flash_attn", ""),
+    # Unmasked CPU steps over one shared cache run the math (GEMM-shaped); other unmasked
+    # CPU calls, caches per hypothesis included, run SDPA with a zero mask (pytorch #141128).
+    (dict(device=torch.device("cpu"), dtype=torch.float32, shared_step=True), "math", "tensors are on cpu"),
+    (dict(device=torch.device("cpu"), dtype=torch.float32), "sdpa", "tensors are on cpu"),
+    (dict(device=torch.device("cpu"), shared_step=True, mask_kind=masks.KEY_PADDING), "sdpa", "tensors are on cpu"),
+    (dict(shared_step=True), "flash_attn", ""),
 ]
 
 
