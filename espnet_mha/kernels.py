@@ -59,10 +59,9 @@ _MAX_ZERO_MASKS = 64
 def zero_mask(t2, dtype, device):
     """An additive mask of zeros ``(1, 1, 1, T2)`` in ``dtype``: what an unmasked CPU SDPA
     call gets so that the kernel keeps NaN rows (see :func:`sdpa_attention`). Made once
-    per length and remembered: a decoding step then pays ~2 us for it, where a new bool
-    mask (made, then converted by SDPA) cost ~8 us, more than the step's own attention
-    saves over the stock math. Made outside inference mode, so autograd may save it; it
-    is never written to."""
+    per length and remembered: a decoding step then pays ~2 us for it, where making a
+    bool mask and SDPA's conversion of it cost ~7 us (2 cores). Made outside inference
+    mode, so autograd may save it; it is never written to."""
     key = (t2, dtype, device)
     mask = _ZERO_MASKS.get(key)
     if mask is None:
