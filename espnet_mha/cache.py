@@ -30,8 +30,9 @@ these weights is *recomputed* from the memory given (the layer's
 - its length, dtype or device differs from the memory's;
 - it has batch 1 and the memory holds B > 1 distinct items (not stride 0);
 - it was made under ``torch.inference_mode`` and the step records gradients;
-- gradients are on, and it carries no graph (detached) or its graph does not reach
-  the memory and weights that now need gradients;
+- gradients are on, and it carries no graph (detached, made without gradients, or a
+  view of such a tensor) or its graph does not reach the memory and weights that now
+  need gradients (a memory view made under ``no_grad`` is a leaf of its own);
 - the layer has no record of it (a copy, another layer's, a loaded one, a
   tensor allocated where a freed cache was, or forgotten: each layer keeps
   records of up to 1024 caches, then starts over, and forgets them all when
@@ -143,8 +144,10 @@ def grad_flags(memory, weight_tensors):
     if not torch.is_grad_enabled():
         return None
     base = memory._base
-    return (memory.requires_grad, *(t.requires_grad for t in weight_tensors)), \
-        (memory if base is None else base, *weight_tensors)
+    # A view made under no_grad that requires grad has no grad_fn: a leaf of its own, which
+    # the step's memory gradient reaches instead of its base.
+    reached = memory if base is None or (memory.requires_grad and memory.grad_fn is None) else base
+    return (memory.requires_grad, *(t.requires_grad for t in weight_tensors)), (reached, *weight_tensors)
 
 
 def record(memory, key, weights, kv, weight_tensors, previous=None):
@@ -243,15 +246,27 @@ def provenance_problem(sources, state, key, memory, weights, grads=None):
         # gradients now (memory.detach(), frozen or swapped weights): other gradients than
         # the stock step's.
         flags, reached = grads
-        if state.grad_fn is None and any(flags):
-            # Detached (state.detach(), the habit after a backward through the steps), or
-            # returned by a step without gradients: its keys would give the memory and the
-            # key/value weights no gradient (0.4-4.7 off against the stock step's).
+        if any(flags) and _graph_ends_at_a_leaf(state):
+            # Detached (state.detach(), the habit after a backward through the steps),
+            # returned by a step without gradients, or a view of either (the state
+            # BatchBeamSearch splits off such a state): its keys would give the memory and
+            # the key/value weights no gradient (0.4-4.7 off against the stock step's).
             return "the state carries no graph, and the memory or the key/value weights need gradients"
         if kept[5] != flags or (any(flags) and (len(kept[6]) != len(reached)
                                                 or any(r() is not t for r, t in zip(kept[6], reached)))):
             return "the state's graph does not reach the memory and weights that now need gradients"
     return ""
+
+
+def _graph_ends_at_a_leaf(state):
+    """Whether the autograd graph of ``state`` reaches no projection: it has none, or it runs
+    through single-input nodes (views such as ``state[b].unsqueeze(0)``, made with gradients
+    on) to a leaf, a tensor made without gradients or detached. A cache's graph ends at the
+    GEMM that projected it, whose node has an input per operand."""
+    fn = state.grad_fn
+    while fn is not None and len(fn.next_functions) == 1:
+        fn = fn.next_functions[0][0]
+    return fn is None or not fn.next_functions
 
 
 def batch1_meets_distinct(state, key):

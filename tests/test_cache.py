@@ -1014,6 +1014,66 @@ def test_a_state_without_a_graph_is_recomputed_when_gradients_are_needed(how):
     torch.testing.assert_close(kv, stock_grads["linear_k.weight"], **FP64)
 
 
+def _split_under_no_grad(state, step):
+    with torch.no_grad():
+        return state[0].unsqueeze(0)
+
+
+def _split_off_a_no_grad_step(state, step):
+    with torch.no_grad():
+        state = step(state[0].unsqueeze(0))  # a batch-1 state: the step returns a new, graph-less view
+    return state[0].unsqueeze(0)  # BatchBeamSearch's split, with gradients on
+
+
+def _split_off_a_detached_copy(state, step):
+    return state.detach().requires_grad_(True)[0].unsqueeze(0)
+
+
+@pytest.mark.parametrize("hand_over", [_split_under_no_grad, _split_off_a_no_grad_step, _split_off_a_detached_copy])
+def test_a_view_of_a_state_without_a_graph_is_recomputed_when_gradients_are_needed(hand_over):
+    """A state whose own grad_fn is set (a view made with gradients on) but whose graph ends
+    at a tensor without one: the state a step without gradients returned, a split made
+    under no_grad, a ``detach().requires_grad_()`` copy. Reused, its keys gave the memory no
+    gradient and the k/v weights none (stock: up to 2.2 on them)."""
+    stock, ours = stock_and_flash(16, 4)
+    memory = seq(1, 5, 16, seed=1).requires_grad_(True)
+    beam = memory.expand(3, -1, -1)
+    _, state = ours.step(seq(3, 16, seed=2), None, memory=beam)
+    state = hand_over(state, lambda s: ours.step(seq(3, 16, seed=3), s, memory=beam)[1])
+    query = seq(3, 16, seed=4)
+    got = ours.step(query, state, memory=beam)[0]
+    assert ours.last_cache.startswith("recomputed: the state carries no graph")
+    expected = stock.step(query, None, memory=beam)[0]
+    torch.testing.assert_close(got, expected, **FP64)
+    weights = seq(*got.shape, seed=5)
+    (got * weights).sum().backward()
+    stock_memory_grad = torch.autograd.grad((expected * weights).sum(), [memory, *stock.parameters()])
+    torch.testing.assert_close(memory.grad, stock_memory_grad[0], **FP64)
+    stock_grads = dict(zip([name for name, _ in stock.named_parameters()], stock_memory_grad[1:]))
+    for name, grad in stock_named_grads(ours).items():
+        torch.testing.assert_close(grad, stock_grads[name], **FP64)
+
+
+def test_a_memory_view_made_under_no_grad_gets_the_gradient_of_its_step():
+    """A memory view made under no_grad is a leaf of its own (no grad_fn): the step's memory
+    gradient goes to it, not to its base. A cache made from a view made with gradients
+    reached the base, and was reused: the step's gradient leaked into the base (1.08 off)."""
+    stock, ours = stock_and_flash(16, 4)
+    base_ours, base_stock = seq(1, 5, 16, seed=1).requires_grad_(True), seq(1, 5, 16, seed=1).requires_grad_(True)
+    first, second = seq(3, 16, seed=2), seq(3, 16, seed=3)
+    out_ours, state = ours.step(first, None, memory=base_ours.expand(3, -1, -1))
+    out_stock = stock.step(first, None, memory=base_stock.expand(3, -1, -1))[0]
+    with torch.no_grad():
+        view_ours, view_stock = base_ours.expand(3, -1, -1), base_stock.expand(3, -1, -1)
+    out_ours = out_ours + ours.step(second, state, memory=view_ours)[0]
+    assert ours.last_cache.startswith("recomputed")
+    out_stock = out_stock + stock.step(second, None, memory=view_stock)[0]
+    out_ours.sum().backward()
+    out_stock.sum().backward()
+    torch.testing.assert_close(base_ours.grad, base_stock.grad, **FP64)
+    torch.testing.assert_close(view_ours.grad, view_stock.grad, **FP64)
+
+
 class DataWriter(torch.optim.Optimizer):
     """An optimizer that writes through ``.data``, which moves no write counter."""
 
