@@ -24,6 +24,8 @@ _LAZY = {
     "strip_wrapper_prefixes": "espnet_mha.checkpoint",
     "to_fused": "espnet_mha.checkpoint",
     "to_stock": "espnet_mha.checkpoint",
+    "merge_beam_states": "espnet_mha.beam_states",
+    "restore_beam_states": "espnet_mha.beam_states",
 }
 
 __all__ = ["FLASH_MHA", "mha_is_ours", "register", "restore_mha", "use_for_mha", *_LAZY]

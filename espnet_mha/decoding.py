@@ -241,6 +241,9 @@ class DecodingSteps:
         if state is not None:
             checks.check_self_cache(state, batch=batch, n_head=self.h, d_k=self.d_k,
                                     dtype=checks.compute_dtype(query), device=query.device)
+            if batch > 1 and state.size(0) == 1 and state.stride(0) != 0 and not getattr(self, "_warned_one_history", False) \
+                    and state.untyped_storage().nbytes() >= 2 * state.numel() * state.element_size():
+                self._warn_one_history(batch)
         t2 = 1 if state is None else state.size(3) + 1
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
         if self._custom_dropout() is not None:
@@ -258,6 +261,18 @@ class DecodingSteps:
             )
         self._keep_weights(weights)
         return out, new_state
+
+    def _warn_one_history(self, batch):
+        """Warn (once per layer) that one hypothesis' cache, split off a cache of several,
+        serves a beam: every query then attends to that hypothesis' history."""
+        self._warned_one_history = True
+        logger.warning(
+            "espnet_mha: a causal step got the cache of one hypothesis of a beam (batch 1, split off a "
+            "cache of several) for %d queries, so all %d attend to that hypothesis' history. ESPnet's "
+            "S4Decoder.batch_score does this at beam size > 1 (it hands the first hypothesis' states to "
+            "the whole beam, as it does for s4 layers): decoding with causal=True then differs from "
+            "forward. espnet_mha.merge_beam_states() makes batch_score merge each hypothesis' own states "
+            "(see README, 'Causal self-attention in a beam search').", batch, batch)
 
     def _step_self_stock(self, query, state, keep):
         """A causal step through the stock helpers, which call the dropout module (see

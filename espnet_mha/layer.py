@@ -2,13 +2,15 @@
 
 import copy
 import logging
+import os
 
 import torch
 from torch import nn
 
 from espnet2.asr.state_spaces.base import SequenceModule
 
-from espnet_mha import checks, compile_policy, dispatch, functional, masks, optional, packing, quantized, state_dict
+from espnet_mha import (beam_states, checks, compile_policy, dispatch, functional, masks, optional, packing, quantized,
+                        state_dict)
 from espnet_mha.decoding import DecodingSteps
 from espnet_mha.parameters import ParameterLayout
 from espnet_mha.stock_helpers import StockHelpers
@@ -100,6 +102,9 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
         self._checked_steps = {}
         self._query_views = None
         self._cache_sources = {}  # cache storage -> cache.record of the memory and weights it holds
+        self._warned_one_history = False  # see DecodingSteps._warn_one_history
+        if os.environ.get(beam_states.ENV_MERGE_BEAM_STATES, "").strip():
+            beam_states.apply_environment()  # a decoder is being built: S4Decoder is loaded
         # A plain dict, updated in place: nn.Module.__setattr__ is slow on the hot path.
         self._last = {"backend": None, "fallback": "", "skipped_keys": 0.0, "cache": None}
         # Probe flash-attn now, eagerly: a user's torch.compile(model, fullgraph=True) traces
