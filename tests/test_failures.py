@@ -212,6 +212,30 @@ def test_nan_is_not_hidden_without_a_mask(where, step):
     assert_same_non_finite(got, expected, "output")
 
 
+@pytest.mark.parametrize("backend", ["auto", "math"])
+def test_a_query_row_whose_scores_are_all_minus_inf(backend):
+    """The documented exception (README, "Differences"): every score of a query row -inf
+    (an inf query feature times a key bias). The stock softmax gives NaN; SDPA a zero
+    context, so the row is linear_out.bias; the math backend gives the stock NaN."""
+    stock, ours = stock_and_flash(D, H, backend=backend)
+    with torch.no_grad():
+        stock.linear_q.weight.zero_()
+        stock.linear_q.weight[:, 0] = 1.0
+        stock.linear_k.bias.fill_(5.0)
+    ours.load_state_dict(stock.state_dict())
+    query, memory, _ = inputs()
+    query[1, 1, 0] = float("-inf")  # q = -inf in every feature, keys' bias 5: scores -inf
+    expected, _ = stock(query, memory, None)
+    got, _ = ours(query, memory, None)
+    assert expected[1, 1].isnan().all()
+    if backend == "math":
+        assert_same_non_finite(got, expected, "output")
+    else:
+        torch.testing.assert_close(got[1, 1], ours.linear_out.bias.expand(D), rtol=0, atol=0)
+    finite = expected.isfinite()
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-10, atol=1e-10)
+
+
 def test_nan_is_not_hidden_in_a_causal_layer():
     """The same SDPA behaviour with is_causal: a causal layer must still give NaN rows."""
     stock, ours = stock_and_flash(D, H, causal=True)
