@@ -241,9 +241,10 @@ class DecodingSteps:
         if state is not None:
             checks.check_self_cache(state, batch=batch, n_head=self.h, d_k=self.d_k,
                                     dtype=checks.compute_dtype(query), device=query.device)
-            if batch > 1 and state.size(0) == 1 and state.stride(0) != 0 and not getattr(self, "_warned_one_history", False) \
+            if batch > 1 and state.size(0) == 1 and state.stride(0) != 0 \
+                    and not getattr(self, "_warned_one_history", False) \
                     and state.untyped_storage().nbytes() >= 2 * state.numel() * state.element_size():
-                self._warn_one_history(batch)
+                self._warn_one_history(batch)  # one hypothesis' cache, split off a beam's
         t2 = 1 if state is None else state.size(3) + 1
         keep = masks.keep_mask(mask, batch=batch, t1=1, t2=t2, device=query.device)
         if self._custom_dropout() is not None:
