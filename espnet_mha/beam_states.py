@@ -1,8 +1,9 @@
 """Each hypothesis' own decoder states in ESPnet's ``S4Decoder`` beam search (opt-in).
 
 ``S4Decoder.batch_score`` (ESPnet 202511, and older copies found by a code search) gets a
-list of per-hypothesis states from ``BatchBeamSearch`` and, as a "workaround for remaining beam width of 1", steps the
-whole beam from the first hypothesis' states (``states = states[0]``). A layer whose
+list of per-hypothesis states from ``BatchBeamSearch`` and, as a "workaround for
+remaining beam width of 1", steps the whole beam from the first hypothesis' states
+(``states = states[0]``). A layer whose
 state is the same for every hypothesis does not mind: the cross-attention cache of
 ``mha``/``flash_mha``. A layer whose state is its hypothesis' history does: ``s4``
 layers, and ``flash_mha`` with ``causal: true``, whose steps then attend to the first
