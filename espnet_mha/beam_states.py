@@ -1,6 +1,6 @@
 """Each hypothesis' own decoder states in ESPnet's ``S4Decoder`` beam search (opt-in).
 
-``S4Decoder.batch_score`` (ESPnet 202511, and older copies found by a code search) gets a
+``S4Decoder.batch_score`` (ESPnet 202402 and 202511, the releases tested) gets a
 list of per-hypothesis states from ``BatchBeamSearch`` and, as a "workaround for
 remaining beam width of 1", steps the whole beam from the first hypothesis' states
 (``states = states[0]``). A layer whose
