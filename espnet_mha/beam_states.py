@@ -66,14 +66,21 @@ def merge_states(states):
     return merged
 
 
+def _s4_decoder():
+    """ESPnet's ``S4Decoder``, and its own ``batch_score`` where ours wraps it (else None)."""
+    from espnet2.asr.decoder.s4_decoder import S4Decoder
+
+    return S4Decoder, getattr(S4Decoder.batch_score, "_espnet_mha_original", None)
+
+
 def merge_beam_states():
     """Make ``S4Decoder.batch_score`` step each hypothesis from its own states (idempotent);
     :func:`restore_beam_states` undoes it. Sets ``ESPNET_MHA_MERGE_BEAM_STATES=1`` for
     interpreters started from this one."""
-    from espnet2.asr.decoder.s4_decoder import S4Decoder
+    S4Decoder, original = _s4_decoder()
+    if original is None:
+        score = S4Decoder.batch_score
 
-    score = S4Decoder.batch_score
-    if getattr(score, "_espnet_mha_original", None) is None:
         @functools.wraps(score)
         def batch_score(self, ys, states, xs, *args, **kwargs):
             if len(states) > 1 and all(type(hyp) is list for hyp in states):
@@ -89,9 +96,7 @@ def merge_beam_states():
 def restore_beam_states():
     """Give ``S4Decoder.batch_score`` back ESPnet's own (idempotent), here and in
     interpreters started from now on."""
-    from espnet2.asr.decoder.s4_decoder import S4Decoder
-
-    original = getattr(S4Decoder.batch_score, "_espnet_mha_original", None)
+    S4Decoder, original = _s4_decoder()
     if original is not None:
         S4Decoder.batch_score = original
     os.environ[ENV_MERGE_BEAM_STATES] = "0"
@@ -99,9 +104,7 @@ def restore_beam_states():
 
 def beam_states_merged():
     """Whether ``S4Decoder.batch_score`` steps each hypothesis from its own states."""
-    from espnet2.asr.decoder.s4_decoder import S4Decoder
-
-    return getattr(S4Decoder.batch_score, "_espnet_mha_original", None) is not None
+    return _s4_decoder()[1] is not None
 
 
 def apply_environment():

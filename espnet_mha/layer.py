@@ -2,7 +2,6 @@
 
 import copy
 import logging
-import os
 
 import torch
 from torch import nn
@@ -103,8 +102,7 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
         self._query_views = None
         self._cache_sources = {}  # cache storage -> cache.record of the memory and weights it holds
         self._warned_one_history = False  # see DecodingSteps._warn_one_history
-        if os.environ.get(beam_states.ENV_MERGE_BEAM_STATES, "").strip():
-            beam_states.apply_environment()  # a decoder is being built: S4Decoder is loaded
+        beam_states.apply_environment()  # a decoder is being built: S4Decoder is loaded
         # A plain dict, updated in place: nn.Module.__setattr__ is slow on the hot path.
         self._last = {"backend": None, "fallback": "", "skipped_keys": 0.0, "cache": None}
         # Probe flash-attn now, eagerly: a user's torch.compile(model, fullgraph=True) traces

@@ -44,11 +44,12 @@ def forward_score(decoder, memory, yseq):
     return logits.log_softmax(-1)[0].gather(-1, tokens[1:, None]).sum().item()
 
 
-def score_errors(decoder, memory, beam):
+def score_errors(decoder, memory, beam, reference=forward_score):
+    """|beam score - ``reference`` score| of each hypothesis the search finished."""
     with torch.no_grad():
         hyps = beam_search(decoder, beam_size=beam, vocab_size=V)(memory, maxlenratio=0.0)
     # A hypothesis cut at the length limit gets <eos> appended unscored: left out.
-    return [abs(float(h.score) - forward_score(decoder, memory, h.yseq.tolist())) for h in hyps
+    return [abs(float(h.score) - reference(decoder, memory, h.yseq.tolist())) for h in hyps
             if len(h.yseq) <= memory.size(0)]
 
 
@@ -78,11 +79,7 @@ def test_merged_s4_and_causal_steps_score_each_hypothesis_as_its_own_steps(merge
     """s4 layers' states were the first hypothesis' too (and ESPnet's s4 step is not its
     forward: 0.13 apart at beam 1): merged, every beam score is that of the decoder's own
     steps over the hypothesis alone."""
-    decoder, x = causal_decoder(s4=True), memory(2)
-    with torch.no_grad():
-        hyps = beam_search(decoder, beam_size=4, vocab_size=V)(x, maxlenratio=0.0)
-    errors = [abs(float(h.score) - stepped_score(decoder, x, h.yseq.tolist())) for h in hyps
-              if len(h.yseq) <= x.size(0)]
+    errors = score_errors(causal_decoder(s4=True), memory(2), 4, reference=stepped_score)
     assert len(errors) > 1 and max(errors) < 1e-9, errors
 
 
