@@ -24,6 +24,21 @@ def pytest_addoption(parser):
     parser.addoption("--bench-dtype", default="float32", help="float32, bfloat16 or float16")
 
 
+# The decoding cases (50 steps of one layer, a whole beam search) take 0.2-3 s a call on the
+# stock side, so pytest-benchmark's default gives it 5 rounds. On a 2-core VM the medians of
+# two such runs were up to 30% apart (stock beam search 2366 and 3062 ms, minutes apart).
+DECODING_MIN_ROUNDS = 15
+
+
+def pytest_collection_modifyitems(config, items):
+    """At least ``DECODING_MIN_ROUNDS`` rounds (or the ``--benchmark-min-rounds`` given, if
+    more) for every decoding case, both layers alike (a ``benchmark`` marker)."""
+    rounds = max(DECODING_MIN_ROUNDS, config.getoption("benchmark_min_rounds"))
+    for item in items:
+        if item.get_closest_marker("decoding") is not None:
+            item.add_marker(pytest.mark.benchmark(min_rounds=rounds))
+
+
 @pytest.fixture(scope="session")
 def quick(request):
     return request.config.getoption("--quick")

@@ -36,6 +36,7 @@ def search(decoder, size, x):
         )
 
 
+@pytest.mark.decoding
 def test_beam_search_decoding(benchmark, impl, decoders, device, dtype):
     size, models = decoders
     x = rand(size["frames"], size["d_model"], seed=6, device=device, dtype=dtype)
@@ -47,6 +48,7 @@ def test_beam_search_decoding(benchmark, impl, decoders, device, dtype):
              device, dtype, size)
 
 
+@pytest.mark.decoding
 def test_beam_search_attention_replayed(benchmark, decoders, device, dtype):
     """The bound on the whole decoder's speed-up: the same search with every
     attention step replaced by a lookup of what our layer returned in a real

@@ -116,6 +116,7 @@ def test_training_step(benchmark, impl, scenario, quick, device, dtype):
     run_case(benchmark, scenario, impl, lambda: step(layer), device, dtype, size)
 
 
+@pytest.mark.decoding
 @pytest.mark.parametrize("hand_back", ["split", "whole"])
 def test_decoding_steps(benchmark, impl, hand_back, quick, device, dtype):
     """Decoding steps the way BatchBeamSearch drives S4Decoder: 1 hypothesis, then the
@@ -146,6 +147,7 @@ def test_decoding_steps(benchmark, impl, hand_back, quick, device, dtype):
         run_case(benchmark, scenario, impl, lambda: decode(layer), device, dtype, size)
 
 
+@pytest.mark.decoding
 def test_decoding_steps_per_utterance(benchmark, impl, quick, device, dtype):
     """Greedy decoding steps of a batch of utterances decoded together: one hypothesis
     each, a memory (and so a cache) per utterance, each step handed the state the last one
