@@ -25,7 +25,7 @@ def pytest_addoption(parser):
 
 
 # The decoding cases (50 steps of one layer, a whole beam search) take 0.2-3 s a call on the
-# stock side, so pytest-benchmark's default gives it 5 rounds. On a 2-core VM the medians of
+# stock side, so pytest-benchmark's default gives that side 5 rounds. On a 2-core VM the medians of
 # two such runs were up to 30% apart (stock beam search 2366 and 3062 ms, minutes apart).
 DECODING_MIN_ROUNDS = 15
 
