@@ -28,6 +28,8 @@ these weights is *recomputed* from the memory given (the layer's
 ``last_cache`` says why):
 
 - its length, dtype or device differs from the memory's;
+- its batch is neither 1 nor the query's (a batch of utterances decoded together
+  that dropped or added some, handing back the last state: the stock step ignores it);
 - it has batch 1 and the memory holds B > 1 distinct items (not stride 0);
 - it was made under ``torch.inference_mode`` and the step records gradients;
 - gradients are on, and it carries no graph (detached, made without gradients, or a
@@ -52,8 +54,9 @@ these weights is *recomputed* from the memory given (the layer's
   precision (``torch.set_float32_matmul_precision``). No tensor is kept
   alive: this can force a recomputation, never change a result.
 
-A malformed state (not a tensor, wrong rank, heads, head size, or a batch that
-is neither 1 nor the query's) raises ``TypeError``/``ValueError``. What cannot
+A malformed state (not a tensor, wrong rank, heads or head size) raises
+``TypeError``/``ValueError``; so does a causal self-attention cache whose batch
+is neither 1 nor the query's (its history cannot be recomputed). What cannot
 be seen: writes into the memory or the weights that bypass the write counter
 (through ``.data`` or ``untyped_storage()``, from numpy, from another process
 through shared memory or ``torch.distributed``, or on tensors made under
@@ -297,10 +300,12 @@ def stale_reason(state, memory, key, *, batch, n_head, dtype):
 
     Raises:
         TypeError: state is not a tensor.
-        ValueError: state is malformed: its rank, heads, head size or batch does not fit.
+        ValueError: state is malformed: its rank, heads or head size does not fit.
     """
-    checks.check_cache(state, "is not a cross-attention cache for this query", batch=batch, n_head=n_head,
+    checks.check_cache(state, "is not a cross-attention cache for this query", batch=None, n_head=n_head,
                        d_k=memory.size(2) // n_head)
+    if state.size(0) not in (1, batch):
+        return f"state batch {state.size(0)} is neither 1 nor the query batch {batch}"
     if state.size(3) != memory.size(1):
         return f"state length {state.size(3)} != memory length {memory.size(1)}"
     if state.dtype != dtype or state.device != memory.device:

@@ -159,14 +159,28 @@ def check_same_batch(query, memory):
         )
 
 
-def one_frame(memory):
-    """A ``(B, D)`` memory as the stock layer reads it (``view(B, -1, H, d_k)``): ``(B, 1, D)``."""
-    return memory.unsqueeze(1) if isinstance(memory, torch.Tensor) and memory.dim() == 2 else memory
+def one_frame(memory, batch):
+    """A 2-D ``(N, D)`` memory as the stock layer reads it for a query batch of ``batch``
+    (its keys ``view(batch, -1, H, d_k)``): ``(B, 1, D)``, one frame per item, when
+    ``N == batch``; ``(1, N, D)``, an unbatched memory, when ``batch == 1``; otherwise
+    ``(batch, N / batch, D)`` where ``batch`` divides ``N``. Anything else is returned as it
+    is (a 2-D memory then fails the memory check, which names its shape)."""
+    if not isinstance(memory, torch.Tensor) or memory.dim() != 2:
+        return memory
+    rows = memory.size(0)
+    if rows == batch:
+        return memory.unsqueeze(1)
+    if batch == 1:
+        return memory.unsqueeze(0)
+    if batch > 0 and rows % batch == 0:
+        return memory.reshape(batch, rows // batch, memory.size(1))
+    return memory
 
 
 def check_cache(state, what, *, batch, n_head, d_k, dtype=None, device=None, device_name=""):
     """Raise unless ``state`` is a ``(1 or batch, 2, n_head, t, d_k)`` decoding cache (see
-    :mod:`espnet_mha.cache`; and, where given, of ``dtype`` on ``device``).
+    :mod:`espnet_mha.cache`; and, where given, of ``dtype`` on ``device``). ``batch=None``:
+    any batch (the caller decides what a batch that does not fit means).
 
     Raises:
         TypeError: not a tensor, or not a dense one.
@@ -181,8 +195,9 @@ def check_cache(state, what, *, batch, n_head, d_k, dtype=None, device=None, dev
         raise TypeError(f"state {what}: it must be a dense (strided) tensor, got layout {state.layout}")
     problems = []
     if state.dim() != 5 or state.size(1) != 2 or state.size(2) != n_head or state.size(4) != d_k:
-        problems.append(f"shape {tuple(state.shape)} is not (1 or {batch}, 2, {n_head}, t, {d_k})")
-    elif state.size(0) not in (1, batch):
+        batches = "b" if batch is None else f"1 or {batch}"
+        problems.append(f"shape {tuple(state.shape)} is not ({batches}, 2, {n_head}, t, {d_k})")
+    elif batch is not None and state.size(0) not in (1, batch):
         problems.append(f"batch {state.size(0)} is neither 1 nor the query batch {batch}")
     if dtype is not None and state.dtype != dtype:
         problems.append(f"dtype {state.dtype} != {dtype}")
