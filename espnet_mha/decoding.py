@@ -40,7 +40,8 @@ class DecodingSteps:
                 search's grown or moved encoder output) is recomputed from
                 ``memory``; ``last_cache`` says so.
             memory: ``(B, T2, D)`` encoder output, possibly expanded with stride 0
-                over the beam (a ``(B, D)`` memory is one frame); None for self-attention.
+                over the beam (a 2-D memory is read as the stock layer reads it, see
+                :func:`checks.one_frame`); None for self-attention.
             mask: ``(B or 1, 1, T2)`` over the memory (or, when ``causal`` and
                 ``memory`` is None, over the cached positions), nonzero = keep.
 
@@ -58,7 +59,7 @@ class DecodingSteps:
         Raises:
             TypeError, ValueError: bad shapes, or a malformed state (see :mod:`espnet_mha.cache`).
         """
-        if type(query) is torch.Tensor and query.dim() == 3:
+        if isinstance(query, torch.Tensor) and query.dim() == 3:  # a Parameter or subclass too, as stock
             if query.size(1) == 1:
                 query = query.squeeze(1)  # (B, 1, D): the stock step takes it too, and returns (B, D)
             elif not self.causal:  # the stock step is forward over all T1 positions: (B, T1, D)
@@ -70,8 +71,8 @@ class DecodingSteps:
             fast = self._checked_cached_step(query, state, memory)
             if fast is not None:
                 return fast
-        memory = checks.one_frame(memory)
         self._check_features("query", query, 2, "(B, D)")
+        memory = checks.one_frame(memory, query.size(0))
         batch = query.size(0)
         if self.causal:
             # As forward: the encoder memory, and the mask that comes with it, are not ours.

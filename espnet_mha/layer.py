@@ -192,7 +192,8 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
         Args:
             query: ``(B, T1, D)``, or ``(B, D, T1)`` when ``transposed``. A ``(B, D)``
                 query is one position (output ``(B, 1, D)``), as the stock layer reads it.
-            memory: ``(B, T2, D)`` (a ``(B, D)`` memory is one frame); None for
+            memory: ``(B, T2, D)`` (a 2-D memory as the stock layer reads it: ``(B, D)`` one frame
+                per item, ``(T2, D)`` for a batch-1 query; see :func:`checks.one_frame`); None for
                 self-attention. Ignored when ``causal``.
             mask: ``(B or 1, 1, T2)`` or ``(B or 1, T1, T2)``, bool or numeric,
                 nonzero = keep. Ignored when ``causal`` and ``memory`` is given.
@@ -210,7 +211,8 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
             query = query.transpose(1, 2)
         elif isinstance(query, torch.Tensor) and query.dim() == 2:
             query = query.unsqueeze(1)  # (B, D): one position, (B, 1, D) out, as the stock layer reads it
-        out = self._sequence(query, checks.one_frame(memory), mask)
+        batch = query.size(0) if isinstance(query, torch.Tensor) and query.dim() else 0
+        out = self._sequence(query, checks.one_frame(memory, batch), mask)
         return (out.transpose(1, 2) if self.transposed else out), None
 
     def _sequence(self, query, memory, mask):

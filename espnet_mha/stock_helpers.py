@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from espnet_mha import kernels, masks, quantized
+from espnet_mha import checks, kernels, masks, quantized
 
 
 class StockHelpers:
@@ -26,7 +26,9 @@ class StockHelpers:
 
         Args:
             query: ``(B, T1, D)``; key ``(B, T2, D)``, value ``(B, T2', D)`` (T2' may differ,
-                as in the stock helper); each may be ``(B, D)``, one position.
+                as in the stock helper); each may be 2-D, read as the stock view reads it:
+                a ``(B, D)`` query is one position; a 2-D key or value as in ``forward``
+                (:func:`checks.one_frame`: ``(B, D)`` one position, ``(T2, D)`` for B = 1).
 
         Returns:
             q ``(B, H, T1, d_k)``, k ``(B, H, T2, d_k)``, v ``(B, H, T2', d_k)``.
@@ -38,9 +40,12 @@ class StockHelpers:
         same_kv, kv_is_query = value is key, key is query
         given = []
         for name, x, layout in (("query", query, "(B, T1, D)"), ("key", key, "(B, T2, D)"), ("value", value, "(B, T2, D)")):
-            if isinstance(x, torch.Tensor) and x.dim() == 2:  # (B, D): one position, as the stock view reads it
+            if isinstance(x, torch.Tensor) and x.dim() == 2:  # as the stock view reads it
                 self._check_features(name, x, 2, "(B, D)")
-                x = x.unsqueeze(1)
+                x = x.unsqueeze(1) if name == "query" else checks.one_frame(x, given[0].size(0))
+                if x.dim() == 2:
+                    raise ValueError(f"{name} of shape {tuple(x.shape)}: a 2-D {name} needs a multiple of "
+                                     f"the query batch B={given[0].size(0)} rows")
             else:
                 self._check_features(name, x, 3, layout)
             given.append(x)
@@ -73,7 +78,8 @@ class StockHelpers:
 
         Args:
             value: ``(B, H, T2, d_k)``.
-            scores: ``(B, H, T1, T2)``.
+            scores: ``(B or 1, H, T1, T2)`` (batch 1: the same scores for every item, as the
+                stock helper's ``matmul`` broadcasts them).
             mask: None, ``(B, 1, T2)`` or ``(B, T1, T2)``, nonzero = keep.
 
         Returns:
@@ -87,10 +93,11 @@ class StockHelpers:
             if not isinstance(x, torch.Tensor) or x.dim() != 4:
                 raise TypeError(f"{name} must be a 4-D torch.Tensor, got "
                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        batch, n_head, t1, t2 = scores.shape
-        if value.shape != (batch, n_head, t2, self.d_k) or n_head != self.h:
+        batch = value.size(0)
+        _, n_head, t1, t2 = scores.shape
+        if scores.size(0) not in (1, batch) or value.shape[1:] != (n_head, t2, self.d_k) or n_head != self.h:
             raise ValueError(f"value {tuple(value.shape)} and scores {tuple(scores.shape)} must be "
-                             f"(B, H, T2, d_k) and (B, H, T1, T2) with H={self.h}, d_k={self.d_k}")
+                             f"(B, H, T2, d_k) and (B or 1, H, T1, T2) with H={self.h}, d_k={self.d_k}")
         keep = masks.keep_mask(mask, batch=batch, t1=t1, t2=t2, device=scores.device)
         self.attn = kernels.stock_weights(scores, keep)
         x = torch.matmul(self.dropout(self.attn), value)

@@ -125,6 +125,65 @@ def test_a_2d_query_or_memory_is_one_position_as_in_the_stock_layer(query_2d, me
                                        stock.step(args[0], None, memory=args[1], mask=mask)[0], **FP64)
 
 
+@pytest.mark.parametrize("batch, rows", [(1, 7), (2, 6), (3, 3)], ids=["unbatched", "grouped", "one_frame"])
+def test_a_2d_memory_is_read_as_the_stock_view_reads_it(batch, rows):
+    """The stock layer projects a 2-D ``(N, D)`` memory and views it as ``(B, N / B, .)`` for
+    a query batch B: ``(T2, D)`` for a batch-1 query (an unbatched memory), ``(B, D)`` one
+    frame per item. Ours read every 2-D memory as ``(B, D)`` and raised for a batch-1 query
+    with a ``(T2, D)`` memory (an audit found it). forward, step (cached or not) and
+    ``forward_qkv``; a row count the batch does not divide raises, naming the shape."""
+    stock, ours = stock_and_flash(30, 5)
+    gen = torch.Generator().manual_seed(batch)
+    query = torch.randn(batch, 4, 30, dtype=torch.float64, generator=gen)
+    memory = torch.randn(rows, 30, dtype=torch.float64, generator=gen, requires_grad=True)
+    expected, got = stock(query, memory)[0], ours(query, memory)[0]
+    torch.testing.assert_close(got, expected, **FP64)
+    grad_out = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, memory, grad_out)[0],
+                               torch.autograd.grad(expected, memory, grad_out)[0], **FP64)
+    with torch.no_grad():
+        state = None
+        for t in range(3):
+            got, state = ours.step(query[:, t], state, memory=memory)
+            torch.testing.assert_close(got, stock.step(query[:, t], None, memory=memory)[0], **FP64)
+        for got, expected in zip(ours.forward_qkv(query, memory, memory), stock.forward_qkv(query, memory, memory)):
+            torch.testing.assert_close(got, expected, **FP64)
+    with pytest.raises(ValueError, match=r"memory must be 3-D \(B, T2, D\), got shape \(5, 30\)"):
+        ours(torch.randn(2, 4, 30, dtype=torch.float64), torch.randn(5, 30, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"key of shape \(5, 30\): a 2-D key needs a multiple of the query batch B=2"):
+        ours.forward_qkv(torch.randn(2, 4, 30, dtype=torch.float64), *[torch.randn(5, 30, dtype=torch.float64)] * 2)
+
+
+@pytest.mark.parametrize("positions", [1, 4])
+def test_step_takes_a_3d_query_that_is_a_parameter_or_subclass(positions):
+    """The stock ``step`` runs ``forward`` on any tensor: a ``(B, 1, D)`` or ``(B, T1, D)``
+    query that is an ``nn.Parameter`` or another subclass gives its result. Ours tested
+    ``type(query) is torch.Tensor`` and raised "query must be 2-D" (an audit found it)."""
+    stock, ours = stock_and_flash(30, 5)
+    memory = torch.randn(3, 7, 30, dtype=torch.float64)
+    query = torch.nn.Parameter(torch.randn(3, positions, 30, dtype=torch.float64))
+    expected, got = stock.step(query, None, memory), ours.step(query, None, memory)
+    assert got[0].shape == expected[0].shape
+    torch.testing.assert_close(got[0], expected[0], **FP64)
+
+
+def test_forward_attention_takes_scores_of_batch_1_as_the_stock_helper():
+    """The stock ``forward_attention`` broadcasts batch-1 scores over the value's batch
+    (its ``matmul``), with or without a mask; ours refused them (an audit found it).
+    Scores of a larger batch than the value's stay refused: the stock helper's view then
+    runs the items together into one."""
+    stock, ours = stock_and_flash(30, 5)
+    value = torch.randn(2, 5, 7, 6, dtype=torch.float64)
+    scores = torch.randn(1, 5, 4, 7, dtype=torch.float64)
+    for mask in (None, torch.rand(2, 1, 7) > 0.3, torch.rand(2, 4, 7) > 0.5):
+        torch.testing.assert_close(ours.forward_attention(value, scores, mask),
+                                   stock.forward_attention(value, scores, mask), **FP64)
+        assert ours.attn.shape == stock.attn.shape
+        torch.testing.assert_close(ours.attn, stock.attn, **FP64)
+    with pytest.raises(ValueError, match=r"value \(1, 5, 7, 6\) and scores \(2, 5, 4, 7\) must be"):
+        ours.forward_attention(value[:1], scores.expand(2, -1, -1, -1), None)
+
+
 @pytest.mark.parametrize("self_attention", [False, True], ids=["cross", "self"])
 def test_transposed_layout(self_attention):
     """transposed=True: query and output (B, D, T1); memory stays (B, T2, D)."""
