@@ -19,6 +19,11 @@ import torch
 MODEL_ENTRY = "model"
 FLAT = "flat state dict"
 TRAINING = "ESPnet training checkpoint"
+LIGHTNING = "Lightning checkpoint"
+# Where each kind of training file keeps the model's state dict and its optimizers' states:
+# ESPnet's checkpoint.pth, and the *.ckpt files of espnet2.bin.lightning_train (Lightning's
+# own format: the LightningModule's state dict, ESPnet's model under "model.").
+ENTRIES = {TRAINING: (MODEL_ENTRY, "optimizers"), LIGHTNING: ("state_dict", "optimizer_states")}
 # How the weights-only unpickler words a refused class (as opposed to a damaged file).
 _CLASS_REFUSALS = ("Unsupported global", "allowlisted", "unrecognized function")
 
@@ -151,14 +156,18 @@ def model_state(obj, *, path="checkpoint"):
     """The model's state dict inside a loaded file, and which of ESPnet's files it is.
 
     Returns:
-        (kind, state_dict): kind is ``FLAT`` (the object is the state dict) or
-        ``TRAINING`` (``checkpoint.pth``: the state dict is ``obj["model"]``).
+        (kind, state_dict): kind is ``FLAT`` (the object is the state dict),
+        ``TRAINING`` (``checkpoint.pth``: the state dict is ``obj["model"]``) or
+        ``LIGHTNING`` (a Lightning ``*.ckpt``: ``obj["state_dict"]``, beside
+        ``"pytorch-lightning_version"``).
 
     Raises:
-        ConversionError: the object is neither (names what it found).
+        ConversionError: the object is none of them (names what it found).
     """
     if isinstance(obj, dict) and isinstance(obj.get(MODEL_ENTRY), dict):
         return TRAINING, obj[MODEL_ENTRY]
+    if isinstance(obj, dict) and "pytorch-lightning_version" in obj and isinstance(obj.get("state_dict"), dict):
+        return LIGHTNING, obj["state_dict"]
     if isinstance(obj, dict) and obj:
         wrong = next(((k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
         if wrong is None:
@@ -167,7 +176,8 @@ def model_state(obj, *, path="checkpoint"):
     else:
         found = f"it holds {'an empty dict' if isinstance(obj, dict) else 'a ' + type(obj).__name__}"
     raise ConversionError(f"{path}: neither a state dict ({found}) nor an ESPnet training checkpoint "
-                          f"(a dict whose {MODEL_ENTRY!r} entry is the state dict)")
+                          f"(a dict whose {MODEL_ENTRY!r} entry is the state dict) nor a Lightning checkpoint "
+                          "(with 'pytorch-lightning_version' and a 'state_dict' entry)")
 
 
 # ------------------------------------------------------------------ writing

@@ -12,9 +12,10 @@ With folders: an experiment folder, its ``config.yaml`` and every model file;
 OUT_DIR may be EXP_DIR (with ``--force``) to convert it in place, e.g. to resume
 a stock run with ``flash_mha`` (see :mod:`espnet_mha.export`).
 
-Reads the files ESPnet writes: a flat state dict (``valid.acc.ave.pth``) and a
+Reads the files ESPnet writes: a flat state dict (``valid.acc.ave.pth``), a
 training checkpoint (``checkpoint.pth``: the state dict in its ``"model"``
-entry). Loads with ``torch.load(weights_only=True)`` only, on the CPU (so OUT
+entry) and ``espnet2.bin.lightning_train``'s Lightning checkpoints (``*.ckpt``:
+the state dict in ``"state_dict"``, optimizers in ``"optimizer_states"``). Loads with ``torch.load(weights_only=True)`` only, on the CPU (so OUT
 holds CPU tensors): a file holding other classes is refused with the key where
 they are and the ``--allow-global`` flags that would admit them. Removes
 ``module.``/``_orig_mod.`` prefixes, converts only our layers' keys (see
@@ -44,7 +45,9 @@ from espnet_mha.checkpoint import (
     to_stock,
 )
 from espnet_mha.checkpoint_io import (  # noqa: F401  (re-exported: the converter's public helpers)
+    ENTRIES,
     FLAT,
+    LIGHTNING,
     MODEL_ENTRY,
     TRAINING,
     ConversionError,
@@ -57,7 +60,7 @@ from espnet_mha.optimizer_state import convert_optimizer_state
 
 PROG = "espnet-mha-convert"
 LAYOUTS = ("stock", "fused")
-OPTIMIZERS_ENTRY = "optimizers"
+OPTIMIZERS_ENTRY = ENTRIES[TRAINING][1]  # "optimizers"
 
 
 # --------------------------------------------------------------- converting
@@ -77,7 +80,7 @@ class Report:
     converted_optimizers: int = 0
 
     def lines(self):
-        where = f"state dict in entry {MODEL_ENTRY!r}, " if self.kind == TRAINING else ""
+        where = f"state dict in entry {ENTRIES[self.kind][0]!r}, " if self.kind in ENTRIES else ""
         out = [f"read {self.src}: {self.kind} ({where}{self.n_keys} keys)",
                f"stripped wrapper prefixes: {', '.join(self.stripped)}" if self.stripped else "no wrapper prefixes",
                f"converted {len(self.layers)} attention layer(s) to {self.to}: {', '.join(self.layers) or '-'}"]
@@ -149,28 +152,46 @@ def convert_object(obj, *, src, dst, to, layer_pattern=DEFAULT_LAYER_PATTERN, dr
     if not layers and not stripped:
         raise ConversionError(_nothing_to_convert(src, to, clean, layer_pattern, left_alone))
     report = Report(src, dst, to, kind, len(state), layers, stripped, left_alone)
-    if kind == TRAINING:
+    if kind in ENTRIES:
+        model_entry, optimizers_entry = ENTRIES[kind]
         obj = copy.copy(obj)
-        obj[MODEL_ENTRY] = converted
-        optimizers = obj.get(OPTIMIZERS_ENTRY) or []
+        obj[model_entry] = converted
+        optimizers = obj.get(optimizers_entry) or []
         n_optimizers = sum(1 for o in optimizers if o)  # with state
         if layers and n_optimizers and drop_optimizer_state:
-            obj[OPTIMIZERS_ENTRY] = []
+            obj[optimizers_entry] = []
             report.dropped_optimizers = n_optimizers
         elif layers and n_optimizers:
             if n_optimizers > 1:
                 raise ConversionError(
-                    f"{src}: entry {OPTIMIZERS_ENTRY!r} holds {n_optimizers} optimizers (a task such as GAN "
+                    f"{src}: entry {optimizers_entry!r} holds {n_optimizers} optimizers (a task such as GAN "
                     "TTS gives each a part of the model), whose positions cannot be told apart. Pass "
                     "--drop-optimizer-state to write the checkpoint without them")
             complete = isinstance(config, dict) and not (
                 config.get("use_adapter") and config.get("save_strategy", "all") != "all")
-            obj[OPTIMIZERS_ENTRY] = [_convert_optimizer(o, i, clean, layers, to, src, complete) if o else o
-                                     for i, o in enumerate(optimizers)]
+            obj[optimizers_entry] = [
+                _convert_optimizer(o, i, clean, layers, to, src, complete, optimizers_entry) if o else o
+                for i, o in enumerate(optimizers)]
             report.converted_optimizers = n_optimizers
+        if kind == LIGHTNING:
+            obj = _lightning_hyper_parameters(obj, to)
     else:
         obj = converted
     return obj, report
+
+
+def _lightning_hyper_parameters(obj, to):
+    """``obj`` with the training arguments ESPnet's ``LitESPnetModel`` saves as its
+    hyper-parameters (``hyper_parameters["args"]``, the config as a Namespace) in the layout
+    ``to``, as ``config.yaml`` (what ``LitESPnetModel.load_from_checkpoint`` builds)."""
+    hyper = obj.get("hyper_parameters")
+    args = hyper.get("args") if isinstance(hyper, dict) else None
+    if not isinstance(args, argparse.Namespace):
+        return obj
+    from espnet_mha.export import fused_config, stock_config
+
+    config = (stock_config if to == "stock" else fused_config)(vars(args))[0]
+    return obj | {"hyper_parameters": hyper | {"args": argparse.Namespace(**config)}}
 
 
 def _config_beside(path):
@@ -186,11 +207,11 @@ def _config_beside(path):
     return loaded if isinstance(loaded, dict) else None
 
 
-def _convert_optimizer(state, index, model_state, layers, to, src, complete):
+def _convert_optimizer(state, index, model_state, layers, to, src, complete, entry):
     """One optimizer's state for the converted parameter list (see :mod:`espnet_mha.optimizer_state`)."""
     try:
         return convert_optimizer_state(state, model_state, layers, fuse=to == "fused", complete=complete,
-                                       where=f"{src}: entry {OPTIMIZERS_ENTRY!r}[{index}]")
+                                       where=f"{src}: entry {entry!r}[{index}]")
     except ConversionError as error:
         raise ConversionError(
             f"{error}. Its positions follow the parameter list, which converting {len(layers)} layer(s) changes "

@@ -29,6 +29,9 @@ from espnet_mha.checkpoint_io import FLAT, ConversionError, load_weights_only, m
 
 CONFIG = "config.yaml"
 TRAINING_CHECKPOINT = "checkpoint.pth"
+# espnet2.bin.lightning_train's checkpoints (training state, or weights with the training
+# arguments), written beside the averaged *.pth; last.ckpt is a link.
+LIGHTNING_SUFFIX = ".ckpt"
 OUR_NAME, STOCK_NAME = "flash_mha", "mha"
 # Options of our layer that the stock one does not have (it would ignore them).
 OUR_OPTIONS = ("causal", "keep_attn", "backend", "compile", "compile_mode", "state_dict_layout")
@@ -131,17 +134,20 @@ def export_experiment(src, dst, *, force=False, allow_globals=(), drop_optimizer
 def convert_experiment(src, dst, *, to, force=False, allow_globals=(), drop_optimizer_state=False):
     """Write ``dst``: ``src``'s ``config.yaml`` with its attention layers in the layout ``to``
     (``"stock"``: ``mha`` without our options, for stock ESPnet; ``"fused"``: ``flash_mha``),
-    and each of its ``*.pth`` model files in that layout, with their file modes (links to
-    model files of the folder, such as ``valid.acc.ave.pth``, stay links). ``dst`` may be
+    and each of its ``*.pth`` model files and ``*.ckpt`` Lightning checkpoints
+    (``espnet2.bin.lightning_train``) in that layout, with their file modes (links to
+    model files of the folder, such as ``valid.acc.ave.pth`` or ``last.ckpt``, stay links). ``dst`` may be
     ``src`` (with ``force``): the folder is converted in place, e.g. to resume a stock run
     with ``flash_mha``, whose end-of-training averaging reads the older ``*epoch.pth``
     files with the new ones and fails on mixed layouts.
 
-    ``checkpoint.pth`` (training state) is converted with its optimizer state (see
-    :mod:`espnet_mha.optimizer_state`; without it if ``drop_optimizer_state``), so ESPnet
-    can resume the run. It needs ``allow_globals`` (ESPnet's reporter holds
-    ``datetime.timedelta``); when it cannot be read or converted it is skipped (left as
-    it is in place), as are links to what is not converted, dangling links and ``*.pth``
+    ``checkpoint.pth`` and the ``*.ckpt`` files (training state) are converted with their
+    optimizer state (see :mod:`espnet_mha.optimizer_state`; without it if
+    ``drop_optimizer_state``), so ESPnet (or Lightning) can resume the run, and a ``*.ckpt``
+    file's saved training arguments follow the config. They need ``allow_globals``
+    (ESPnet's reporter holds ``datetime.timedelta``; Lightning's files the arguments, an
+    ``argparse.Namespace``); when one cannot be read or converted it is skipped (in place,
+    that stops the conversion), as are links to what is not converted, dangling links and ``*.pth``
     files that are no model, and the report says why. Other files (logs, images,
     decoding results) are not copied. All is written to a temporary folder in ``dst`` and
     moved into place at the end, so an error leaves ``dst`` as it was.
@@ -257,7 +263,7 @@ def _plan(src, report):
     """(model files to export, {link name: target name}) of ``src``'s ``*.pth`` entries;
     what is left out goes to ``report.skipped``. A link to a model file of the folder stays
     a link (by the target's name); a link elsewhere is exported as a file."""
-    entries = sorted(src.glob("*.pth"))
+    entries = sorted([*src.glob("*.pth"), *src.glob("*" + LIGHTNING_SUFFIX)])
     regular = {p.name for p in entries if p.is_file() and not p.is_symlink()}
     files, links = [], {}
     for path in entries:
@@ -280,7 +286,7 @@ def _convert_file(path, out, to, report, allow_globals, drop_optimizer_state, co
     did. In place, a file already in that layout is left as it is."""
     from espnet_mha.convert import convert_object
 
-    training = path.name == TRAINING_CHECKPOINT
+    training = path.name == TRAINING_CHECKPOINT or path.suffix == LIGHTNING_SUFFIX
     try:
         # A model file that cannot be read (damaged, or classes to admit) stops the export;
         # the training state is optional: it is skipped, with the reason.
