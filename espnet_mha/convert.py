@@ -174,24 +174,29 @@ def convert_object(obj, *, src, dst, to, layer_pattern=DEFAULT_LAYER_PATTERN, dr
                 for i, o in enumerate(optimizers)]
             report.converted_optimizers = n_optimizers
         if kind == LIGHTNING:
-            obj = _lightning_hyper_parameters(obj, to)
+            obj = lightning_arguments(obj, to)
     else:
         obj = converted
     return obj, report
 
 
-def _lightning_hyper_parameters(obj, to):
-    """``obj`` with the training arguments ESPnet's ``LitESPnetModel`` saves as its
-    hyper-parameters (``hyper_parameters["args"]``, the config as a Namespace) in the layout
-    ``to``, as ``config.yaml`` (what ``LitESPnetModel.load_from_checkpoint`` builds)."""
+def lightning_arguments(obj, to):
+    """``obj`` (a Lightning checkpoint) with the training arguments ESPnet's ``LitESPnetModel``
+    saves as its hyper-parameters (``hyper_parameters["args"]``, the config as a Namespace,
+    or a dict) in the layout ``to``, as ``config.yaml`` (what
+    ``LitESPnetModel.load_from_checkpoint`` builds); ``obj`` itself when they need no change."""
     hyper = obj.get("hyper_parameters")
     args = hyper.get("args") if isinstance(hyper, dict) else None
-    if not isinstance(args, argparse.Namespace):
+    if not isinstance(args, (argparse.Namespace, dict)):
         return obj
     from espnet_mha.export import fused_config, stock_config
 
-    config = (stock_config if to == "stock" else fused_config)(vars(args))[0]
-    return obj | {"hyper_parameters": hyper | {"args": argparse.Namespace(**config)}}
+    config, renamed = (stock_config if to == "stock" else fused_config)(dict(vars(args)) if isinstance(
+        args, argparse.Namespace) else args)
+    if not renamed:
+        return obj
+    args = argparse.Namespace(**config) if isinstance(args, argparse.Namespace) else config
+    return obj | {"hyper_parameters": hyper | {"args": args}}
 
 
 def _config_beside(path):
@@ -234,15 +239,15 @@ def _nothing_to_convert(src, to, state, layer_pattern, left_alone):
 def _parser():
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Convert an ESPnet checkpoint (flat state dict such as valid.acc.ave.pth, or training "
-                    "checkpoint.pth) between the stock MultiHeadedAttention layout (linear_q/k/v) and "
-                    "espnet_mha's fused layout (linear_qkv). Removes module./_orig_mod. prefixes. With "
-                    "folders: an experiment folder, its config.yaml (flash_mha <-> mha) and every *.pth model "
-                    "file; --to stock for ESPnet without espnet-mha, --to fused in place (OUT_DIR = EXP_DIR, "
+        description="Convert an ESPnet checkpoint (flat state dict such as valid.acc.ave.pth, training "
+                    "checkpoint.pth, or a Lightning *.ckpt of espnet2.bin.lightning_train) between the stock "
+                    "MultiHeadedAttention layout (linear_q/k/v) and espnet_mha's fused layout (linear_qkv). "
+                    "Removes module./_orig_mod. prefixes. With folders: an experiment folder, its config.yaml "
+                    "(flash_mha <-> mha) and every *.pth and *.ckpt model file; --to stock for ESPnet without espnet-mha, --to fused in place (OUT_DIR = EXP_DIR, "
                     "--force) to resume a stock run with flash_mha.",
     )
     parser.add_argument("src", metavar="IN", help="file to read (torch.load with weights_only=True), or an "
-                                                  "experiment folder (config.yaml and *.pth)")
+                                                  "experiment folder (config.yaml, *.pth and *.ckpt)")
     parser.add_argument("dst", metavar="OUT", help="file to write atomically (may be IN with --force), or the "
                                                    "folder to write (made if absent; IN with --force: in place)")
     parser.add_argument("--to", required=True, choices=LAYOUTS, help="layout to write")

@@ -63,7 +63,7 @@ class DecodingSteps:
             if query.size(1) == 1:
                 query = query.squeeze(1)  # (B, 1, D): the stock step takes it too, and returns (B, D)
             elif not self.causal:  # the stock step is forward over all T1 positions: (B, T1, D)
-                return self._stock_step(query, memory, mask), state
+                return self._stock_step(query, checks.one_frame(memory, query.size(0)), mask), state
             else:
                 raise ValueError(f"query of a causal step must be one position per hypothesis, (B, D) or "
                                  f"(B, 1, D), got {tuple(query.shape)}; forward takes several positions")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from espnet_mha.checkpoint import fused_layers, stock_layers, strip_wrapper_prefixes
-from espnet_mha.checkpoint_io import FLAT, ConversionError, load_weights_only, model_state, save_atomic
+from espnet_mha.checkpoint_io import FLAT, LIGHTNING, ConversionError, load_weights_only, model_state, save_atomic
 
 CONFIG = "config.yaml"
 TRAINING_CHECKPOINT = "checkpoint.pth"
@@ -51,6 +51,7 @@ class ExportReport:
     skipped: list = field(default_factory=list)  # (name, why)
     prefixes: set = field(default_factory=set)  # parameter prefixes of our layers in the model files
     frozen: list = field(default_factory=list)  # (freeze_param entries before, after) where rewritten
+    arguments: list = field(default_factory=list)  # *.ckpt in the layout whose saved arguments were rewritten
 
     def lines(self):
         name = f"stock {STOCK_NAME}" if self.to == "stock" else OUR_NAME
@@ -58,7 +59,9 @@ class ExportReport:
         out = [f"read {self.src / CONFIG}: {len(self.layers)} attention layer(s) -> {name}"
                + (f" ({', '.join(self.layers)})" if self.layers else "")]
         out += [f"converted {file}: {n} attention layer(s) to {self.to}" for file, n in self.converted]
-        out += [f"{'left' if in_place else 'copied'} {file}: nothing to convert" for file in self.copied]
+        out += [f"{'left' if in_place else 'copied'} {file}: nothing to convert"
+                + (" (its saved training arguments rewritten as config.yaml)" if file in self.arguments else "")
+                for file in self.copied]
         out += [f"{'kept link' if in_place else 'linked'} {link} -> {target}" for link, target in self.links]
         out += [f"skipped {file}: {why}" for file, why in self.skipped]
         out += [f"freeze_param: {', '.join(before)} -> {', '.join(after)}" for before, after in self.frozen]
@@ -260,9 +263,9 @@ def freeze_names(names, prefixes, to, report):
 
 
 def _plan(src, report):
-    """(model files to export, {link name: target name}) of ``src``'s ``*.pth`` entries;
-    what is left out goes to ``report.skipped``. A link to a model file of the folder stays
-    a link (by the target's name); a link elsewhere is exported as a file."""
+    """(model files to export, {link name: target name}) of ``src``'s ``*.pth`` and ``*.ckpt``
+    entries; what is left out goes to ``report.skipped``. A link to a model file of the folder
+    stays a link (by the target's name); a link elsewhere is exported as a file."""
     entries = sorted([*src.glob("*.pth"), *src.glob("*" + LIGHTNING_SUFFIX)])
     regular = {p.name for p in entries if p.is_file() and not p.is_symlink()}
     files, links = [], {}
@@ -270,11 +273,18 @@ def _plan(src, report):
         if path.is_symlink():
             target = path.resolve()
             if not target.is_file():
-                report.skipped.append((path.name, f"a link to {os.readlink(path)}, which does not exist"))
+                what = "a folder, not converted" if target.is_dir() else "which does not exist"
+                report.skipped.append((path.name, f"a link to {os.readlink(path)}, {what}"))
                 continue
             if target.parent == src.resolve() and target.name in regular:
                 links[path.name] = target.name
                 continue
+        elif path.is_dir():
+            # Lightning saves sharded (FSDP, DeepSpeed) checkpoints as folders named *.ckpt.
+            report.skipped.append((path.name, "a folder (a sharded checkpoint?), not converted: convert it to "
+                                              "one file first (e.g. Lightning's convert_zero_checkpoint_to_fp32_"
+                                              "state_dict or torch.distributed.checkpoint's dcp_to_torch_save)"))
+            continue
         elif not path.is_file():
             continue
         files.append(path)
@@ -284,7 +294,7 @@ def _plan(src, report):
 def _convert_file(path, out, to, report, allow_globals, drop_optimizer_state, config, in_place):
     """Write ``path`` in the layout ``to`` to ``out`` (with ``path``'s file mode); whether it
     did. In place, a file already in that layout is left as it is."""
-    from espnet_mha.convert import convert_object
+    from espnet_mha.convert import convert_object, lightning_arguments
 
     training = path.name == TRAINING_CHECKPOINT or path.suffix == LIGHTNING_SUFFIX
     try:
@@ -304,7 +314,12 @@ def _convert_file(path, out, to, report, allow_globals, drop_optimizer_state, co
     stock, fused = stock_layers(state), fused_layers(state)
     report.prefixes.update(p.rstrip(".") for p in (*stock, *fused))
     if not (stripped or (fused if to == "stock" else stock)):
-        if not in_place:
+        rewritten = lightning_arguments(obj, to) if kind == LIGHTNING else obj
+        if rewritten is not obj:  # the weights are in the layout; the saved arguments are not
+            save_atomic(rewritten, out, force=True)
+            shutil.copymode(path, out)
+            report.arguments.append(path.name)
+        elif not in_place:
             shutil.copyfile(path, out)
         report.copied.append(path.name)
         return True

@@ -343,12 +343,12 @@ def test_freeze_param_follows_the_layout(tmp_path):
     assert not (tmp_path / "partial" / "config.yaml").exists()
 
 
-def lightning_model(tmp_path, attention, seed):
+def lightning_model(tmp_path, attention, seed, **layer_options):
     """ESPnet's ``LitESPnetModel`` (what ``espnet2.bin.lightning_train`` trains) over the recipe
     config's model, with its Adam optimizer from ``configure_optimizers``."""
     from espnet2.train.lightning_espnet_model import LitESPnetModel
 
-    args = espnet_asr.build(tmp_path, attention, seed=seed)[1]
+    args = espnet_asr.build(tmp_path, attention, seed=seed, **layer_options)[1]
     out = tmp_path / f"lit_{attention}_{seed}"
     out.mkdir()
     args = espnet_asr.with_attention(args, attention)
@@ -438,3 +438,35 @@ def test_a_lightning_folder_converted_in_place_resumes_with_flash_mha(tmp_path, 
     one = torch.load(tmp_path / "one.ckpt", weights_only=False)
     assert one["state_dict"].keys() == checkpoint["state_dict"].keys()
     assert one["optimizer_states"][0]["param_groups"] == checkpoint["optimizer_states"][0]["param_groups"]
+
+
+def test_lightning_files_in_the_layout_get_their_arguments_converted_and_sharded_folders_are_named(tmp_path, capsys):
+    """A flash_mha run with the stock parameters (``state_dict_layout: stock``) exported to stock:
+    its ``*.ckpt`` weights need nothing, but their saved arguments still built flash_mha, which
+    ESPnet without espnet-mha cannot load (they were copied as they were: an audit). A folder
+    named ``*.ckpt`` (Lightning's sharded checkpoints) and a link to it are reported, not
+    passed over in silence."""
+    root = tmp_path / "exp"
+    root.mkdir()
+    lit, optimizer = lightning_model(tmp_path, "flash_mha", seed=6, state_dict_layout="stock")
+    lightning_step(lit.train(), optimizer)
+    espnet_asr.write_config(root / "config.yaml", lit.hparams["args"])
+    torch.save(lightning_checkpoint(lit, optimizer), root / "step1.ckpt")
+    (root / "step2.ckpt").mkdir()
+    (root / "step2.ckpt" / "shard_0.distcp").write_bytes(b"shard")
+    (root / "last.ckpt").symlink_to("step2.ckpt")
+    out = tmp_path / "stock"
+    assert run(root, out, "--to", "stock", "--allow-global", "argparse.Namespace") == 0
+    report = capsys.readouterr().out
+    assert "copied step1.ckpt: nothing to convert (its saved training arguments rewritten as config.yaml)" in report
+    assert "skipped step2.ckpt: a folder (a sharded checkpoint?), not converted" in report
+    assert "skipped last.ckpt: a link to step2.ckpt, a folder, not converted" in report
+    saved = torch.load(out / "step1.ckpt", weights_only=False)
+    layer = saved["hyper_parameters"]["args"].decoder_conf["layer"][1]
+    assert layer["_name_"] == "mha" and "state_dict_layout" not in layer
+    original = torch.load(root / "step1.ckpt", weights_only=False)
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in original["state_dict"].items())
+    (got,), (expected,) = saved["optimizer_states"], original["optimizer_states"]
+    assert got["param_groups"] == expected["param_groups"]
+    for index, state in expected["state"].items():
+        assert all(torch.equal(got["state"][index][name], value) for name, value in state.items())

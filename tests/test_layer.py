@@ -148,6 +148,8 @@ def test_a_2d_memory_is_read_as_the_stock_view_reads_it(batch, rows):
             torch.testing.assert_close(got, stock.step(query[:, t], None, memory=memory)[0], **FP64)
         for got, expected in zip(ours.forward_qkv(query, memory, memory), stock.forward_qkv(query, memory, memory)):
             torch.testing.assert_close(got, expected, **FP64)
+        # step over all T1 positions at once (the stock step runs forward): it raised "must be 3-D"
+        torch.testing.assert_close(ours.step(query, None, memory)[0], stock.step(query, None, memory)[0], **FP64)
     with pytest.raises(ValueError, match=r"memory must be 3-D \(B, T2, D\), got shape \(5, 30\)"):
         ours(torch.randn(2, 4, 30, dtype=torch.float64), torch.randn(5, 30, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"key of shape \(5, 30\): a 2-D key needs a multiple of the query batch B=2"):
