@@ -15,8 +15,9 @@ a stock run with ``flash_mha`` (see :mod:`espnet_mha.export`).
 Reads the files ESPnet writes: a flat state dict (``valid.acc.ave.pth``), a
 training checkpoint (``checkpoint.pth``: the state dict in its ``"model"``
 entry) and ``espnet2.bin.lightning_train``'s Lightning checkpoints (``*.ckpt``:
-the state dict in ``"state_dict"``, optimizers in ``"optimizer_states"``). Loads with ``torch.load(weights_only=True)`` only, on the CPU (so OUT
-holds CPU tensors): a file holding other classes is refused with the key where
+the state dict in ``"state_dict"``, optimizers in ``"optimizer_states"``).
+Loads with ``torch.load(weights_only=True)`` only, on the CPU (so OUT holds CPU
+tensors): a file holding other classes is refused with the key where
 they are and the ``--allow-global`` flags that would admit them. Removes
 ``module.``/``_orig_mod.`` prefixes, converts only our layers' keys (see
 :mod:`espnet_mha.checkpoint`), writes OUT atomically (temporary file, fsync, rename).
@@ -243,8 +244,9 @@ def _parser():
                     "checkpoint.pth, or a Lightning *.ckpt of espnet2.bin.lightning_train) between the stock "
                     "MultiHeadedAttention layout (linear_q/k/v) and espnet_mha's fused layout (linear_qkv). "
                     "Removes module./_orig_mod. prefixes. With folders: an experiment folder, its config.yaml "
-                    "(flash_mha <-> mha) and every *.pth and *.ckpt model file; --to stock for ESPnet without espnet-mha, --to fused in place (OUT_DIR = EXP_DIR, "
-                    "--force) to resume a stock run with flash_mha.",
+                    "(flash_mha <-> mha) and every *.pth and *.ckpt model file; --to stock for ESPnet without "
+                    "espnet-mha, --to fused in place (OUT_DIR = EXP_DIR, --force) to resume a stock run with "
+                    "flash_mha.",
     )
     parser.add_argument("src", metavar="IN", help="file to read (torch.load with weights_only=True), or an "
                                                   "experiment folder (config.yaml, *.pth and *.ckpt)")
