@@ -61,7 +61,6 @@ from espnet_mha.optimizer_state import convert_optimizer_state
 
 PROG = "espnet-mha-convert"
 LAYOUTS = ("stock", "fused")
-OPTIMIZERS_ENTRY = ENTRIES[TRAINING][1]  # "optimizers"
 
 
 # --------------------------------------------------------------- converting
