@@ -28,6 +28,9 @@ def pytest_addoption(parser):
 # stock side, so pytest-benchmark's default gives that side 5 rounds. On a 2-core VM the medians of
 # two such runs were up to 30% apart (stock beam search 2366 and 3062 ms, minutes apart).
 DECODING_MIN_ROUNDS = 15
+# Interleaved cases (test_bench_layer.run_interleaved): their one entry, and its rounds.
+INTERLEAVED = "interleaved"
+INTERLEAVED_ROUNDS = 15
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,6 +45,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def quick(request):
     return request.config.getoption("--quick")
+
+
+@pytest.fixture(scope="session")
+def interleaved_rounds(request, quick):
+    """Rounds of an interleaved case: 2 with --quick, else ``INTERLEAVED_ROUNDS`` or the
+    ``--benchmark-min-rounds`` given, if more."""
+    return 2 if quick else max(INTERLEAVED_ROUNDS, request.config.getoption("benchmark_min_rounds"))
 
 
 @pytest.fixture(scope="session")

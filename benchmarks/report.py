@@ -6,11 +6,15 @@ Usage:
 Writes ``DIR/report.md`` (the table) and ``DIR/speedup.png`` (speed-up of each
 implementation over ``stock`` per scenario; with ``--compare``, both runs side
 by side, e.g. before/after a change or CPU vs GPU) and prints the table.
-Speed-up = stock median / implementation median (higher is better).
+Speed-up = stock median / implementation median (higher is better). The
+interleaved cases (``test_bench_layer.run_interleaved``) get a table of their
+own: their speed-up is the median over rounds of stock / implementation, each
+round running every implementation once.
 """
 
 import argparse
 import json
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -18,19 +22,24 @@ from pathlib import Path
 STOCK = "stock"
 # attention_replayed: a bound, not an implementation (see test_bench_decoder.py).
 IMPLS = ("flash_mha", "flash_mha-compiled", "flash_mha-stock_layout", "attention_replayed")
+INTERLEAVED = "interleaved"  # benchmarks.conftest.INTERLEAVED (not imported: that would import torch)
 
 
 def load(path):
-    """{scenario: {impl: benchmark dict}} and the run's machine description."""
+    """{scenario: {impl: benchmark dict}}, the run's machine description, and
+    {scenario: extra_info} of its interleaved cases."""
     data = json.loads(Path(path).read_text())
     runs = defaultdict(dict)
-    machine = {}
+    machine, interleaved = {}, {}
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
-        runs[info.get("scenario", bench["group"])][info.get("impl", bench["name"])] = bench
         machine = machine or {k: info[k] for k in ("device", "dtype", "torch", "espnet", "machine", "threads", "gpu") if k in info}
+        if info.get("impl") == INTERLEAVED:
+            interleaved[info["scenario"]] = info
+        else:
+            runs[info.get("scenario", bench["group"])][info.get("impl", bench["name"])] = bench
     machine["cpu"] = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", machine.get("machine", "?"))
-    return dict(runs), machine
+    return dict(runs), machine, interleaved
 
 
 def speedups(runs):
@@ -48,17 +57,21 @@ def fmt_time(seconds):
 
 
 def table(runs, machine, label=""):
+    """The machine, then (if ``runs`` has any) the table of medians and speed-ups."""
     lines = [f"{label}{machine.get('device', '?')} {machine.get('dtype', '')} | {machine.get('gpu', machine['cpu'])}"
-             f" | torch {machine.get('torch', '?')}, espnet {machine.get('espnet', '?')}, {machine.get('threads', '?')} threads", "",
-             "| scenario | stock | " + " | ".join(f"{impl} | speed-up" for impl in IMPLS) + " | peak memory stock / ours |",
-             "|---|---|" + "---|---|" * len(IMPLS) + "---|"]
+             f" | torch {machine.get('torch', '?')}, espnet {machine.get('espnet', '?')}, {machine.get('threads', '?')} threads"]
+    if not runs:
+        return lines[0]
+    lines += ["", "| scenario | stock | " + " | ".join(f"{impl} | speed-up" for impl in IMPLS)
+              + " | peak memory stock / ours |", "|---|---|" + "---|---|" * len(IMPLS) + "---|"]
     ratios = speedups(runs)
     for scenario in sorted(runs):
         impls = runs[scenario]
         cells = [scenario, fmt_time(impls[STOCK]["stats"]["median"]) if STOCK in impls else "-"]
         for impl in IMPLS:
             if impl in impls:
-                cells += [fmt_time(impls[impl]["stats"]["median"]), f"{ratios.get(scenario, {}).get(impl, float('nan')):.2f}x"]
+                ratio = ratios.get(scenario, {}).get(impl)  # None without a stock case to divide
+                cells += [fmt_time(impls[impl]["stats"]["median"]), "-" if ratio is None else f"{ratio:.2f}x"]
             else:
                 cells += ["-", "-"]
         mem = [impls[i]["extra_info"].get("peak_mb") for i in (STOCK, "flash_mha") if i in impls]
@@ -66,6 +79,29 @@ def table(runs, machine, label=""):
             cells.append(f"{mem[0]:.1f} / {mem[1]:.1f} MB ({mem[0] / mem[1]:.1f}x less)")
         else:
             cells.append("-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def interleaved_table(interleaved, label=""):
+    """The interleaved cases: median time of each implementation, and the median
+    over rounds of stock / implementation."""
+    if not interleaved:
+        return ""
+    impls = [impl for impl in IMPLS if any(impl in info["seconds"] for info in interleaved.values())]
+    lines = [f"{label}interleaved rounds (each runs every implementation once, in rotating order; "
+             "speed-up: median over rounds of stock / implementation)", "",
+             "| scenario | rounds | stock | " + " | ".join(f"{impl} | speed-up" for impl in impls) + " |",
+             "|---|---|---|" + "---|---|" * len(impls)]
+    for scenario in sorted(interleaved):
+        info = interleaved[scenario]
+        seconds, ratios = info["seconds"], info["speedup"]
+        cells = [scenario, str(len(seconds["stock"])), fmt_time(statistics.median(seconds["stock"]))]
+        for impl in impls:
+            if impl in seconds:
+                cells += [fmt_time(statistics.median(seconds[impl])), f"{ratios[impl]:.2f}x"]
+            else:
+                cells += ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -108,14 +144,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs, machine = load(args.run)
-    parts = [table(runs, machine, "A: " if args.compare else "")]
+    runs, machine, interleaved = load(args.run)
+    label = "A: " if args.compare else ""
+    parts = [table(runs, machine, label), interleaved_table(interleaved, label)]
     series = [("A" if args.compare else "", speedups(runs))]
     if args.compare:
-        other, other_machine = load(args.compare)
-        parts.append(table(other, other_machine, "B: "))
+        other, other_machine, other_interleaved = load(args.compare)
+        parts += [table(other, other_machine, "B: "), interleaved_table(other_interleaved, "B: ")]
         series.append(("B", speedups(other)))
-    text = "\n\n".join(parts) + "\n"
+    text = "\n\n".join(part for part in parts if part) + "\n"
     (out / "report.md").write_text(text)
     chart(series, out / "speedup.png")
     print(text)

@@ -3,6 +3,7 @@
 Run: ``python -m pytest benchmarks --benchmark-enable`` (``make bench``).
 """
 
+import statistics
 import time
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from espnet_mha.testing import stock_and_flash
 
-from .conftest import machine_info, rand, sync, tolerance
+from .conftest import INTERLEAVED, machine_info, rand, sync, tolerance
 from .memory import peak_bytes
 
 FULL = {
@@ -82,6 +83,44 @@ def run_case(benchmark, scenario, impl, fn, device, dtype, size):
     benchmark(timed)
 
 
+def run_interleaved(benchmark, scenario, fns, device, dtype, size, rounds):
+    """Time the implementations ``fns`` ({impl: callable}, ``stock`` first) in
+    interleaved rounds: each round runs every one once, in an order that rotates
+    from round to round, so all of them meet the same state of the machine. On a
+    shared VM whose speed drifts by tens of percent within minutes, the cases
+    above, which run one implementation's rounds after the other's, can put one
+    side in a fast spell and the other in a slow one; the ratio of two times
+    taken seconds apart cannot.
+
+    One pytest-benchmark entry (``impl`` ``interleaved``; its own timing is of a
+    whole round) whose ``extra_info`` holds every implementation's times
+    (``seconds``) and the median over rounds of stock / implementation
+    (``speedup``), which ``benchmarks.report`` tabulates."""
+    benchmark.group = f"{scenario} (interleaved)"
+    benchmark.name = INTERLEAVED
+    benchmark.extra_info.update(machine_info(device, dtype), scenario=scenario, impl=INTERLEAVED, **size)
+    names = list(fns)
+    assert names[0] == "stock", names
+    seconds = {name: [] for name in names}
+    for fn in fns.values():
+        fn()  # warm-up (fills allocator caches; nothing here compiles)
+
+    def one_round():
+        first = len(seconds["stock"]) % len(names)
+        for name in names[first:] + names[:first]:
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            seconds[name].append(time.perf_counter() - start)
+
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    benchmark.extra_info["seconds"] = {name: [round(s, 6) for s in times] for name, times in seconds.items()}
+    benchmark.extra_info["speedup"] = {
+        name: round(statistics.median(s / t for s, t in zip(seconds["stock"], seconds[name])), 3)
+        for name in names[1:]
+    }
+
+
 @pytest.mark.parametrize("self_attention", [False, True], ids=["cross", "self"])
 def test_inference(benchmark, impl, self_attention, quick, device, dtype):
     scenario = "self_infer" if self_attention else "cross_infer"
@@ -127,6 +166,15 @@ def test_decoding_steps(benchmark, impl, hand_back, quick, device, dtype):
     scenario = "decode_50_steps" if hand_back == "split" else "decode_50_steps_whole_state"
     size = sizes("decode_50_steps", quick)
     layer, stock = layers(impl, size, device, dtype)
+    decode = beam_steps(size, hand_back, device, dtype)
+    with torch.no_grad():
+        for got, expected in zip(decode(layer), decode(stock)):
+            torch.testing.assert_close(got, expected, **tolerance(dtype))
+        run_case(benchmark, scenario, impl, lambda: decode(layer), device, dtype, size)
+
+
+def beam_steps(size, hand_back, device, dtype):
+    """``decode(module)``: the steps of ``test_decoding_steps`` on seeded inputs, returning the outputs."""
     memory = rand(1, size["t2"], size["n_feat"], seed=4, device=device, dtype=dtype)
     queries = rand(size["steps"], size["beam"], size["n_feat"], seed=5, device=device, dtype=dtype)
 
@@ -141,10 +189,21 @@ def test_decoding_steps(benchmark, impl, hand_back, quick, device, dtype):
             outs.append(out)
         return outs
 
+    return decode
+
+
+@pytest.mark.decoding
+def test_decoding_steps_interleaved(benchmark, quick, interleaved_rounds, device, dtype):
+    """``decode_50_steps`` (states split per hypothesis) with the stock layer's rounds
+    and ours interleaved (see :func:`run_interleaved`)."""
+    size = sizes("decode_50_steps", quick)
+    layer, stock = layers("flash_mha", size, device, dtype)
+    decode = beam_steps(size, "split", device, dtype)
     with torch.no_grad():
         for got, expected in zip(decode(layer), decode(stock)):
             torch.testing.assert_close(got, expected, **tolerance(dtype))
-        run_case(benchmark, scenario, impl, lambda: decode(layer), device, dtype, size)
+        fns = {"stock": lambda: decode(stock), "flash_mha": lambda: decode(layer)}
+        run_interleaved(benchmark, "decode_50_steps", fns, device, dtype, size, interleaved_rounds)
 
 
 @pytest.mark.decoding
