@@ -56,6 +56,7 @@ from espnet_mha.checkpoint_io import (  # noqa: F401  (re-exported: the converte
     model_state,
     save_atomic,
 )
+from espnet_mha.configs import fused_config, stock_config
 from espnet_mha.export import convert_experiment
 from espnet_mha.optimizer_state import convert_optimizer_state
 
@@ -189,8 +190,6 @@ def lightning_arguments(obj, to):
     args = hyper.get("args") if isinstance(hyper, dict) else None
     if not isinstance(args, (argparse.Namespace, dict)):
         return obj
-    from espnet_mha.export import fused_config, stock_config
-
     config, renamed = (stock_config if to == "stock" else fused_config)(dict(vars(args)) if isinstance(
         args, argparse.Namespace) else args)
     if not renamed:

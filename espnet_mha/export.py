@@ -26,15 +26,13 @@ from pathlib import Path
 
 from espnet_mha.checkpoint import fused_layers, stock_layers, strip_wrapper_prefixes
 from espnet_mha.checkpoint_io import FLAT, LIGHTNING, ConversionError, load_weights_only, model_state, save_atomic
+from espnet_mha.configs import OUR_NAME, STOCK_NAME, fused_config, rename_layers, stock_config
 
 CONFIG = "config.yaml"
 TRAINING_CHECKPOINT = "checkpoint.pth"
 # espnet2.bin.lightning_train's checkpoints (training state, or weights with the training
 # arguments), written beside the averaged *.pth; last.ckpt is a link.
 LIGHTNING_SUFFIX = ".ckpt"
-OUR_NAME, STOCK_NAME = "flash_mha", "mha"
-# Options of our layer that the stock one does not have (it would ignore them).
-OUR_OPTIONS = ("causal", "keep_attn", "backend", "compile", "compile_mode", "state_dict_layout")
 
 
 @dataclass
@@ -68,64 +66,6 @@ class ExportReport:
         out.append(f"wrote {self.dst / CONFIG} and {len(self.converted) + len(self.copied) + len(self.links)} "
                    f"model file(s) in {self.dst}")
         return out
-
-
-def _rename_layers(config, rename, path="config"):
-    """(a copy of ``config`` with ``rename(item, path)`` in place of each dict for which it
-    returns one, the paths of those dicts, e.g. ``decoder_conf.layer[1]``)."""
-    if isinstance(config, list):
-        pairs = [_rename_layers(item, rename, f"{path}[{i}]") for i, item in enumerate(config)]
-        return [item for item, _ in pairs], [p for _, paths in pairs for p in paths]
-    if not isinstance(config, dict):
-        return config, []
-    renamed = rename(config, path)
-    if renamed is not None:
-        return renamed, [path]
-    new, paths = {}, []
-    for key, value in config.items():
-        new[key], found = _rename_layers(value, rename, key if path == "config" else f"{path}.{key}")
-        paths += found
-    return new, paths
-
-
-def stock_config(config):
-    """A copy of a loaded ``config.yaml`` whose ``flash_mha`` layers (and ``mha`` layers with
-    our options) are ``mha`` without our options, and the paths of those layers.
-
-    Raises:
-        ConversionError: a layer has ``causal: true``, which the stock layer cannot compute.
-    """
-    def rename(item, path):
-        name = item.get("_name_")
-        if name not in (OUR_NAME, STOCK_NAME):
-            return None
-        # mha too: under ESPNET_MHA_REPLACE_MHA=1 it builds our layer, which reads our options.
-        if item.get("causal"):
-            raise ConversionError(f"{path}: {name} with causal: true has no stock equivalent (the stock mha "
-                                  "attends to every position); not exported")
-        if name == OUR_NAME or any(k in item for k in OUR_OPTIONS):
-            return {k: v for k, v in item.items() if k not in OUR_OPTIONS} | {"_name_": STOCK_NAME}
-        return None
-
-    return _rename_layers(config, rename)
-
-
-def fused_config(config):
-    """A copy of a loaded ``config.yaml`` whose ``mha`` layers are ``flash_mha`` (other options
-    kept, but ``causal``, which the stock layer ignores) and whose attention layers have the
-    fused parameters (no ``state_dict_layout: stock``, whose layers would split the fused
-    files again and whose parameter list would not fit the converted optimizer state), and
-    the paths of those layers."""
-    def rename(item, path):
-        name = item.get("_name_")
-        if name not in (OUR_NAME, STOCK_NAME) or (name == OUR_NAME and "state_dict_layout" not in item):
-            return None
-        # An mha layer's causal option was ignored (the stock layer drops unknown options):
-        # kept, it would turn the converted layer into causal self-attention.
-        dropped = ("state_dict_layout", "causal") if name == STOCK_NAME else ("state_dict_layout",)
-        return {k: v for k, v in item.items() if k not in dropped} | {"_name_": OUR_NAME}
-
-    return _rename_layers(config, rename)
 
 
 def export_experiment(src, dst, *, force=False, allow_globals=(), drop_optimizer_state=False):
@@ -203,7 +143,7 @@ def convert_experiment(src, dst, *, to, force=False, allow_globals=(), drop_opti
                 report.skipped.append((name, f"a link to {target}, which is not exported"))
         converted = [f"{file}: {n}" for file, n in report.converted if n]
         target = STOCK_NAME if to == "stock" else OUR_NAME
-        named = _rename_layers(config, lambda item, path: item if item.get("_name_") == target else None)[1]
+        named = rename_layers(config, lambda item, path: item if item.get("_name_") == target else None)[1]
         if converted and not named:
             # ESPnet would build the config's layers and load the converted weights beside them
             # with strict=False (--init_param, averaging): silently without their q/k/v.

@@ -14,8 +14,9 @@ import yaml
 
 import espnet_asr
 from espnet_mha.checkpoint import fused_layers, to_fused, to_stock
+from espnet_mha.configs import fused_config, stock_config
 from espnet_mha.convert import ConversionError, main
-from espnet_mha.export import convert_experiment, export_experiment, fused_config
+from espnet_mha.export import convert_experiment, export_experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 OURS = {"backend": "sdpa", "compile": False, "keep_attn": False, "causal": False}
@@ -221,8 +222,6 @@ def test_links_odd_files_and_failures(tmp_path, capsys):
 
 def test_an_mha_layer_with_our_options_is_made_stock_too(tmp_path):
     """Under ESPNET_MHA_REPLACE_MHA=1, mha builds our layer and reads our options."""
-    from espnet_mha.export import stock_config
-
     layer = {"_name_": "mha", "n_head": 2, "backend": "sdpa", "state_dict_layout": "stock"}
     assert stock_config({"layer": [layer]}) == ({"layer": [{"_name_": "mha", "n_head": 2}]}, ["layer[0]"])
     assert stock_config({"layer": [{"_name_": "mha", "n_head": 2}]}) == ({"layer": [{"_name_": "mha", "n_head": 2}]},
