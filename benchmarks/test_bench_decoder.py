@@ -80,7 +80,9 @@ def test_beam_search_interleaved(benchmark, decoders, interleaved_rounds, device
         fns = {"stock": lambda: search(models["stock"], size, x),
                "flash_mha": lambda: search(models["flash_mha"], size, x),
                "attention_replayed": replayed}
-        same_n_best(fns["flash_mha"](), fns["stock"](), dtype)
+        expected = fns["stock"]()
+        same_n_best(fns["flash_mha"](), expected, dtype)
+        same_n_best(replayed(), expected, dtype)  # the replay is of the same search
         run_interleaved(benchmark, "s4decoder_beam_search", fns, device, dtype, size, interleaved_rounds)
 
 
