@@ -36,7 +36,8 @@ QUICK = {
 
 
 def sizes(scenario, quick):
-    return (QUICK if quick else FULL)[scenario]
+    # decode_50_steps_whole_state: the steps of decode_50_steps, the state handed back whole.
+    return (QUICK if quick else FULL)[scenario.removesuffix("_whole_state")]
 
 
 def layers(impl, size, device, dtype):
@@ -121,26 +122,17 @@ def run_interleaved(benchmark, scenario, fns, device, dtype, size, rounds):
     }
 
 
-@pytest.mark.parametrize("self_attention", [False, True], ids=["cross", "self"])
-def test_inference(benchmark, impl, self_attention, quick, device, dtype):
-    scenario = "self_infer" if self_attention else "cross_infer"
-    size = sizes(scenario, quick)
-    layer, stock = layers(impl, size, device, dtype)
-    query, memory, mask = sequence_inputs(size, self_attention, device, dtype)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(query, memory, mask)[0], stock(query, memory, mask)[0], **tolerance(dtype))
-        run_case(benchmark, scenario, impl, lambda: layer(query, memory, mask), device, dtype, size)
-
-
-@pytest.mark.parametrize("scenario", ["cross_train", "cross_train_short", "self_train"],
-                         ids=["cross", "cross_short", "self"])
-def test_training_step(benchmark, impl, scenario, quick, device, dtype):
-    """Forward + backward of the layer (inputs and parameters get gradients)."""
-    self_attention = scenario.startswith("self")
-    size = sizes(scenario, quick)
-    layer, stock = layers(impl, size, device, dtype)
-    layer.train(), stock.train()
-    query, memory, mask = sequence_inputs(size, self_attention, device, dtype)
+def workload(scenario, size, device, dtype):
+    """``(call, training)`` for ``scenario``: ``call(module)`` runs the timed work on seeded
+    inputs and returns what is compared with the stock layer's result (a tensor, or the
+    outputs of every decoding step); ``training``: it runs forward and backward."""
+    if scenario == "decode_50_steps_per_utterance":
+        return utterance_steps(size, device, dtype), False
+    if scenario.startswith("decode_50_steps"):
+        return beam_steps(size, "whole" if scenario.endswith("whole_state") else "split", device, dtype), False
+    query, memory, mask = sequence_inputs(size, scenario.startswith("self"), device, dtype)
+    if scenario.endswith("infer"):
+        return (lambda module: module(query, memory, mask)[0]), False
     query.requires_grad_(True)
     grad_out = rand(size["batch"], size["t1"], size["n_feat"], seed=3, device=device, dtype=dtype)
 
@@ -151,8 +143,40 @@ def test_training_step(benchmark, impl, scenario, quick, device, dtype):
         out.backward(grad_out)
         return query.grad
 
-    torch.testing.assert_close(step(layer).clone(), step(stock), **tolerance(dtype))
-    run_case(benchmark, scenario, impl, lambda: step(layer), device, dtype, size)
+    return step, True
+
+
+def prepared(impl, scenario, quick, device, dtype):
+    """``(size, layer, stock, call, grad_mode)``: ``impl``'s layer and the stock one with the
+    same weights, the :func:`workload` of ``scenario``, checked once against the stock
+    result, and the grad mode to time it in."""
+    size = sizes(scenario, quick)
+    layer, stock = layers(impl, size, device, dtype)
+    call, training = workload(scenario, size, device, dtype)
+    if training:
+        layer.train(), stock.train()
+    grad_mode = torch.enable_grad if training else torch.no_grad
+    with grad_mode():
+        got, expected = call(layer), call(stock)
+        for a, b in zip(*((x if isinstance(x, list) else [x]) for x in (got, expected))):
+            torch.testing.assert_close(a, b, **tolerance(dtype))
+    return size, layer, stock, call, grad_mode
+
+
+@pytest.mark.parametrize("scenario", ["cross_infer", "self_infer"], ids=["cross", "self"])
+def test_inference(benchmark, impl, scenario, quick, device, dtype):
+    size, layer, _, call, grad_mode = prepared(impl, scenario, quick, device, dtype)
+    with grad_mode():
+        run_case(benchmark, scenario, impl, lambda: call(layer), device, dtype, size)
+
+
+@pytest.mark.parametrize("scenario", ["cross_train", "cross_train_short", "self_train"],
+                         ids=["cross", "cross_short", "self"])
+def test_training_step(benchmark, impl, scenario, quick, device, dtype):
+    """Forward + backward of the layer (inputs and parameters get gradients)."""
+    size, layer, _, call, grad_mode = prepared(impl, scenario, quick, device, dtype)
+    with grad_mode():
+        run_case(benchmark, scenario, impl, lambda: call(layer), device, dtype, size)
 
 
 @pytest.mark.decoding
@@ -164,13 +188,9 @@ def test_decoding_steps(benchmark, impl, hand_back, quick, device, dtype):
     of one's own that hands each step the state the last one returned (scenario
     ``decode_50_steps_whole_state``; the stock step returns no state, so it times the same)."""
     scenario = "decode_50_steps" if hand_back == "split" else "decode_50_steps_whole_state"
-    size = sizes("decode_50_steps", quick)
-    layer, stock = layers(impl, size, device, dtype)
-    decode = beam_steps(size, hand_back, device, dtype)
-    with torch.no_grad():
-        for got, expected in zip(decode(layer), decode(stock)):
-            torch.testing.assert_close(got, expected, **tolerance(dtype))
-        run_case(benchmark, scenario, impl, lambda: decode(layer), device, dtype, size)
+    size, layer, _, call, grad_mode = prepared(impl, scenario, quick, device, dtype)
+    with grad_mode():
+        run_case(benchmark, scenario, impl, lambda: call(layer), device, dtype, size)
 
 
 def beam_steps(size, hand_back, device, dtype):
@@ -193,26 +213,18 @@ def beam_steps(size, hand_back, device, dtype):
 
 
 @pytest.mark.decoding
-def test_decoding_steps_interleaved(benchmark, quick, interleaved_rounds, device, dtype):
-    """``decode_50_steps`` (states split per hypothesis) with the stock layer's rounds
-    and ours interleaved (see :func:`run_interleaved`)."""
-    size = sizes("decode_50_steps", quick)
-    layer, stock = layers("flash_mha", size, device, dtype)
-    decode = beam_steps(size, "split", device, dtype)
-    with torch.no_grad():
-        for got, expected in zip(decode(layer), decode(stock)):
-            torch.testing.assert_close(got, expected, **tolerance(dtype))
-        fns = {"stock": lambda: decode(stock), "flash_mha": lambda: decode(layer)}
-        run_interleaved(benchmark, "decode_50_steps", fns, device, dtype, size, interleaved_rounds)
-
-
-@pytest.mark.decoding
 def test_decoding_steps_per_utterance(benchmark, impl, quick, device, dtype):
     """Greedy decoding steps of a batch of utterances decoded together: one hypothesis
     each, a memory (and so a cache) per utterance, each step handed the state the last one
     returned. The first step, which fills our caches, is timed too."""
-    size = sizes("decode_50_steps_per_utterance", quick)
-    layer, stock = layers(impl, size, device, dtype)
+    scenario = "decode_50_steps_per_utterance"
+    size, layer, _, call, grad_mode = prepared(impl, scenario, quick, device, dtype)
+    with grad_mode():
+        run_case(benchmark, scenario, impl, lambda: call(layer), device, dtype, size)
+
+
+def utterance_steps(size, device, dtype):
+    """``decode(module)``: the steps of ``test_decoding_steps_per_utterance``, returning the outputs."""
     memory = rand(size["batch"], size["t2"], size["n_feat"], seed=4, device=device, dtype=dtype)
     queries = rand(size["steps"], size["batch"], size["n_feat"], seed=5, device=device, dtype=dtype)
 
@@ -223,7 +235,15 @@ def test_decoding_steps_per_utterance(benchmark, impl, quick, device, dtype):
             outs.append(out)
         return outs
 
-    with torch.no_grad():
-        for got, expected in zip(decode(layer), decode(stock)):
-            torch.testing.assert_close(got, expected, **tolerance(dtype))
-        run_case(benchmark, "decode_50_steps_per_utterance", impl, lambda: decode(layer), device, dtype, size)
+    return decode
+
+
+@pytest.mark.parametrize("scenario", ["cross_infer", "self_infer", "cross_train", "cross_train_short", "self_train",
+                                      "decode_50_steps", "decode_50_steps_per_utterance"])
+def test_interleaved(benchmark, scenario, quick, interleaved_rounds, device, dtype):
+    """The layer scenarios above with the stock layer's rounds and ours (eager, fused)
+    interleaved (see :func:`run_interleaved`)."""
+    size, layer, stock, call, grad_mode = prepared("flash_mha", scenario, quick, device, dtype)
+    with grad_mode():
+        fns = {"stock": lambda: call(stock), "flash_mha": lambda: call(layer)}
+        run_interleaved(benchmark, scenario, fns, device, dtype, size, interleaved_rounds)
