@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 OLDEST_PYTHON ?= python3.9
 OLDEST_VENV ?= .venv-oldest
 
-.PHONY: setup test test-fast test-oldest demo demo-quick bench bench-quick clean
+.PHONY: setup test test-fast test-oldest demo demo-quick bench bench-interleaved bench-quick clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt $(RECIPE)/requirements.txt
 	@$(PYTHON) -c "import shutil; f = shutil.disk_usage('.').free / 2**30; print(f'setup: {f:.1f} GiB free on this disk; the pinned stack (torch with its CUDA libraries) takes about 5.5 GiB in $(VENV) and up to 7.5 GiB while pip runs' + ('' if f >= 8.5 else '. pip may stop with No space left on device.'))"
@@ -44,6 +44,12 @@ demo-quick: setup
 bench: setup
 	$(BIN)/python -m pytest benchmarks --benchmark-enable --benchmark-json=benchmarks/results/latest.json
 	$(BIN)/python -m benchmarks.report benchmarks/results/latest.json --out benchmarks/results
+
+# Only the interleaved cases (stock and ours alternating round by round): the side-by-side
+# ratios to trust on a machine whose speed drifts, in about 3 minutes on 2 cores.
+bench-interleaved: setup
+	$(BIN)/python -m pytest benchmarks -k interleaved --benchmark-enable --benchmark-json=benchmarks/results/interleaved.json
+	$(BIN)/python -m benchmarks.report benchmarks/results/interleaved.json --out benchmarks/results/interleaved
 
 # The report too, so CI sees it read what the cases write (into .benchmarks/, which git ignores).
 bench-quick: setup

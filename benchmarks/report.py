@@ -83,6 +83,11 @@ def table(runs, machine, label=""):
     return "\n".join(lines)
 
 
+def interleaved_speedups(interleaved):
+    """{scenario: {impl: median over rounds of stock / impl}} of the interleaved cases."""
+    return {scenario: info["speedup"] for scenario, info in interleaved.items()}
+
+
 def interleaved_table(interleaved, label=""):
     """The interleaved cases: median time of each implementation, and the median
     over rounds of stock / implementation."""
@@ -147,14 +152,14 @@ def main(argv=None):
     runs, machine, interleaved = load(args.run)
     label = "A: " if args.compare else ""
     parts = [table(runs, machine, label), interleaved_table(interleaved, label)]
-    series = [("A" if args.compare else "", speedups(runs))]
+    series = [("A" if args.compare else "", speedups(runs)), (f"{label}interleaved", interleaved_speedups(interleaved))]
     if args.compare:
         other, other_machine, other_interleaved = load(args.compare)
         parts += [table(other, other_machine, "B: "), interleaved_table(other_interleaved, "B: ")]
-        series.append(("B", speedups(other)))
+        series += [("B", speedups(other)), ("B: interleaved", interleaved_speedups(other_interleaved))]
     text = "\n\n".join(part for part in parts if part) + "\n"
     (out / "report.md").write_text(text)
-    chart(series, out / "speedup.png")
+    chart([(name, ratios) for name, ratios in series if ratios], out / "speedup.png")
     print(text)
     print(f"wrote {out / 'report.md'} and {out / 'speedup.png'}")
     return 0
