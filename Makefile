@@ -46,7 +46,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.report benchmarks/results/latest.json --out benchmarks/results
 
 # Only the interleaved cases (stock and ours alternating round by round): the side-by-side
-# ratios to trust on a machine whose speed drifts, in about 3 minutes on 2 cores.
+# ratios to trust on a machine whose speed drifts, in about 2-4 minutes on 2 cores.
 bench-interleaved: setup
 	$(BIN)/python -m pytest benchmarks -k interleaved --benchmark-enable --benchmark-json=benchmarks/results/interleaved.json
 	$(BIN)/python -m benchmarks.report benchmarks/results/interleaved.json --out benchmarks/results/interleaved
