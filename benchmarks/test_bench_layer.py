@@ -163,20 +163,23 @@ def prepared(impl, scenario, quick, device, dtype):
     return size, layer, stock, call, grad_mode
 
 
-@pytest.mark.parametrize("scenario", ["cross_infer", "self_infer"], ids=["cross", "self"])
-def test_inference(benchmark, impl, scenario, quick, device, dtype):
+def time_scenario(benchmark, impl, scenario, quick, device, dtype):
+    """:func:`run_case` of ``impl``'s layer on the :func:`prepared` ``scenario``."""
     size, layer, _, call, grad_mode = prepared(impl, scenario, quick, device, dtype)
     with grad_mode():
         run_case(benchmark, scenario, impl, lambda: call(layer), device, dtype, size)
+
+
+@pytest.mark.parametrize("scenario", ["cross_infer", "self_infer"], ids=["cross", "self"])
+def test_inference(benchmark, impl, scenario, quick, device, dtype):
+    time_scenario(benchmark, impl, scenario, quick, device, dtype)
 
 
 @pytest.mark.parametrize("scenario", ["cross_train", "cross_train_short", "self_train"],
                          ids=["cross", "cross_short", "self"])
 def test_training_step(benchmark, impl, scenario, quick, device, dtype):
     """Forward + backward of the layer (inputs and parameters get gradients)."""
-    size, layer, _, call, grad_mode = prepared(impl, scenario, quick, device, dtype)
-    with grad_mode():
-        run_case(benchmark, scenario, impl, lambda: call(layer), device, dtype, size)
+    time_scenario(benchmark, impl, scenario, quick, device, dtype)
 
 
 @pytest.mark.decoding
@@ -188,9 +191,7 @@ def test_decoding_steps(benchmark, impl, hand_back, quick, device, dtype):
     of one's own that hands each step the state the last one returned (scenario
     ``decode_50_steps_whole_state``; the stock step returns no state, so it times the same)."""
     scenario = "decode_50_steps" if hand_back == "split" else "decode_50_steps_whole_state"
-    size, layer, _, call, grad_mode = prepared(impl, scenario, quick, device, dtype)
-    with grad_mode():
-        run_case(benchmark, scenario, impl, lambda: call(layer), device, dtype, size)
+    time_scenario(benchmark, impl, scenario, quick, device, dtype)
 
 
 def beam_steps(size, hand_back, device, dtype):
@@ -217,10 +218,7 @@ def test_decoding_steps_per_utterance(benchmark, impl, quick, device, dtype):
     """Greedy decoding steps of a batch of utterances decoded together: one hypothesis
     each, a memory (and so a cache) per utterance, each step handed the state the last one
     returned. The first step, which fills our caches, is timed too."""
-    scenario = "decode_50_steps_per_utterance"
-    size, layer, _, call, grad_mode = prepared(impl, scenario, quick, device, dtype)
-    with grad_mode():
-        run_case(benchmark, scenario, impl, lambda: call(layer), device, dtype, size)
+    time_scenario(benchmark, impl, "decode_50_steps_per_utterance", quick, device, dtype)
 
 
 def utterance_steps(size, device, dtype):
