@@ -52,6 +52,34 @@ def _stock_tensors(modules):
     return weights, biases
 
 
+def _check_projection_name(layer, name):
+    """Refuse a module assigned under a q/k/v name the layer's layout never calls:
+    ``linear_q``/``linear_k``/``linear_v`` on the fused layout (its ``linear_qkv``
+    computes all three), ``linear_qkv`` on the stock one. The stock layer calls
+    whatever module holds those names (an adapter, a LoRA linear swapped in by
+    assignment); here such a module would be kept, saved in the state dict and
+    never run, and the layer would go on computing with the old weights (a probe:
+    0.23 off the stock layer, without a word).
+
+    Raises:
+        AttributeError: names the attribute, the layout and what to do instead.
+    """
+    modules = layer.__dict__.get("_modules")
+    if not modules:
+        return  # during construction, before the projections exist
+    if name in STOCK_PROJECTIONS and FUSED_PROJECTION in modules:
+        raise AttributeError(
+            f"cannot set {name}: this layer has the fused {FUSED_PROJECTION} (state_dict_layout='fused'), "
+            f"which computes q, k and v, so a module set as {name} would never be called. Build the layer "
+            f"with state_dict_layout='stock' (it has the stock linear_q/k/v, and calls whatever module holds "
+            f"them), or replace {FUSED_PROJECTION} (nn.Linear(D, 3D), rows q, k, v)")
+    if name == FUSED_PROJECTION and any(stock in modules for stock in STOCK_PROJECTIONS):
+        raise AttributeError(
+            f"cannot set {name}: this layer has the stock linear_q/k/v (state_dict_layout='stock'), so a "
+            f"module set as {name} would never be called. Replace linear_q, linear_k or linear_v, or build "
+            f"the layer with state_dict_layout='fused'")
+
+
 class ParameterLayout:
     """Mixin for :class:`espnet_mha.layer.FlashMultiHeadedAttention`: its projections
     (needs ``n_feat``, ``_modules``)."""
@@ -69,6 +97,18 @@ class ParameterLayout:
             # re-quantize q, k and v separately, as the stock layer's (see espnet_mha.quantized).
             object.__setattr__(self, "_float_linear_qkv", self.linear_qkv)
         self.linear_out = nn.Linear(n_feat, n_feat)
+
+    def __setattr__(self, name, value):
+        if isinstance(value, nn.Module):
+            _check_projection_name(self, name)
+        super().__setattr__(name, value)
+
+    def add_module(self, name, module):
+        """``nn.Module.add_module`` (also behind ``register_module``), refusing a q/k/v
+        projection of the other layout (see :func:`_check_projection_name`)."""
+        if module is not None:
+            _check_projection_name(self, name)
+        super().add_module(name, module)
 
     @property
     def state_dict_layout(self):

@@ -344,3 +344,38 @@ def test_a_quantized_stock_state_dict_into_the_fused_layout_says_why_not():
                                          r"loaded into a layer with the fused linear_qkv"):
         quantize(FlashMultiHeadedAttention(16, 4).eval()).load_state_dict(stock.state_dict())
     quantize(FlashMultiHeadedAttention(16, 4, state_dict_layout="stock").eval()).load_state_dict(stock.state_dict())
+
+
+@pytest.mark.parametrize("layout,name", [("fused", "linear_q"), ("fused", "linear_v"), ("stock", "linear_qkv")])
+@pytest.mark.parametrize("how", ["setattr", "add_module", "register_module"])
+def test_a_projection_of_the_other_layout_cannot_be_set(layout, name, how):
+    """The stock layer calls whatever module holds linear_q; a layer of the other layout
+    would keep such a module, save it and never call it (silently the old weights)."""
+    layer = FlashMultiHeadedAttention(8, 2, state_dict_layout=layout)
+    before = dict(layer.state_dict())
+    replacement = torch.nn.Linear(8, 24 if name == "linear_qkv" else 8)
+    with pytest.raises(AttributeError, match=rf"cannot set {name}: this layer has the .*state_dict_layout='{layout}'"
+                                             r".* would never be called"):
+        if how == "setattr":
+            setattr(layer, name, replacement)
+        else:
+            getattr(layer, how)(name, replacement)
+    assert layer.state_dict().keys() == before.keys()
+
+
+@pytest.mark.parametrize("layout", ["fused", "stock"])
+def test_a_projection_of_the_layout_can_be_replaced(layout):
+    """Replacing one of the layer's own projections (an adapter, a LoRA linear) is what the
+    stock layer allows: the replacement is called, as in the stock layer."""
+    torch.manual_seed(0)
+    stock = MultiHeadedAttention(8, 2).double().eval()
+    layer = FlashMultiHeadedAttention(8, 2, state_dict_layout=layout).double().eval()
+    layer.load_state_dict(stock.state_dict())
+    torch.manual_seed(1)
+    stock.linear_out = torch.nn.Linear(8, 8).double()
+    layer.linear_out = stock.linear_out
+    if layout == "stock":
+        stock.linear_q = torch.nn.Linear(8, 8).double()
+        layer.linear_q = stock.linear_q
+    x, memory = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x, memory)[0], stock(x, memory)[0], rtol=1e-10, atol=1e-10)
