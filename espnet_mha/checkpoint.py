@@ -241,8 +241,9 @@ def _check_plain_fused(keys):
         raise ValueError(
             f"{other[0]} (and {len(other) - 1} more such keys): this layer's linear_qkv is not a plain "
             "nn.Linear (quantized, parametrized or adapted), and the stock layer has no counterpart for "
-            "its keys. Export the float model before quantize_dynamic, or remove the parametrization "
-            "first (torch.nn.utils.parametrize.remove_parametrizations(layer.linear_qkv, 'weight'))."
+            "its keys. Export the float model before quantize_dynamic, or make the weight plain first: "
+            "torch.nn.utils.prune.remove(layer.linear_qkv, 'weight') for pruning, "
+            "torch.nn.utils.parametrize.remove_parametrizations(layer.linear_qkv, 'weight') for a parametrization."
         )
 
 

@@ -52,6 +52,10 @@ def _stock_tensors(modules):
     return weights, biases
 
 
+# Which rows of the fused weight each stock projection is, for messages.
+_ROWS = {"linear_q": "0:D", "linear_k": "D:2D", "linear_v": "2D:3D"}
+
+
 def _check_projection_name(layer, name):
     """Refuse a module assigned under a q/k/v name the layer's layout never calls:
     ``linear_q``/``linear_k``/``linear_v`` on the fused layout (its ``linear_qkv``
@@ -102,6 +106,22 @@ class ParameterLayout:
         if isinstance(value, nn.Module):
             _check_projection_name(self, name)
         super().__setattr__(name, value)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name in STOCK_PROJECTIONS and FUSED_PROJECTION in modules:
+                raise AttributeError(
+                    f"{type(self).__name__} has no attribute {name!r}: this layer has the fused {FUSED_PROJECTION} "
+                    f"(state_dict_layout='fused'), nn.Linear(D, 3D) with rows q, k, v ({name} is rows "
+                    f"{_ROWS[name]}); build it with state_dict_layout='stock' for the stock linear_q/k/v") from None
+            if name == FUSED_PROJECTION and any(stock in modules for stock in STOCK_PROJECTIONS):
+                raise AttributeError(
+                    f"{type(self).__name__} has no attribute {name!r}: this layer has the stock linear_q/k/v "
+                    "(state_dict_layout='stock')") from None
+            raise
 
     def add_module(self, name, module):
         """``nn.Module.add_module`` (also behind ``register_module``), refusing a q/k/v

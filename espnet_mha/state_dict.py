@@ -29,6 +29,22 @@ _QUANTIZED_STOCK_KEYS = {(name, part) for name in STOCK_PROJECTIONS for part in 
 logger = logging.getLogger(__name__)
 
 
+class LoadValueError(ValueError, RuntimeError):
+    """A state dict that cannot be loaded into a layer (a q/k/v tensor of the wrong shape):
+    a ``ValueError`` that is also the ``RuntimeError`` ``load_state_dict`` raises for the
+    stock layer, so code that catches that catches this too."""
+
+
+class LoadTypeError(TypeError, RuntimeError):
+    """A q/k/v entry that is not a tensor, met by ``load_state_dict`` (see :class:`LoadValueError`)."""
+
+
+def _as_load_error(error):
+    """``error`` (a ``ValueError`` or ``TypeError``) as the matching load error, same message."""
+    kind = LoadTypeError if isinstance(error, TypeError) else LoadValueError
+    return kind(*error.args)
+
+
 def check_mapping(state_dict, name="state_dict"):
     """Raise ``TypeError`` unless ``state_dict`` is a mapping (of names to tensors)."""
     if not isinstance(state_dict, Mapping):
@@ -203,7 +219,9 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
     ``linear_q/k/v`` keys (beside the model's own stock entries, the file wins).
 
     Raises:
-        ValueError: a stock tensor has the wrong shape (see ``fuse_keys``).
+        LoadValueError, LoadTypeError: a q/k/v tensor has the wrong shape, or is not a
+            tensor (see ``fuse_keys``), or a quantized stock state dict meets the fused
+            ``linear_qkv`` (also ``RuntimeError``s, what the stock layer's load raises).
     """
     module._forget_records()  # the parameters may be swapped (see FlashMultiHeadedAttention._forget_records)
     stock = [key for key in _stock_keys(prefix) if key in state_dict]
@@ -215,7 +233,7 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
     packed = [key for key in state_dict if key.startswith(prefix)
               and tuple(key[len(prefix):].split(".")[:2]) in _QUANTIZED_STOCK_KEYS]
     if packed:
-        raise ValueError(
+        raise LoadValueError(
             f"{packed[0]}: a quantize_dynamic'd stock state dict cannot be loaded into a layer with the fused "
             "linear_qkv (each of linear_q/k/v was packed with its own scale). Load the float checkpoint and "
             "quantize after (as asr_inference --quantize_asr_model does), or build the layer with "
@@ -240,29 +258,53 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
     except KeyError as error:
         logger.warning("espnet_mha: %s; these keys are left as they are for load_state_dict to report",
                        error.args[0])
+    except (ValueError, TypeError) as error:
+        raise _as_load_error(error) from None
 
 
 def _load_into_stock_parameters(module, state_dict, prefix, stock, fused):
     """The pre-hook for a layer with the stock ``linear_q/k/v``: split a fused file's keys
-    (``stock``: the stock keys present, ``fused``: the fused key per parameter)."""
-    if not any(key in state_dict for key in fused.values()):
+    (``stock``: the stock keys present, ``fused``: the fused key per parameter). A file
+    with only one of them (a partial checkpoint) loads what it has, as a partial stock
+    file does: the absent parameter's stock keys are left to ``load_state_dict``."""
+    present = [param for param, key in fused.items() if key in state_dict]
+    if not present:
         return  # the stock layout: nothing to do
-    if stock:
-        current = {f"{prefix}{name}.{param}": module._modules[name]._parameters.get(param)
-                   for name in STOCK_PROJECTIONS for param in PARAMS}
-        if all(current[key] is not None and _equal(state_dict[key], current[key]) for key in stock):
-            for key in stock:  # the model's own entries beside a file's fused keys (--init_param)
-                del state_dict[key]
-    if any(key in state_dict for key in _stock_keys(prefix)):
-        logger.warning("espnet_mha: attention layer at %r has both fused keys %s and stock keys; these keys "
+    # The model's own entries for what the file's fused keys hold (--init_param loads
+    # model.state_dict() updated with the file) give way to the file.
+    covered = [key for key in stock if key.rsplit(".", 1)[1] in present]
+    current = {f"{prefix}{name}.{param}": module._modules[name]._parameters.get(param)
+               for name in STOCK_PROJECTIONS for param in PARAMS}
+    if covered and all(current[key] is not None and _equal(state_dict[key], current[key]) for key in covered):
+        for key in covered:
+            del state_dict[key]
+    clash = [key for key in _stock_keys(prefix) if key in state_dict and key.rsplit(".", 1)[1] in present]
+    if clash:
+        logger.warning("espnet_mha: attention layer at %r has both fused keys %s and stock keys %s; these keys "
                        "are left as they are for load_state_dict to report", prefix,
-                       [key for key in fused.values() if key in state_dict])
+                       [fused[param] for param in present], clash)
         return
     try:
-        unfuse_keys(state_dict, prefix)
-    except KeyError as error:
-        logger.warning("espnet_mha: %s; these keys are left as they are for load_state_dict to report",
-                       error.args[0])
+        if len(present) == len(fused):
+            unfuse_keys(state_dict, prefix)
+        else:
+            _unfuse_one(state_dict, prefix, present[0])
+    except (ValueError, TypeError) as error:
+        raise _as_load_error(error) from None
+
+
+def _unfuse_one(state_dict, prefix, param):
+    """:func:`unfuse_keys` for a state dict that holds only ``linear_qkv.<param>``."""
+    key = f"{prefix}{FUSED_PROJECTION}.{param}"
+    tensor = state_dict[key]
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{key} must be a tensor, got {type(tensor).__name__}")
+    if tensor.dim() == 0:
+        raise ValueError(f"{key}: expected a (3D, D) weight or a (3D,) bias, got a 0-dim tensor")
+    if tensor.size(0) % 3:
+        raise ValueError(f"{key}: first dimension {tensor.size(0)} is not divisible by 3")
+    for name, part in zip(STOCK_PROJECTIONS, state_dict.pop(key).chunk(3, dim=0)):
+        state_dict[f"{prefix}{name}.{param}"] = part.clone()
 
 
 def _cast_mixed_parts(state_dict, prefix, params):

@@ -296,7 +296,7 @@ def test_a_layer_pickled_with_the_old_stock_layout_still_saves_it():
     copy.load_state_dict(state)
 
 
-@pytest.mark.parametrize("change", ["weight_norm", "quantize_dynamic"])
+@pytest.mark.parametrize("change", ["weight_norm", "prune", "quantize_dynamic"])
 def test_to_stock_refuses_a_fused_projection_that_is_not_a_plain_linear(change):
     """Its keys have no stock counterpart: a quantized layer's were passed through (the
     result then failed to load into the quantized stock layer), a parametrized one was
@@ -306,10 +306,16 @@ def test_to_stock_refuses_a_fused_projection_that_is_not_a_plain_linear(change):
     layer = FlashMultiHeadedAttention(16, 4).eval()
     if change == "weight_norm":
         torch.nn.utils.parametrizations.weight_norm(layer.linear_qkv)
+    elif change == "prune":
+        from torch.nn.utils import prune
+
+        prune.custom_from_mask(layer.linear_qkv, "weight", torch.ones(48, 16))
     else:
         layer = torch.ao.quantization.quantize_dynamic(layer, {torch.nn.Linear}, dtype=torch.qint8)
     with pytest.raises(ValueError, match=r"^linear_qkv\.\S+ \(and \d+ more such keys\): this layer's linear_qkv "
-                                         r"is not a plain nn.Linear \(quantized, parametrized or adapted\)"):
+                                         r"is not a plain nn.Linear \(quantized, parametrized or adapted\).* "
+                                         r"torch.nn.utils.prune.remove\(layer.linear_qkv, 'weight'\) for pruning, "
+                                         r"torch.nn.utils.parametrize.remove_parametrizations"):
         to_stock(layer.state_dict())
 
 
@@ -379,3 +385,77 @@ def test_a_projection_of_the_layout_can_be_replaced(layout):
         layer.linear_q = stock.linear_q
     x, memory = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
     torch.testing.assert_close(layer(x, memory)[0], stock(x, memory)[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout,name,match", [
+    ("fused", "linear_k", r"has no attribute 'linear_k': this layer has the fused linear_qkv \(state_dict_layout='fused'\)"
+                          r", nn.Linear\(D, 3D\) with rows q, k, v \(linear_k is rows D:2D\); build it with "
+                          r"state_dict_layout='stock'"),
+    ("stock", "linear_qkv", r"has no attribute 'linear_qkv': this layer has the stock linear_q/k/v"),
+    ("fused", "linear_z", r"^'FlashMultiHeadedAttention' object has no attribute 'linear_z'$"),
+])
+def test_reading_a_projection_of_the_other_layout_says_which_layout(layout, name, match):
+    layer = FlashMultiHeadedAttention(8, 2, state_dict_layout=layout)
+    with pytest.raises(AttributeError, match=match):
+        getattr(layer, name)
+    assert not hasattr(layer, name)
+
+
+def test_a_state_dict_that_does_not_fit_raises_what_the_stock_layer_raises_too():
+    """load_state_dict raises RuntimeError for the stock layer's mismatched or non-tensor
+    entries; ours raise ValueError/TypeError naming the key, which are RuntimeErrors too."""
+    stock, wrong = MultiHeadedAttention(8, 2), MultiHeadedAttention(16, 2).state_dict()
+    with pytest.raises(RuntimeError, match=r"size mismatch for linear_q.weight"):
+        stock.load_state_dict(wrong)
+    cases = [(FlashMultiHeadedAttention(8, 2), wrong, ValueError, r"linear_q.weight: expected shape \(8, 8\) for n_feat=8, "
+                                                                  r"found \(16, 16\)"),
+             (FlashMultiHeadedAttention(8, 2), {**stock.state_dict(), "linear_k.bias": [0.0] * 8}, TypeError,
+              r"linear_k.bias must be a tensor, got list"),
+             (FlashMultiHeadedAttention(8, 2, state_dict_layout="stock"),
+              {"linear_qkv.weight": torch.zeros(25, 8), "linear_qkv.bias": torch.zeros(25)}, ValueError,
+              r"linear_qkv.weight: first dimension 25 is not divisible by 3")]
+    for layer, state, error, match in cases:
+        for strict in (True, False):
+            for kind in (error, RuntimeError):
+                with pytest.raises(kind, match=match):
+                    layer.load_state_dict(state, strict=strict)
+
+
+@pytest.mark.parametrize("absent", ["weight", "bias"])
+def test_a_partial_fused_state_dict_loads_into_the_stock_layout_as_into_the_fused_one(absent):
+    """A fused file without linear_qkv.<absent>: the stock layout loads the other parameter and
+    reports the absent one's stock keys (it kept none of q/k/v and called the present key
+    unexpected); the fused layout loads the same numbers."""
+    torch.manual_seed(0)
+    source = FlashMultiHeadedAttention(8, 2).double()
+    state = {k: v for k, v in source.state_dict().items() if k != f"linear_qkv.{absent}"}
+    torch.manual_seed(1)
+    fused = FlashMultiHeadedAttention(8, 2).double()
+    torch.manual_seed(1)
+    stock_layout = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock").double()
+    assert fused.load_state_dict(state, strict=False).missing_keys == [f"linear_qkv.{absent}"]
+    result = stock_layout.load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == [f"linear_{n}.{absent}" for n in "kqv"] and not result.unexpected_keys
+    x, memory = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64)
+    torch.testing.assert_close(stock_layout(x, memory)[0], fused(x, memory)[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match=rf"Missing key\(s\) in state_dict: \"linear_q.{absent}\""):
+        stock_layout.load_state_dict(state)
+    # --init_param: the model's own entries updated with the file, loaded strictly.
+    torch.manual_seed(2)
+    target = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock").double()
+    own = {key: value.clone() for key, value in target.state_dict().items()}
+    target.load_state_dict({**own, **state})
+    loaded, kept = ("bias", "weight") if absent == "weight" else ("weight", "bias")
+    for name, row in zip(("linear_q", "linear_k", "linear_v"), source.state_dict()[f"linear_qkv.{loaded}"].chunk(3)):
+        assert torch.equal(target.state_dict()[f"{name}.{loaded}"], row)
+        assert torch.equal(target.state_dict()[f"{name}.{kept}"], own[f"{name}.{kept}"])
+
+
+def test_a_lone_fused_entry_that_does_not_fit_is_named():
+    layer = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock")
+    with pytest.raises(ValueError, match=r"linear_qkv.weight: first dimension 25 is not divisible by 3"):
+        layer.load_state_dict({"linear_qkv.weight": torch.zeros(25, 8)}, strict=False)
+    with pytest.raises(ValueError, match=r"linear_qkv.bias: expected a \(3D, D\) weight or a \(3D,\) bias, got a 0-dim"):
+        layer.load_state_dict({"linear_qkv.bias": torch.tensor(1.0)}, strict=False)
+    with pytest.raises(TypeError, match=r"linear_qkv.bias must be a tensor, got list"):
+        layer.load_state_dict({"linear_qkv.bias": [1.0]}, strict=False)
