@@ -285,5 +285,6 @@ def _skip_training_state(path, error, report, in_place):
     if in_place:
         raise ConversionError(f"{error} (in place, {path.name} must convert with the rest of the folder: nothing "
                               "was changed)") from None
-    report.skipped.append((path.name, f"training state not converted: {error}"))
+    report.skipped.append((path.name, f"training state not converted (--resume in the new folder would start "
+                                      f"training afresh, without a word from ESPnet): {error}"))
     return False

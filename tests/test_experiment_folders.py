@@ -75,7 +75,8 @@ def test_an_exported_folder_decodes_the_same_in_espnet_without_us(tmp_path, caps
     for name in ("1epoch.pth", "2epoch.pth", "valid.acc.best.pth"):
         assert f"converted {name}: 2 attention layer(s) to stock" in report
     assert "linked valid.acc.ave.pth -> valid.acc.best.pth" in report
-    assert "skipped checkpoint.pth: training state" in report
+    assert ("skipped checkpoint.pth: training state not converted (--resume in the new folder would start "
+            "training afresh") in report
     assert sorted(p.name for p in out.iterdir()) == ["1epoch.pth", "2epoch.pth", "config.yaml", "valid.acc.ave.pth",
                                                      "valid.acc.best.pth"]
     assert (out / "valid.acc.ave.pth").readlink().name == "valid.acc.best.pth"
