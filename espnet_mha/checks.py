@@ -132,6 +132,7 @@ def check_features(name, x, ndim, layout, *, n_feat, weight, feature_dim=-1):
                 "(a Tracer whose is_leaf_module returns True for it), or use torch.export or torch.jit.trace"
             )
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_dense(name, x)
     if x.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
     if x.shape[feature_dim] != n_feat:
@@ -148,6 +149,13 @@ def check_features(name, x, ndim, layout, *, n_feat, weight, feature_dim=-1):
             f"{name} dtype {x.dtype} != the layer's parameter dtype {weight.dtype} "
             f"(convert one of them; torch.autocast casts float32/16 but never float64)"
         )
+
+
+def check_dense(name, x):
+    """Raise ``TypeError`` unless tensor ``x`` is dense (strided): sparse layouts reach no kernel."""
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout} (shape {tuple(x.shape)}); "
+                        "convert it with .to_dense()")
 
 
 def check_same_batch(query, memory):

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from espnet_mha import cache, checks, compile_policy, functional, masks, quantized
+from espnet_mha import cache, checks, compile_policy, dispatch, functional, masks, quantized
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class DecodingSteps:
         Raises:
             TypeError, ValueError: bad shapes, or a malformed state (see :mod:`espnet_mha.cache`).
         """
+        self._last.update(backend=None, fallback="", cache=None)  # until this call has run (it may raise)
         if isinstance(query, torch.Tensor) and query.dim() == 3:  # a Parameter or subclass too, as stock
             if query.size(1) == 1:
                 query = query.squeeze(1)  # (B, 1, D): the stock step takes it too, and returns (B, D)
@@ -93,25 +94,28 @@ class DecodingSteps:
             return self._stock_step(query.unsqueeze(1), memory, mask).squeeze(1), state
         self._check_memory(query, memory)
         state = cache.own_batch(state, batch)
+        # The mask as the kernel gets it: (1 or B, 1, T2) whether or not functional.cached_context
+        # folds the beam (it folds only with a (1, 1, T2) mask, which folding leaves as it is).
+        keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
         proj = quantized.projections(self)
         key, weights, stale = self._check_state(state, memory, batch)
-        if state is None or stale:
+        reuse = state is not None and not stale
+        # Chosen (and refused, for a forced backend) before the memory is projected: the
+        # cache of a batch-1 or stride-0 memory has batch 1, as a reused one may have.
+        decision = self._select(query, keep, causal=False, need_weights=self.keep_attn,
+                                shared_step=functional.shared_memory(state if reuse else memory).size(0) == 1,
+                                empty=0 in (batch, memory.size(1)))
+        backend = decision[0]
+        if reuse:
+            kv = state
+            self._last["cache"] = "reused"
+        else:
             kv = (functional.project_memory(memory, *self._kv_params(), self.h) if proj is None
                   else quantized.project_memory(proj, memory, self.h))
             self._last["cache"] = f"recomputed: {stale}" if stale else "filled"
             if stale:
                 logger.debug("espnet_mha: cross-attention cache recomputed: %s", stale)
-        else:
-            kv = state
-            self._last["cache"] = "reused"
         self._remember_source(kv, memory, key, weights, reused=kv is state)
-        keep = masks.keep_mask(mask, batch=batch, t1=1, t2=memory.size(1), device=query.device)
-        # The mask as the kernel gets it: (1 or B, 1, T2) whether or not functional.cached_context
-        # folds the beam (it folds only with a (1, 1, T2) mask, which folding leaves as it is).
-        decision = self._select(query, keep, causal=False, need_weights=self.keep_attn,
-                                shared_step=functional.shared_memory(kv).size(0) == 1,
-                                empty=0 in (batch, memory.size(1)))
-        backend = decision[0]
         if proj is not None:
             out, weights = quantized.attend_cached(proj, query, kv, keep, backend=backend,
                                                    dropout_p=self._dropout_p())
@@ -149,9 +153,12 @@ class DecodingSteps:
                 or checks.forward_ad_active()):
             return None
         # state.stride(0) == 0: a shared cache (expanded over the beam), which selects its own backend.
-        return (query.shape, memory.shape, state.shape, state.stride(0) == 0, state.layout, query.dtype,
-                memory.dtype, state.dtype, query.device, memory.device, state.device, self.backend,
-                self.compile_setting, torch.is_grad_enabled(), state.is_inference())
+        # The layouts: a sparse query or memory of a remembered shape must meet the checks.
+        # sdpa_kernels: a torch.nn.attention.sdpa_kernel restriction changes the backend.
+        return (query.shape, memory.shape, state.shape, state.stride(0) == 0, state.layout, query.layout,
+                memory.layout, query.dtype, memory.dtype, state.dtype, query.device, memory.device, state.device,
+                self.backend, self.compile_setting, torch.is_grad_enabled(), state.is_inference(),
+                dispatch.sdpa_kernels(self._dropout_p))
 
     def _checked_cached_step(self, query, state, memory):
         """The decoding hot path: a cached cross-attention step (no mask) whose shapes,

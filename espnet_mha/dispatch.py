@@ -229,7 +229,9 @@ def select_backend(requested, call):
             "weights as the stock layer does. Use backend='math' or 'auto', or a plain nn.Dropout."
         )
     if call.need_weights:
-        if requested in (AUTO, MATH):
+        if requested == AUTO:
+            return MATH, "keep_attn=True: only the math path returns the attention weights"
+        if requested == MATH:
             return MATH, ""
         raise BackendUnavailableError(
             f"backend={requested!r} cannot return attention weights; "
@@ -241,6 +243,11 @@ def select_backend(requested, call):
             raise BackendUnavailableError(
                 f"backend='sdpa' cannot serve this call: {restriction}. Allow SDPBackend.MATH in "
                 "sdpa_kernel, or use backend='auto' (or 'math') to run the math path.")
+        broken = sdpa_refusal(call)
+        if broken and call.grad:
+            raise BackendUnavailableError(
+                f"backend='sdpa' cannot serve this call: {broken}. Use backend='auto' (or 'math'), "
+                "or compile=False.")
         return SDPA, ""
     if requested == MATH:
         return MATH, ""

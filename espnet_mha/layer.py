@@ -153,8 +153,14 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
                 self._last["backend"], self._last["fallback"] = None, ""  # this call ran on nothing
                 raise
             backend, fallback = decision
-            if fallback and device.type == "cuda":
-                logger.info("espnet_mha: using %s instead of flash_attn: %s", backend, fallback)
+            if fallback and not key[-1]:
+                # Logged once per layer and kind of call (the decision is remembered): on the
+                # GPU, or where SDPA was refused (an sdpa_kernel restriction, a known bug); on
+                # the CPU flash-attn never runs, which needs no line per layer at INFO. Not
+                # while a user's torch.compile traces the call (fullgraph cannot trace logging).
+                refused = backend == dispatch.MATH and dispatch.sdpa_refusal(call)
+                logger.log(logging.INFO if device.type == "cuda" or refused else logging.DEBUG,
+                           "espnet_mha: using %s instead of flash_attn: %s", backend, fallback)
         self._last["backend"], self._last["fallback"] = decision
         return decision
 
@@ -206,6 +212,7 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
             TypeError, ValueError: bad shapes, dtypes or devices (before any kernel runs).
             dispatch.BackendUnavailableError: a forced backend cannot serve the call.
         """
+        self._last.update(backend=None, fallback="")  # until this call has run (it may raise)
         if self.transposed:
             self._check_features("query", query, 3, "(B, D, T1) (transposed)", feature_dim=1)
             query = query.transpose(1, 2)

@@ -14,6 +14,8 @@ zeroes their context afterwards.
 
 import torch
 
+from espnet_mha import checks
+
 NO_MASK = "none"
 KEY_PADDING = "key_padding"
 PER_QUERY = "per_query"
@@ -48,6 +50,7 @@ def keep_mask(mask, *, batch, t1, t2, device):
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    checks.check_dense("mask", mask)
     given = tuple(mask.shape)
     if mask.dim() == 1:  # (m,) -> (m, 1) by the stock unsqueeze: one flag per query row
         mask = mask.view(1, -1, 1)

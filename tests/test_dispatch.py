@@ -63,7 +63,7 @@ RULES = [
     (dict(mask_kind=masks.PER_QUERY), "sdpa", "differs per query"),
     (dict(causal=True, mask_kind=masks.KEY_PADDING), "sdpa", "causal attention with a padding mask"),
     (dict(compiled=True, mask_kind=masks.KEY_PADDING), "sdpa", "key padding under torch.compile"),
-    (dict(need_weights=True), "math", ""),
+    (dict(need_weights=True), "math", "keep_attn=True: only the math path returns the attention weights"),
     (dict(dropout_module="Identity"), "math", "the dropout module (Identity) is called"),
     # Unmasked CPU steps over one shared cache run the math (GEMM-shaped); other unmasked
     # CPU calls, caches per hypothesis included, run SDPA with a zero mask (pytorch #141128).
@@ -227,7 +227,52 @@ def test_compiled_float64_on_cpu_avoids_the_broken_sdpa_backward(monkeypatch):
     backend, fallback = select_backend("auto", cpu64)
     assert backend == "math" and "pytorch #185539" in fallback
     assert select_backend("auto", dataclasses.replace(cpu64, compiled=False))[0] == "sdpa"
-    assert select_backend("sdpa", cpu64) == ("sdpa", "")
+    assert select_backend("sdpa", cpu64) == ("sdpa", "")  # no gradients: the forward runs
+    # A forced sdpa that records gradients: refused before the forward (the backward failed
+    # with PyTorch's "expected scalar type Double but found Float").
+    with pytest.raises(BackendUnavailableError, match=r"backend='sdpa' cannot serve this call: compiled float64 "
+                                                      r"SDPA backward fails on CPU .*pytorch #185539.* backend='auto'"):
+        select_backend("sdpa", dataclasses.replace(cpu64, grad=True))
+
+
+def test_a_forced_sdpa_compiled_float64_training_call_is_refused_before_it_runs():
+    if not dispatch._COMPILED_FP64_CPU_SDPA_BROKEN:
+        pytest.skip(f"pytorch #185539 is fixed in torch {torch.__version__}")
+    from espnet_mha import FlashMultiHeadedAttention
+
+    layer = FlashMultiHeadedAttention(16, 2, compile=True, backend="sdpa").double().train()
+    query = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(BackendUnavailableError, match=r"pytorch #185539"):
+        layer(query, torch.randn(2, 7, 16, dtype=torch.float64))
+    assert layer.last_backend is None
+
+
+def test_an_sdpa_kernel_restriction_reaches_a_remembered_decoding_step():
+    """Steps whose signature was seen skip the checks; the restriction is part of that
+    signature (a probe: the remembered sdpa choice ran and PyTorch raised "No viable backend")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    stock, ours = stock_and_flash(8, 2)
+    forced = ours.__class__(8, 2, backend="sdpa").double().eval()
+    forced.load_state_dict(ours.state_dict())
+    memory = torch.randn(3, 5, 8, dtype=torch.float64)  # distinct items: caches per item, SDPA
+    queries = torch.randn(4, 3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        states = {ours: None, forced: None}
+        for t in range(2):
+            for layer in states:
+                _, states[layer] = layer.step(queries[t], states[layer], memory)
+                assert layer.last_backend == "sdpa"
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            got, _ = ours.step(queries[2], states[ours], memory)
+            assert ours.last_backend == "math" and "sdpa_kernel allows SDPA efficient" in ours.last_fallback
+            torch.testing.assert_close(got, stock.step(queries[2], None, memory)[0], **FP64)
+            with pytest.raises(BackendUnavailableError, match=r"backend='sdpa' cannot serve this call: "
+                                                              r"torch.nn.attention.sdpa_kernel allows SDPA efficient"):
+                forced.step(queries[2], states[forced], memory)
+            assert forced.last_backend is None
+        ours.step(queries[3], states[ours], memory)
+        assert ours.last_backend == "sdpa"
 
 
 def test_the_flash_attn_lookup_traces_without_a_graph_break(standin):
@@ -344,3 +389,25 @@ def test_on_cuda_an_sdpa_restriction_is_left_to_pytorch_unless_it_allows_no_kern
     assert dispatch.sdpa_restriction(call(sdpa_kernels=((), False))) == (
         "torch.nn.attention.sdpa_kernel allows SDPA no kernel, which cannot serve this call on cuda")
     assert dispatch.sdpa_restriction(call(sdpa_kernels=None)) == ""
+
+
+def test_a_fallback_is_logged_once_at_info_where_sdpa_was_refused_else_at_debug(caplog):
+    """On the CPU flash-attn never runs (a DEBUG line per layer and kind of call); SDPA refused
+    by an sdpa_kernel restriction is a downgrade the user asked for without knowing (INFO)."""
+    import logging
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from espnet_mha import FlashMultiHeadedAttention
+
+    layer = FlashMultiHeadedAttention(8, 2).eval()
+    query = torch.randn(2, 3, 8)
+    with caplog.at_level(logging.DEBUG, logger="espnet_mha"):
+        layer(query)
+        layer(query)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            layer(query)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "instead of flash_attn" in r.getMessage()]
+    assert [level for level, _ in lines] == [logging.DEBUG, logging.INFO]
+    assert lines[0][1].startswith("espnet_mha: using sdpa instead of flash_attn: ")
+    assert "using math instead of flash_attn: " in lines[1][1] and "sdpa_kernel allows SDPA efficient" in lines[1][1]

@@ -200,3 +200,58 @@ def test_step_takes_a_query_of_one_position_as_the_stock_step_does():
         expected, _ = stock.step(query, None, memory=memory_)
         assert got.shape == expected.shape == (2, 8)
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_an_input_error_leaves_no_stale_last_backend_or_cache():
+    layer = FlashMultiHeadedAttention(8, 2).eval()
+    memory = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        _, state = layer.step(torch.randn(2, 8), None, memory)
+        assert layer.last_backend and layer.last_cache == "filled"
+        with pytest.raises(ValueError, match=r"query has feature size 6"):
+            layer.step(torch.randn(2, 6), state, memory)
+        assert layer.last_backend is None and layer.last_fallback == "" and layer.last_cache is None
+        layer(torch.randn(2, 3, 8))
+        with pytest.raises(ValueError, match=r"query has feature size 6"):
+            layer(torch.randn(2, 3, 6))
+        assert layer.last_backend is None and layer.last_fallback == ""
+
+
+@pytest.mark.parametrize("mask,error,match", [
+    (torch.ones(2, 1, 4, dtype=torch.bool), ValueError, r"mask"),
+    ("numpy", TypeError, r"mask must be a torch.Tensor or None, got ndarray"),
+])
+def test_a_bad_mask_on_the_first_step_raises_before_the_memory_is_projected(mask, error, match):
+    layer = FlashMultiHeadedAttention(8, 2).eval()
+    mask = torch.ones(2, 1, 5).numpy() if mask == "numpy" else mask
+    with torch.no_grad(), pytest.raises(error, match=match):
+        layer.step(torch.randn(2, 8), None, torch.randn(2, 5, 8), mask)
+    assert layer.last_cache is None and not layer._cache_sources
+
+
+def test_a_forced_backend_that_cannot_serve_a_first_step_raises_before_the_memory_is_projected():
+    layer = FlashMultiHeadedAttention(8, 2, backend="flash_attn").eval()
+    with torch.no_grad(), pytest.raises(BackendUnavailableError, match=r"backend='flash_attn' cannot serve"):
+        layer.step(torch.randn(2, 8), None, torch.randn(2, 5, 8))
+    assert layer.last_cache is None and not layer._cache_sources
+
+
+@pytest.mark.parametrize("where", ["query", "memory", "mask", "step query"])
+def test_a_sparse_input_is_named(where):
+    """Sparse layouts reach no kernel: named at the boundary (they failed inside, after
+    the projection, with PyTorch's "reshape is not implemented for sparse tensors")."""
+    layer = FlashMultiHeadedAttention(8, 2).eval()
+    query, memory, mask = torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 1, 5)
+    name = where.split()[-1]
+    with torch.no_grad():
+        if where == "step query":
+            _, state = layer.step(query[:, 0], None, memory)
+            layer.step(query[:, 1], state, memory)  # the signature is remembered: the fast path
+            with pytest.raises(TypeError, match=r"query must be a dense \(strided\) tensor, got layout "
+                                                r"torch.sparse_coo \(shape \(2, 8\)\)"):
+                layer.step(query[:, 2].to_sparse(), state, memory)
+            return
+        args = {"query": query, "memory": memory, "mask": mask}
+        args[name] = args[name].to_sparse()
+        with pytest.raises(TypeError, match=rf"{name} must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
+            layer(args["query"], args["memory"], args["mask"])
