@@ -158,6 +158,12 @@ def check_dense(name, x):
                         "convert it with .to_dense()")
 
 
+def dense_rows(query):
+    """A 2-D ``(B, D)`` query as a dense tensor: the stock layer takes a sparse one (its
+    ``nn.Linear`` projections do, and return dense rows), so ours does too."""
+    return query.to_dense() if query.layout != torch.strided else query
+
+
 def check_same_batch(query, memory):
     """Raise ``ValueError`` unless memory and query have the same batch size."""
     if memory.size(0) != query.size(0):

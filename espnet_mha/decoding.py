@@ -60,6 +60,10 @@ class DecodingSteps:
             TypeError, ValueError: bad shapes, or a malformed state (see :mod:`espnet_mha.cache`).
         """
         self._last.update(backend=None, fallback="", cache=None)  # until this call has run (it may raise)
+        if isinstance(query, torch.Tensor) and query.layout != torch.strided:
+            if query.dim() != 2:
+                checks.check_dense("query", query)
+            query = checks.dense_rows(query)  # the stock step takes a sparse (B, D) query
         if isinstance(query, torch.Tensor) and query.dim() == 3:  # a Parameter or subclass too, as stock
             if query.size(1) == 1:
                 query = query.squeeze(1)  # (B, 1, D): the stock step takes it too, and returns (B, D)
@@ -104,7 +108,7 @@ class DecodingSteps:
         # cache of a batch-1 or stride-0 memory has batch 1, as a reused one may have.
         decision = self._select(query, keep, causal=False, need_weights=self.keep_attn,
                                 shared_step=functional.shared_memory(state if reuse else memory).size(0) == 1,
-                                empty=0 in (batch, memory.size(1)))
+                                empty=0 in (batch, memory.size(1)), source=state if reuse else memory)
         backend = decision[0]
         if reuse:
             kv = state
@@ -259,7 +263,7 @@ class DecodingSteps:
             return self._step_self_stock(query, state, keep)
         # One hypothesis has one cache: GEMM-shaped as a shared beam step (see dispatch).
         backend, _ = self._select(query, keep, causal=False, need_weights=self.keep_attn, shared_step=batch == 1,
-                                  empty=batch == 0)
+                                  empty=batch == 0, source=state)
         proj = quantized.projections(self)
         if proj is not None:
             out, new_state, weights = quantized.step_self(proj, query, state, keep, n_head=self.h, backend=backend,
@@ -287,7 +291,7 @@ class DecodingSteps:
         """A causal step through the stock helpers, which call the dropout module (see
         :meth:`_stock_sequence`): (output ``(B, D)``, the grown cache)."""
         self._select(query, keep, causal=False, need_weights=self.keep_attn, empty=query.size(0) == 0,
-                     dropout_module=type(self._modules["dropout"]).__name__)
+                     dropout_module=type(self._modules["dropout"]).__name__, source=state)
         x = query.unsqueeze(1)
         q, k, v = self.forward_qkv(x, x, x)  # (B, H, 1, d_k) each
         new = torch.stack([k, v], dim=1)  # (B, 2, H, 1, d_k)

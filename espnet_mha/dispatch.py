@@ -97,7 +97,8 @@ class AttentionCall:
         shared_step: a decoding step whose queries all attend one cache: a beam over one
             shared cross-attention cache (folded into one batch, GEMM-shaped), or one hypothesis.
         empty: the batch or a time axis is empty (flash-attn needs positive sizes).
-        grad: gradients are recorded (a backward may follow).
+        grad: the attention's backward may follow: gradients are on and the query, the
+            memory (or cache) or a q/k/v projection parameter requires them.
         captured: the call is captured by ``torch.jit.trace`` or ``torch.export``
             (see :func:`espnet_mha.compile_policy.capturing`).
         forward_ad: a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``).
@@ -246,8 +247,8 @@ def select_backend(requested, call):
         broken = sdpa_refusal(call)
         if broken and call.grad:
             raise BackendUnavailableError(
-                f"backend='sdpa' cannot serve this call: {broken}. Use backend='auto' (or 'math'), "
-                "or compile=False.")
+                f"backend='sdpa' cannot serve this call, whose backward would fail: {broken}. Use "
+                "backend='auto' (or 'math'), compile=False, or torch.no_grad() for a call without backward.")
         return SDPA, ""
     if requested == MATH:
         return MATH, ""

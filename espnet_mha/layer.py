@@ -128,14 +128,15 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
         checks.check_same_batch(query, memory)
 
     # ---------------------------------------------------------------- dispatch
-    def _select(self, x, keep, *, causal, need_weights, shared_step=False, empty=False, dropout_module=""):
+    def _select(self, x, keep, *, causal, need_weights, shared_step=False, empty=False, dropout_module="",
+                source=None):
         # The decision depends only on static properties of the call, so it is
         # memoised per layer: decoding steps pay a dict lookup, not the rules.
         # SDPA's allowed kernels (torch.nn.attention.sdpa_kernel): None unless restricted.
         kernels = dispatch.sdpa_kernels(self._dropout_p)
         key = (x.device, checks.compute_dtype(x), masks.mask_kind(keep), causal, need_weights, shared_step,
                self.backend, self.compile_setting, empty, dropout_module, kernels, compile_policy.capturing(),
-               checks.forward_ad_active(), torch.is_grad_enabled(), torch.compiler.is_compiling())
+               checks.forward_ad_active(), self._attention_grad(x, source), torch.compiler.is_compiling())
         decision = self._decisions.get(key)
         if decision is None:
             device, dtype, mask_kind = key[:3]
@@ -158,11 +159,22 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
                 # GPU, or where SDPA was refused (an sdpa_kernel restriction, a known bug); on
                 # the CPU flash-attn never runs, which needs no line per layer at INFO. Not
                 # while a user's torch.compile traces the call (fullgraph cannot trace logging).
-                refused = backend == dispatch.MATH and dispatch.sdpa_refusal(call)
+                refusal = dispatch.sdpa_refusal(call)
+                refused = backend == dispatch.MATH and refusal and refusal in fallback
                 logger.log(logging.INFO if device.type == "cuda" or refused else logging.DEBUG,
                            "espnet_mha: using %s instead of flash_attn: %s", backend, fallback)
         self._last["backend"], self._last["fallback"] = decision
         return decision
+
+    def _attention_grad(self, x, source):
+        """Whether the attention's backward may run: gradients are on and the query, the
+        memory (or cache) ``source`` or a q/k/v projection parameter requires them (not
+        only ``linear_out``'s, whose gradient needs no attention backward)."""
+        if not torch.is_grad_enabled():
+            return False
+        if x.requires_grad or (source is not None and source.requires_grad):
+            return True
+        return any(p.requires_grad for module in self._qkv_modules() for p in module.parameters())
 
     @property
     def last_backend(self):
@@ -217,7 +229,9 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
             self._check_features("query", query, 3, "(B, D, T1) (transposed)", feature_dim=1)
             query = query.transpose(1, 2)
         elif isinstance(query, torch.Tensor) and query.dim() == 2:
-            query = query.unsqueeze(1)  # (B, D): one position, (B, 1, D) out, as the stock layer reads it
+            # (B, D): one position, (B, 1, D) out, as the stock layer reads it (also a sparse
+            # one: its linears take that, and give dense projections).
+            query = checks.dense_rows(query).unsqueeze(1)
         batch = query.size(0) if isinstance(query, torch.Tensor) and query.dim() else 0
         out = self._sequence(query, checks.one_frame(memory, batch), mask)
         return (out.transpose(1, 2) if self.transposed else out), None
@@ -234,7 +248,7 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
         if self._custom_dropout() is not None:
             return self._stock_sequence(query, memory, keep)
         backend, _ = self._select(query, keep, causal=self.causal, need_weights=self.keep_attn,
-                               empty=0 in (batch, t1, t2))
+                               empty=0 in (batch, t1, t2), source=memory)
         proj = quantized.projections(self)
         key_lengths = None
         if proj is not None:  # swapped (quantized) linears: called as modules, eager

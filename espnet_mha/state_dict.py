@@ -299,8 +299,10 @@ def _unfuse_one(state_dict, prefix, param):
     tensor = state_dict[key]
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{key} must be a tensor, got {type(tensor).__name__}")
-    if tensor.dim() == 0:
-        raise ValueError(f"{key}: expected a (3D, D) weight or a (3D,) bias, got a 0-dim tensor")
+    expected = 2 if param == "weight" else 1
+    if tensor.dim() != expected:
+        raise ValueError(f"{key}: expected a {'(3D, D) weight' if expected == 2 else '(3D,) bias'}, "
+                         f"got shape {tuple(tensor.shape)}")
     if tensor.size(0) % 3:
         raise ValueError(f"{key}: first dimension {tensor.size(0)} is not divisible by 3")
     for name, part in zip(STOCK_PROJECTIONS, state_dict.pop(key).chunk(3, dim=0)):

@@ -137,7 +137,7 @@ class StockHelpers:
             keep: None or bool ``(b, m, T2)`` (not yet combined with ``causal``).
         """
         source = query if memory is None else memory
-        self._select(query, keep, causal=self.causal, need_weights=self.keep_attn,
+        self._select(query, keep, causal=self.causal, need_weights=self.keep_attn, source=memory,
                      empty=0 in (query.size(0), query.size(1), source.size(1)),
                      dropout_module=type(self._modules["dropout"]).__name__)
         if self.causal:

@@ -230,8 +230,9 @@ def test_compiled_float64_on_cpu_avoids_the_broken_sdpa_backward(monkeypatch):
     assert select_backend("sdpa", cpu64) == ("sdpa", "")  # no gradients: the forward runs
     # A forced sdpa that records gradients: refused before the forward (the backward failed
     # with PyTorch's "expected scalar type Double but found Float").
-    with pytest.raises(BackendUnavailableError, match=r"backend='sdpa' cannot serve this call: compiled float64 "
-                                                      r"SDPA backward fails on CPU .*pytorch #185539.* backend='auto'"):
+    with pytest.raises(BackendUnavailableError, match=r"backend='sdpa' cannot serve this call, whose backward would "
+                                                      r"fail: compiled float64 SDPA backward fails on CPU .*pytorch "
+                                                      r"#185539.* backend='auto'.*torch.no_grad\(\)"):
         select_backend("sdpa", dataclasses.replace(cpu64, grad=True))
 
 
@@ -241,10 +242,21 @@ def test_a_forced_sdpa_compiled_float64_training_call_is_refused_before_it_runs(
     from espnet_mha import FlashMultiHeadedAttention
 
     layer = FlashMultiHeadedAttention(16, 2, compile=True, backend="sdpa").double().train()
-    query = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    query, memory = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 7, 16, dtype=torch.float64)
     with pytest.raises(BackendUnavailableError, match=r"pytorch #185539"):
-        layer(query, torch.randn(2, 7, 16, dtype=torch.float64))
+        layer(query, memory)  # the parameters require gradients
     assert layer.last_backend is None
+    # No backward can follow: nothing that reaches the attention requires gradients (linear_out
+    # may: its gradient needs no attention backward), or gradients are off.
+    for name, param in layer.named_parameters():
+        param.requires_grad_(name.startswith("linear_out"))
+    layer(query, memory)
+    assert layer.last_backend == "sdpa"
+    with pytest.raises(BackendUnavailableError, match=r"pytorch #185539"):
+        layer(query.requires_grad_(), memory)
+    with torch.no_grad():
+        layer(query, memory)
+    assert layer.last_backend == "sdpa"
 
 
 def test_an_sdpa_kernel_restriction_reaches_a_remembered_decoding_step():
@@ -407,7 +419,11 @@ def test_a_fallback_is_logged_once_at_info_where_sdpa_was_refused_else_at_debug(
         layer(query)
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
             layer(query)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            layer.keep_attn = True  # math because of keep_attn, not of the restriction
+            layer(query)
     lines = [(r.levelno, r.getMessage()) for r in caplog.records if "instead of flash_attn" in r.getMessage()]
-    assert [level for level, _ in lines] == [logging.DEBUG, logging.INFO]
+    assert [level for level, _ in lines] == [logging.DEBUG, logging.INFO, logging.DEBUG]
+    assert "keep_attn=True" in lines[2][1]
     assert lines[0][1].startswith("espnet_mha: using sdpa instead of flash_attn: ")
     assert "using math instead of flash_attn: " in lines[1][1] and "sdpa_kernel allows SDPA efficient" in lines[1][1]

@@ -236,6 +236,26 @@ def test_a_forced_backend_that_cannot_serve_a_first_step_raises_before_the_memor
     assert layer.last_cache is None and not layer._cache_sources
 
 
+def test_a_sparse_one_position_query_is_taken_as_the_stock_layer_takes_it():
+    """The stock layer's linears take a sparse (B, D) query (dense projections out)."""
+    from espnet2.asr.state_spaces.attention import MultiHeadedAttention
+
+    torch.manual_seed(0)
+    stock = MultiHeadedAttention(8, 2).double().eval()
+    layer = FlashMultiHeadedAttention(8, 2).double().eval()
+    layer.load_state_dict(stock.state_dict())
+    query, memory = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 5, 8, dtype=torch.float64)
+    sparse = query.to_sparse()
+    with torch.no_grad():
+        for args in ((sparse, None), (sparse, memory)):
+            torch.testing.assert_close(layer(*args)[0], stock(*args)[0], rtol=1e-10, atol=1e-10)
+        state = None
+        for _ in range(2):
+            got, state = layer.step(sparse, state, memory)
+            torch.testing.assert_close(got, stock.step(sparse, None, memory)[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(layer.step(sparse, None)[0], stock.step(sparse, None)[0], rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("where", ["query", "memory", "mask", "step query"])
 def test_a_sparse_input_is_named(where):
     """Sparse layouts reach no kernel: named at the boundary (they failed inside, after
@@ -248,8 +268,8 @@ def test_a_sparse_input_is_named(where):
             _, state = layer.step(query[:, 0], None, memory)
             layer.step(query[:, 1], state, memory)  # the signature is remembered: the fast path
             with pytest.raises(TypeError, match=r"query must be a dense \(strided\) tensor, got layout "
-                                                r"torch.sparse_coo \(shape \(2, 8\)\)"):
-                layer.step(query[:, 2].to_sparse(), state, memory)
+                                                r"torch.sparse_coo \(shape \(2, 1, 8\)\)"):
+                layer.step(query[:, 2:3].to_sparse(), state, memory)  # (B, 1, D): the stock step fails too
             return
         args = {"query": query, "memory": memory, "mask": mask}
         args[name] = args[name].to_sparse()

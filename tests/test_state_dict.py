@@ -455,7 +455,11 @@ def test_a_lone_fused_entry_that_does_not_fit_is_named():
     layer = FlashMultiHeadedAttention(8, 2, state_dict_layout="stock")
     with pytest.raises(ValueError, match=r"linear_qkv.weight: first dimension 25 is not divisible by 3"):
         layer.load_state_dict({"linear_qkv.weight": torch.zeros(25, 8)}, strict=False)
-    with pytest.raises(ValueError, match=r"linear_qkv.bias: expected a \(3D, D\) weight or a \(3D,\) bias, got a 0-dim"):
+    with pytest.raises(ValueError, match=r"linear_qkv.bias: expected a \(3D,\) bias, got shape \(\)"):
         layer.load_state_dict({"linear_qkv.bias": torch.tensor(1.0)}, strict=False)
+    with pytest.raises(ValueError, match=r"linear_qkv.weight: expected a \(3D, D\) weight, got shape \(24,\)"):
+        layer.load_state_dict({"linear_qkv.weight": torch.zeros(24)}, strict=False)
+    with pytest.raises(ValueError, match=r"linear_qkv.bias: expected a \(3D,\) bias, got shape \(24, 8\)"):
+        layer.load_state_dict({"linear_qkv.bias": torch.zeros(24, 8)}, strict=False)
     with pytest.raises(TypeError, match=r"linear_qkv.bias must be a tensor, got list"):
         layer.load_state_dict({"linear_qkv.bias": [1.0]}, strict=False)
