@@ -158,11 +158,12 @@ class DecodingSteps:
             return None
         # state.stride(0) == 0: a shared cache (expanded over the beam), which selects its own backend.
         # The layouts: a sparse query or memory of a remembered shape must meet the checks.
-        # sdpa_kernels: a torch.nn.attention.sdpa_kernel restriction changes the backend.
+        # sdpa_kernels: a torch.nn.attention.sdpa_kernel restriction changes the backend, and so
+        # may whether the attention's backward can follow (_select's key has both).
         return (query.shape, memory.shape, state.shape, state.stride(0) == 0, state.layout, query.layout,
                 memory.layout, query.dtype, memory.dtype, state.dtype, query.device, memory.device, state.device,
                 self.backend, self.compile_setting, torch.is_grad_enabled(), state.is_inference(),
-                dispatch.sdpa_kernels(self._dropout_p))
+                dispatch.sdpa_kernels(self._dropout_p), self._attention_grad(query, state))
 
     def _checked_cached_step(self, query, state, memory):
         """The decoding hot path: a cached cross-attention step (no mask) whose shapes,
