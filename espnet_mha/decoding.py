@@ -60,11 +60,8 @@ class DecodingSteps:
             TypeError, ValueError: bad shapes, or a malformed state (see :mod:`espnet_mha.cache`).
         """
         self._last.update(backend=None, fallback="", cache=None)  # until this call has run (it may raise)
-        if isinstance(query, torch.Tensor) and query.layout != torch.strided:
-            if query.dim() != 2:
-                checks.check_dense("query", query)
-            query = checks.dense_rows(query)  # the stock step takes a sparse (B, D) query
         if isinstance(query, torch.Tensor) and query.dim() == 3:  # a Parameter or subclass too, as stock
+            checks.check_dense("query", query)
             if query.size(1) == 1:
                 query = query.squeeze(1)  # (B, 1, D): the stock step takes it too, and returns (B, D)
             elif not self.causal:  # the stock step is forward over all T1 positions: (B, T1, D)
@@ -73,9 +70,11 @@ class DecodingSteps:
                 raise ValueError(f"query of a causal step must be one position per hypothesis, (B, D) or "
                                  f"(B, 1, D), got {tuple(query.shape)}; forward takes several positions")
         if mask is None and state is not None and memory is not None:
-            fast = self._checked_cached_step(query, state, memory)
+            fast = self._checked_cached_step(query, state, memory)  # its signature holds the layout
             if fast is not None:
                 return fast
+        if isinstance(query, torch.Tensor) and query.dim() == 2:
+            query = checks.dense_rows(query)  # the stock step takes a sparse (B, D) query
         self._check_features("query", query, 2, "(B, D)")
         memory = checks.one_frame(memory, query.size(0))
         batch = query.size(0)
@@ -160,10 +159,12 @@ class DecodingSteps:
         # The layouts: a sparse query or memory of a remembered shape must meet the checks.
         # sdpa_kernels: a torch.nn.attention.sdpa_kernel restriction changes the backend, and so
         # may whether the attention's backward can follow (_select's key has both).
+        grad = torch.is_grad_enabled()
         return (query.shape, memory.shape, state.shape, state.stride(0) == 0, state.layout, query.layout,
                 memory.layout, query.dtype, memory.dtype, state.dtype, query.device, memory.device, state.device,
-                self.backend, self.compile_setting, torch.is_grad_enabled(), state.is_inference(),
-                dispatch.sdpa_kernels(self._dropout_p), self._attention_grad(query, state))
+                self.backend, self.compile_setting, grad, state.is_inference(),
+                None if torch._C._get_math_sdp_enabled() else dispatch.sdpa_kernels(self._dropout_p),
+                grad and self._attention_grad(query, state))
 
     def _checked_cached_step(self, query, state, memory):
         """The decoding hot path: a cached cross-attention step (no mask) whose shapes,
