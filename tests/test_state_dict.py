@@ -388,9 +388,9 @@ def test_a_projection_of_the_layout_can_be_replaced(layout):
 
 
 @pytest.mark.parametrize("layout,name,match", [
-    ("fused", "linear_k", r"has no attribute 'linear_k': this layer has the fused linear_qkv \(state_dict_layout='fused'\)"
-                          r", nn.Linear\(D, 3D\) with rows q, k, v \(linear_k is rows D:2D\); build it with "
-                          r"state_dict_layout='stock'"),
+    ("fused", "linear_k", r"has no attribute 'linear_k': this layer has the fused linear_qkv "
+                          r"\(state_dict_layout='fused'\), nn.Linear\(D, 3D\) with rows q, k, v \(linear_k is "
+                          r"rows D:2D\); build it with state_dict_layout='stock'"),
     ("stock", "linear_qkv", r"has no attribute 'linear_qkv': this layer has the stock linear_q/k/v"),
     ("fused", "linear_z", r"^'FlashMultiHeadedAttention' object has no attribute 'linear_z'$"),
 ])
@@ -407,8 +407,8 @@ def test_a_state_dict_that_does_not_fit_raises_what_the_stock_layer_raises_too()
     stock, wrong = MultiHeadedAttention(8, 2), MultiHeadedAttention(16, 2).state_dict()
     with pytest.raises(RuntimeError, match=r"size mismatch for linear_q.weight"):
         stock.load_state_dict(wrong)
-    cases = [(FlashMultiHeadedAttention(8, 2), wrong, ValueError, r"linear_q.weight: expected shape \(8, 8\) for n_feat=8, "
-                                                                  r"found \(16, 16\)"),
+    cases = [(FlashMultiHeadedAttention(8, 2), wrong, ValueError,
+              r"linear_q.weight: expected shape \(8, 8\) for n_feat=8, found \(16, 16\)"),
              (FlashMultiHeadedAttention(8, 2), {**stock.state_dict(), "linear_k.bias": [0.0] * 8}, TypeError,
               r"linear_k.bias must be a tensor, got list"),
              (FlashMultiHeadedAttention(8, 2, state_dict_layout="stock"),
