@@ -103,11 +103,12 @@ class DecodingSteps:
         proj = quantized.projections(self)
         key, weights, stale = self._check_state(state, memory, batch)
         reuse = state is not None and not stale
+        source = state if reuse else memory  # what the keys and values come from
         # Chosen (and refused, for a forced backend) before the memory is projected: the
         # cache of a batch-1 or stride-0 memory has batch 1, as a reused one may have.
         decision = self._select(query, keep, causal=False, need_weights=self.keep_attn,
-                                shared_step=functional.shared_memory(state if reuse else memory).size(0) == 1,
-                                empty=0 in (batch, memory.size(1)), source=state if reuse else memory)
+                                shared_step=functional.shared_memory(source).size(0) == 1,
+                                empty=0 in (batch, memory.size(1)), source=source)
         backend = decision[0]
         if reuse:
             kv = state

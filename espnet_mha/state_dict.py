@@ -132,8 +132,7 @@ def unfuse_keys(state_dict, prefix):
         return False
     weight, bias = (state_dict[key] for key in fused.values()) if len(present) == len(fused) else (None, None)
     for key in present:
-        if not isinstance(state_dict[key], torch.Tensor):
-            raise TypeError(f"{key} must be a tensor, got {type(state_dict[key]).__name__}")
+        _check_tensor(state_dict, key)
     if weight is not None and (weight.dim() != 2 or tuple(bias.shape) != (weight.size(0),)):
         raise ValueError(f"{fused['weight']} {tuple(weight.shape)} and {fused['bias']} {tuple(bias.shape)} "
                          f"are not a (3D, D) weight and its (3D,) bias")
@@ -141,13 +140,27 @@ def unfuse_keys(state_dict, prefix):
         missing = [key for key in fused.values() if key not in state_dict]
         raise KeyError(f"half-converted attention layer at {prefix!r}: missing {missing}")
     for key in fused.values():  # checked before any key is replaced: an error leaves the dict as it was
-        if state_dict[key].size(0) % 3:
-            raise ValueError(f"{key}: first dimension {state_dict[key].size(0)} is not divisible by 3")
-    for param, key in fused.items():
-        tensor = state_dict.pop(key)
-        for name, part in zip(STOCK_PROJECTIONS, tensor.chunk(3, dim=0)):
-            state_dict[f"{prefix}{name}.{param}"] = part.clone()
+        _check_rows(state_dict, key)
+    for param in PARAMS:
+        _split_fused(state_dict, prefix, param)
     return True
+
+
+def _check_tensor(state_dict, key):
+    if not isinstance(state_dict[key], torch.Tensor):
+        raise TypeError(f"{key} must be a tensor, got {type(state_dict[key]).__name__}")
+
+
+def _check_rows(state_dict, key):
+    if state_dict[key].size(0) % 3:
+        raise ValueError(f"{key}: first dimension {state_dict[key].size(0)} is not divisible by 3")
+
+
+def _split_fused(state_dict, prefix, param):
+    """Replace ``linear_qkv.<param>`` by its q, k and v rows under the stock keys (copies)."""
+    tensor = state_dict.pop(f"{prefix}{FUSED_PROJECTION}.{param}")
+    for name, part in zip(STOCK_PROJECTIONS, tensor.chunk(3, dim=0)):
+        state_dict[f"{prefix}{name}.{param}"] = part.clone()
 
 
 LAYOUTS = ("fused", "stock")
@@ -296,17 +309,13 @@ def _load_into_stock_parameters(module, state_dict, prefix, stock, fused):
 def _unfuse_one(state_dict, prefix, param):
     """:func:`unfuse_keys` for a state dict that holds only ``linear_qkv.<param>``."""
     key = f"{prefix}{FUSED_PROJECTION}.{param}"
-    tensor = state_dict[key]
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{key} must be a tensor, got {type(tensor).__name__}")
+    _check_tensor(state_dict, key)
     expected = 2 if param == "weight" else 1
-    if tensor.dim() != expected:
+    if state_dict[key].dim() != expected:
         raise ValueError(f"{key}: expected a {'(3D, D) weight' if expected == 2 else '(3D,) bias'}, "
-                         f"got shape {tuple(tensor.shape)}")
-    if tensor.size(0) % 3:
-        raise ValueError(f"{key}: first dimension {tensor.size(0)} is not divisible by 3")
-    for name, part in zip(STOCK_PROJECTIONS, state_dict.pop(key).chunk(3, dim=0)):
-        state_dict[f"{prefix}{name}.{param}"] = part.clone()
+                         f"got shape {tuple(state_dict[key].shape)}")
+    _check_rows(state_dict, key)
+    _split_fused(state_dict, prefix, param)
 
 
 def _cast_mixed_parts(state_dict, prefix, params):
