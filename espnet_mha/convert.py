@@ -37,14 +37,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from espnet_mha.checkpoint import (
-    DEFAULT_LAYER_PATTERN,
-    fused_layers,
-    stock_layers,
-    strip_wrapper_prefixes,
-    to_fused,
-    to_stock,
-)
+from espnet_mha.checkpoint import to_fused, to_stock
 from espnet_mha.checkpoint_io import (  # noqa: F401  (re-exported: the converter's public helpers)
     ENTRIES,
     FLAT,
@@ -56,6 +49,7 @@ from espnet_mha.checkpoint_io import (  # noqa: F401  (re-exported: the converte
     model_state,
     save_atomic,
 )
+from espnet_mha.checkpoint_keys import DEFAULT_LAYER_PATTERN, fused_layers, stock_layers, strip_wrapper_prefixes
 from espnet_mha.configs import fused_config, stock_config
 from espnet_mha.export import convert_experiment
 from espnet_mha.optimizer_state import convert_optimizer_state
@@ -106,7 +100,7 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
         to: ``"stock"`` or ``"fused"``.
         force: overwrite ``dst``.
         layer_pattern: which stock layers are ours, for ``to="fused"``; see
-            :func:`espnet_mha.checkpoint.stock_layers` (``""`` matches every layer).
+            :func:`espnet_mha.checkpoint_keys.stock_layers` (``""`` matches every layer).
         allow_globals: see :func:`load_weights_only`.
         drop_optimizer_state: write a training checkpoint without its optimizer state
             (else it is converted to the new parameter list).

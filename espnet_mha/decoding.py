@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from espnet_mha import cache, checks, compile_policy, dispatch, functional, masks, quantized
+from espnet_mha import cache, cache_records, checks, compile_policy, dispatch, functional, masks, quantized
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +184,8 @@ class DecodingSteps:
         if weights is None or not quantized.is_plain(self._modules["linear_out"]):
             return None  # linears called as modules (quantized, LoRA, hooks): the checked path does that
         key = cache.memory_key(memory)
-        if cache.provenance_problem(self._cache_sources, state, key, memory, weights[0],
-                                    cache.grad_flags(memory, weights[1])) \
+        if cache_records.provenance_problem(self._cache_sources, state, key, memory, weights[0],
+                                    cache_records.grad_flags(memory, weights[1])) \
                 or cache.batch1_meets_distinct(state, key):
             return None  # the checked path decides: recompute, or reuse and remember
         self._last["backend"], self._last["fallback"] = decision
@@ -210,22 +210,22 @@ class DecodingSteps:
             return key, weights, ""
         stale = cache.stale_reason(state, memory, key, batch=batch, n_head=self.h,
                                    dtype=checks.compute_dtype(memory))
-        return key, weights, stale or cache.provenance_problem(
-            self._cache_sources, state, key, memory, weights[0], cache.grad_flags(memory, weights[1]))
+        return key, weights, stale or cache_records.provenance_problem(
+            self._cache_sources, state, key, memory, weights[0], cache_records.grad_flags(memory, weights[1]))
 
     @torch.compiler.disable
     def _remember_source(self, kv, memory, key, weights, reused):
-        """Remember what the cache ``kv`` was made from (up to ``cache.MAX_SOURCES`` caches):
+        """Remember what the cache ``kv`` was made from (up to ``cache_records.MAX_SOURCES`` caches):
         the memory whose :func:`cache.memory_key` is ``key``, with the weights ``weights``
         (:meth:`_weights`; ``reused``: ``kv`` is the state the step was given, which keeps
         its graph)."""
-        slot = cache.source_slot(kv)
-        if slot not in self._cache_sources and len(self._cache_sources) >= cache.MAX_SOURCES:
+        slot = cache_records.source_slot(kv)
+        if slot not in self._cache_sources and len(self._cache_sources) >= cache_records.MAX_SOURCES:
             # clear(), not evicting the oldest: atomic when threads share the layer. Caches
             # forgotten here are recomputed on their next step.
             self._cache_sources.clear()
         previous = self._cache_sources.get(slot) if reused else None
-        self._cache_sources[slot] = cache.record(memory, key, weights[0], kv, weights[1], previous)
+        self._cache_sources[slot] = cache_records.record(memory, key, weights[0], kv, weights[1], previous)
 
     def _decoding_params(self):
         """(w_q_heads, b_q_heads, w_out, b_out) for cached steps (see

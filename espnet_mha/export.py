@@ -24,8 +24,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from espnet_mha.checkpoint import fused_layers, stock_layers, strip_wrapper_prefixes
 from espnet_mha.checkpoint_io import FLAT, LIGHTNING, ConversionError, load_weights_only, model_state, save_atomic
+from espnet_mha.checkpoint_keys import fused_layers, stock_layers, strip_wrapper_prefixes
 from espnet_mha.configs import OUR_NAME, STOCK_NAME, fused_config, rename_layers, stock_config
 
 CONFIG = "config.yaml"

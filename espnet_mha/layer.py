@@ -10,6 +10,7 @@ from espnet2.asr.state_spaces.base import SequenceModule
 
 from espnet_mha import (beam_states, checks, compile_policy, dispatch, functional, masks, optional, packing, quantized,
                         state_dict)
+from espnet_mha.backend_selection import BackendSelection
 from espnet_mha.decoding import DecodingSteps
 from espnet_mha.parameters import ParameterLayout
 from espnet_mha.stock_helpers import StockHelpers
@@ -17,7 +18,7 @@ from espnet_mha.stock_helpers import StockHelpers
 logger = logging.getLogger(__name__)
 
 
-class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, SequenceModule):
+class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection, DecodingSteps, SequenceModule):
     """Multi-head attention with the stock ESPnet interface, fused and cached.
 
     Computes what ``espnet2.asr.state_spaces.attention.MultiHeadedAttention``
@@ -100,7 +101,7 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
         self._decisions = {}
         self._checked_steps = {}
         self._query_views = None
-        self._cache_sources = {}  # cache storage -> cache.record of the memory and weights it holds
+        self._cache_sources = {}  # cache storage -> cache_records.record of the memory and weights it holds
         self._warned_one_history = False  # see DecodingSteps._warn_one_history
         beam_states.apply_environment()  # a decoder is being built: S4Decoder is loaded
         # A plain dict, updated in place: nn.Module.__setattr__ is slow on the hot path.
@@ -126,65 +127,6 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, DecodingSteps, Se
         # Device and dtype: both tensors were checked against the parameters.
         self._check_features("memory", memory, 3, "(B, T2, D)")
         checks.check_same_batch(query, memory)
-
-    # ---------------------------------------------------------------- dispatch
-    def _select(self, x, keep, *, causal, need_weights, shared_step=False, empty=False, dropout_module="",
-                source=None):
-        # The decision depends only on static properties of the call, so it is
-        # memoised per layer: decoding steps pay a dict lookup, not the rules.
-        # SDPA's allowed kernels (torch.nn.attention.sdpa_kernel): None unless restricted.
-        kernels = dispatch.sdpa_kernels(self._dropout_p)
-        key = (x.device, checks.compute_dtype(x), masks.mask_kind(keep), causal, need_weights, shared_step,
-               self.backend, self.compile_setting, empty, dropout_module, kernels, compile_policy.capturing(),
-               checks.forward_ad_active(), self._attention_grad(x, source), torch.compiler.is_compiling())
-        decision = self._decisions.get(key)
-        if decision is None:
-            device, dtype, mask_kind = key[:3]
-            call = dispatch.AttentionCall(
-                device=device, dtype=dtype, d_k=self.d_k, mask_kind=mask_kind, causal=causal,
-                need_weights=need_weights, shared_step=shared_step,
-                # Compiled by the layer's policy, or traced by a user's torch.compile.
-                compiled=compile_policy.wants_compile(self.compile_setting, device.type) or key[-1], empty=empty,
-                dropout_module=dropout_module, sdpa_kernels=kernels, captured=key[-4], forward_ad=key[-3],
-                grad=key[-2],
-            )
-            try:
-                decision = self._decisions[key] = dispatch.select_backend(self.backend, call)
-            except (dispatch.BackendUnavailableError, ValueError):
-                self._last["backend"], self._last["fallback"] = None, ""  # this call ran on nothing
-                raise
-            backend, fallback = decision
-            if fallback and not key[-1]:
-                # Logged once per layer and kind of call (the decision is remembered): on the
-                # GPU, or where SDPA was refused (an sdpa_kernel restriction, a known bug); on
-                # the CPU flash-attn never runs, which needs no line per layer at INFO. Not
-                # while a user's torch.compile traces the call (fullgraph cannot trace logging).
-                refusal = dispatch.sdpa_refusal(call)
-                refused = backend == dispatch.MATH and refusal and refusal in fallback
-                logger.log(logging.INFO if device.type == "cuda" or refused else logging.DEBUG,
-                           "espnet_mha: using %s instead of flash_attn: %s", backend, fallback)
-        self._last["backend"], self._last["fallback"] = decision
-        return decision
-
-    def _attention_grad(self, x, source):
-        """Whether the attention's backward may run: gradients are on and the query, the
-        memory (or cache) ``source`` or a q/k/v projection parameter requires them (not
-        only ``linear_out``'s, whose gradient needs no attention backward)."""
-        if not torch.is_grad_enabled():
-            return False
-        if x.requires_grad or (source is not None and source.requires_grad):
-            return True
-        return any(p.requires_grad for module in self._qkv_modules() for p in module.parameters())
-
-    @property
-    def last_backend(self):
-        """The backend the last call ran on (None before the first call)."""
-        return self._last["backend"]
-
-    @property
-    def last_fallback(self):
-        """Why the last call did not run on flash-attn ("" if it did, or was not asked to)."""
-        return self._last["fallback"]
 
     @property
     def last_cache(self):

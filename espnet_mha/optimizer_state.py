@@ -33,7 +33,7 @@ parameters are refused; so are several optimizers, by :mod:`espnet_mha.convert`.
 import torch
 
 from espnet_mha.checkpoint_io import ConversionError
-from espnet_mha.state_dict import FUSED_PROJECTION, PARAMS, STOCK_PROJECTIONS
+from espnet_mha.fused_keys import FUSED_PROJECTION, PARAMS, STOCK_PROJECTIONS
 
 
 def convert_optimizer_state(state, model_state, layers, *, fuse, complete=False, where="optimizer state"):

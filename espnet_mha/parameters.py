@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from espnet_mha import cache, quantized
-from espnet_mha.state_dict import FUSED_PROJECTION, STOCK_PROJECTIONS
+from espnet_mha import cache_records, quantized
+from espnet_mha.fused_keys import FUSED_PROJECTION, STOCK_PROJECTIONS
 
 _ESPNET_INITIALIZE = "espnet2.torch_utils.initialize"  # the module whose initialize() calls our hook
 
@@ -232,7 +232,7 @@ class ParameterLayout:
     def _plain_weights(self):
         """(what tells the key/value projection's current weights, the tensors it reads) when
         the q/k/v projection is plain (:func:`quantized.is_plain`), else None: the fused
-        linear's :func:`cache.weights_key` and its weight and bias, or those of the stock
+        linear's :func:`cache_records.weights_key` and its weight and bias, or those of the stock
         ``linear_k`` and ``linear_v``. On the decoding hot path: plain lookups."""
         modules = self._modules
         qkv = modules.get(FUSED_PROJECTION)
@@ -240,16 +240,16 @@ class ParameterLayout:
             if not quantized.is_plain(qkv):
                 return None
             weight, bias = qkv._parameters["weight"], qkv._parameters["bias"]
-            return cache.weights_key(weight, bias), (weight, bias)
+            return cache_records.weights_key(weight, bias), (weight, bias)
         q, k, v = (modules[name] for name in STOCK_PROJECTIONS)
         if not (quantized.is_plain(q) and quantized.is_plain(k) and quantized.is_plain(v)):
             return None
         (w_k, b_k), (w_v, b_v) = ((m._parameters["weight"], m._parameters["bias"]) for m in (k, v))
-        return (cache.weights_key(w_k, b_k), cache.weights_key(w_v, b_v)), (w_k, b_k, w_v, b_v)
+        return (cache_records.weights_key(w_k, b_k), cache_records.weights_key(w_v, b_v)), (w_k, b_k, w_v, b_v)
 
     def _weights(self):
         """:meth:`_plain_weights`, else :func:`quantized.modules_key` of the modules the layer
-        calls for the keys and values, and their parameters (see :func:`cache.record`)."""
+        calls for the keys and values, and their parameters (see :func:`cache_records.record`)."""
         plain = self._plain_weights()
         if plain is not None:
             return plain

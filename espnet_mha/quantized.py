@@ -35,8 +35,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from espnet_mha import cache, compile_policy, dispatch, functional
-from espnet_mha.state_dict import STOCK_PROJECTIONS
+from espnet_mha import cache_records, compile_policy, dispatch, functional
+from espnet_mha.fused_keys import STOCK_PROJECTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -184,16 +184,16 @@ _SETTING_TYPES = (bool, int, float, str, type(None))
 
 def modules_key(layer, modules):
     """What tells the current weights of the key/value projection's ``modules`` when the
-    layer calls them (the decoding cache's record, see :func:`espnet_mha.cache.record`):
+    layer calls them (the decoding cache's record, see :func:`espnet_mha.cache_records.record`):
     how many times the layer made its projections (a new module, new quantized weights),
-    the optimizer steps taken (:func:`espnet_mha.cache.optimizer_steps`), the addresses,
+    the optimizer steps taken (:func:`espnet_mha.cache_records.optimizer_steps`), the addresses,
     strides and write counters of the modules' parameters (LoRA's, a parametrization's
     originals) and buffers (a pruning mask, ``spectral_norm``'s vectors, a
     parametrization's constants), and the hooks and plain (bool, number, string, None)
     attributes of the modules and their children."""
     projections(layer)
     subtree = [child for module in modules for child in module.modules()]
-    return (layer.__dict__["_projections_made"], cache.optimizer_steps(),
+    return (layer.__dict__["_projections_made"], cache_records.optimizer_steps(),
             tuple((t.data_ptr(), t.stride(), t._version if not t.is_inference() else -1)
                   for module in modules for t in (*module.parameters(), *module.buffers())),
             tuple(hook for child in subtree for hook in child._forward_pre_hooks),

@@ -1,28 +1,28 @@
-"""State-dict adapter between the stock layout and our fused layout (one layer).
-
-Stock ``MultiHeadedAttention`` keys: ``linear_q``, ``linear_k``, ``linear_v``,
-``linear_out`` (``.weight`` ``(D, D)``, ``.bias`` ``(D,)``). Ours:
-``linear_qkv`` (``.weight`` ``(3D, D)`` with rows q, k, v; ``.bias`` ``(3D,)``)
-and the same ``linear_out``. Fusing is a concatenation, so the round trip is
-bit-exact.
+"""The layer's state-dict hooks: a stock ESPnet state dict loads into our fused layout
+(and a fused one into a layer built with the stock parameters) with a plain
+``load_state_dict``.
 
 The pre-hook registered on every ``FlashMultiHeadedAttention`` makes a plain
 strict ``model.load_state_dict(stock_state_dict)`` work for a whole ESPnet
-model (and a fused state dict load into a layer built with the stock
-parameters, ``state_dict_layout="stock"``). Whole state dicts (wrapper prefixes, export to the stock layout, files)
-are handled in :mod:`espnet_mha.checkpoint` and :mod:`espnet_mha.convert`.
+model. The key conversion itself is in :mod:`espnet_mha.fused_keys`; whole state
+dicts (wrapper prefixes, export to the stock layout, files) are handled in
+:mod:`espnet_mha.checkpoint` and :mod:`espnet_mha.convert`.
 """
 
 import logging
-from collections.abc import Mapping
 
 import torch
 
-from espnet_mha import checks
+from espnet_mha.fused_keys import (
+    FUSED_PROJECTION,
+    PARAMS,
+    STOCK_PROJECTIONS,
+    fuse_keys,
+    stock_keys,
+    unfuse_keys,
+    unfuse_part,
+)
 
-STOCK_PROJECTIONS = ("linear_q", "linear_k", "linear_v")
-FUSED_PROJECTION = "linear_qkv"
-PARAMS = ("weight", "bias")
 # What quantize_dynamic leaves of the stock linear_q/k/v in a state dict (their first two key segments).
 _QUANTIZED_STOCK_KEYS = {(name, part) for name in STOCK_PROJECTIONS for part in ("scale", "zero_point", "_packed_params")}
 
@@ -44,123 +44,6 @@ def _as_load_error(error):
     kind = LoadTypeError if isinstance(error, TypeError) else LoadValueError
     return kind(*error.args)
 
-
-def check_mapping(state_dict, name="state_dict"):
-    """Raise ``TypeError`` unless ``state_dict`` is a mapping (of names to tensors)."""
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"{name} must be a mapping of names to tensors (a state dict), got {type(state_dict).__name__}")
-
-
-def _stock_keys(prefix):
-    return [f"{prefix}{name}.{param}" for name in STOCK_PROJECTIONS for param in PARAMS]
-
-
-def fuse_keys(state_dict, prefix, *, n_feat=None):
-    """Replace one layer's stock q/k/v keys by the fused key, in place.
-
-    Args:
-        state_dict: a (mutable) state dict.
-        prefix: the layer's key prefix, e.g. ``"decoder.decoder.layers.1.layer."``.
-        n_feat: if given, every stock tensor must be ``(n_feat, n_feat)`` /
-            ``(n_feat,)``.
-
-    Returns:
-        bool: whether the keys were converted (False if none were present).
-
-    Raises:
-        KeyError: only some of the six stock keys are present (names the missing
-            ones), or stock and fused keys are both present.
-        TypeError: ``state_dict`` is not a mapping, or a q/k/v entry is not a tensor.
-        ValueError: a tensor has the wrong shape (names key, expected, found), or
-            the q/k/v parts differ in shape, dtype or device.
-    """
-    check_mapping(state_dict)
-    if n_feat is not None:
-        n_feat = checks.check_size("n_feat", n_feat)
-    keys = _stock_keys(prefix)
-    present = [key for key in keys if key in state_dict]
-    if not present:
-        return False
-    missing = [key for key in keys if key not in state_dict]
-    if missing:
-        raise KeyError(
-            f"half-converted attention layer at {prefix!r}: has {present} but is missing {missing}"
-        )
-    fused = [f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS if f"{prefix}{FUSED_PROJECTION}.{param}" in state_dict]
-    if fused:
-        raise KeyError(f"attention layer at {prefix!r} has both stock keys and fused {fused}")
-    for param in PARAMS:
-        parts = [state_dict[f"{prefix}{name}.{param}"] for name in STOCK_PROJECTIONS]
-        names = [f"{prefix}{name}.{param}" for name in STOCK_PROJECTIONS]
-        for name, part in zip(names, parts):
-            if not isinstance(part, torch.Tensor):
-                raise TypeError(f"{name} must be a tensor, got {type(part).__name__}")
-        if n_feat is not None:
-            expected = (n_feat, n_feat) if param == "weight" else (n_feat,)
-            for name, part in zip(STOCK_PROJECTIONS, parts):
-                if tuple(part.shape) != expected:
-                    raise ValueError(
-                        f"{prefix}{name}.{param}: expected shape {expected} for "
-                        f"n_feat={n_feat}, found {tuple(part.shape)}"
-                    )
-        described = {(tuple(p.shape), p.dtype, p.device) for p in parts}  # one (D, D) / (D,) each
-        if len(described) != 1:
-            raise ValueError("the q/k/v parts differ in shape, dtype or device: " + ", ".join(
-                f"{name} {tuple(p.shape)} {p.dtype} on {p.device}" for name, p in zip(names, parts)))
-        state_dict[f"{prefix}{FUSED_PROJECTION}.{param}"] = torch.cat(parts, dim=0)
-    for key in keys:
-        del state_dict[key]
-    return True
-
-
-def unfuse_keys(state_dict, prefix):
-    """Replace one layer's fused key by the stock q/k/v keys, in place.
-
-    Returns:
-        bool: whether the keys were converted (False if the fused key is absent).
-
-    Raises:
-        KeyError: only one of ``linear_qkv.weight``/``.bias`` is present.
-        TypeError: ``state_dict`` is not a mapping, or a fused entry is not a tensor.
-        ValueError: the fused tensor's first dimension is not divisible by 3, or
-            weight and bias do not fit each other (the dict is then left as it was).
-    """
-    check_mapping(state_dict)
-    fused = {param: f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS}
-    present = [key for key in fused.values() if key in state_dict]
-    if not present:
-        return False
-    weight, bias = (state_dict[key] for key in fused.values()) if len(present) == len(fused) else (None, None)
-    for key in present:
-        _check_tensor(state_dict, key)
-    if weight is not None and (weight.dim() != 2 or tuple(bias.shape) != (weight.size(0),)):
-        raise ValueError(f"{fused['weight']} {tuple(weight.shape)} and {fused['bias']} {tuple(bias.shape)} "
-                         f"are not a (3D, D) weight and its (3D,) bias")
-    if len(present) != len(fused):
-        missing = [key for key in fused.values() if key not in state_dict]
-        raise KeyError(f"half-converted attention layer at {prefix!r}: missing {missing}")
-    for key in fused.values():  # checked before any key is replaced: an error leaves the dict as it was
-        _check_rows(state_dict, key)
-    for param in PARAMS:
-        _split_fused(state_dict, prefix, param)
-    return True
-
-
-def _check_tensor(state_dict, key):
-    if not isinstance(state_dict[key], torch.Tensor):
-        raise TypeError(f"{key} must be a tensor, got {type(state_dict[key]).__name__}")
-
-
-def _check_rows(state_dict, key):
-    if state_dict[key].size(0) % 3:
-        raise ValueError(f"{key}: first dimension {state_dict[key].size(0)} is not divisible by 3")
-
-
-def _split_fused(state_dict, prefix, param):
-    """Replace ``linear_qkv.<param>`` by its q, k and v rows under the stock keys (copies)."""
-    tensor = state_dict.pop(f"{prefix}{FUSED_PROJECTION}.{param}")
-    for name, part in zip(STOCK_PROJECTIONS, tensor.chunk(3, dim=0)):
-        state_dict[f"{prefix}{name}.{param}"] = part.clone()
 
 
 LAYOUTS = ("fused", "stock")
@@ -237,7 +120,7 @@ def load_state_dict_pre_hook(module, state_dict, prefix, *args):
             ``linear_qkv`` (also ``RuntimeError``s, what the stock layer's load raises).
     """
     module._forget_records()  # the parameters may be swapped (see FlashMultiHeadedAttention._forget_records)
-    stock = [key for key in _stock_keys(prefix) if key in state_dict]
+    stock = [key for key in stock_keys(prefix) if key in state_dict]
     fused = {param: f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS}
     if FUSED_PROJECTION not in module._modules:
         _load_into_stock_parameters(module, state_dict, prefix, stock, fused)
@@ -291,7 +174,7 @@ def _load_into_stock_parameters(module, state_dict, prefix, stock, fused):
     if covered and all(current[key] is not None and _equal(state_dict[key], current[key]) for key in covered):
         for key in covered:
             del state_dict[key]
-    clash = [key for key in _stock_keys(prefix) if key in state_dict and key.rsplit(".", 1)[1] in present]
+    clash = [key for key in stock_keys(prefix) if key in state_dict and key.rsplit(".", 1)[1] in present]
     if clash:
         logger.warning("espnet_mha: attention layer at %r has both fused keys %s and stock keys %s; these keys "
                        "are left as they are for load_state_dict to report", prefix,
@@ -301,21 +184,10 @@ def _load_into_stock_parameters(module, state_dict, prefix, stock, fused):
         if len(present) == len(fused):
             unfuse_keys(state_dict, prefix)
         else:
-            _unfuse_one(state_dict, prefix, present[0])
+            unfuse_part(state_dict, prefix, present[0])
     except (ValueError, TypeError) as error:
         raise _as_load_error(error) from None
 
-
-def _unfuse_one(state_dict, prefix, param):
-    """:func:`unfuse_keys` for a state dict that holds only ``linear_qkv.<param>``."""
-    key = f"{prefix}{FUSED_PROJECTION}.{param}"
-    _check_tensor(state_dict, key)
-    expected = 2 if param == "weight" else 1
-    if state_dict[key].dim() != expected:
-        raise ValueError(f"{key}: expected a {'(3D, D) weight' if expected == 2 else '(3D,) bias'}, "
-                         f"got shape {tuple(state_dict[key].shape)}")
-    _check_rows(state_dict, key)
-    _split_fused(state_dict, prefix, param)
 
 
 def _cast_mixed_parts(state_dict, prefix, params):
@@ -323,12 +195,12 @@ def _cast_mixed_parts(state_dict, prefix, params):
     devices, or, for a partial state dict, other than the layer's current rows) are cast
     to the layer's dtype and device, as ``load_state_dict`` casts what it copies: the
     stock layer loads them."""
-    present = [key for key in _stock_keys(prefix) if isinstance(state_dict.get(key), torch.Tensor)]
+    present = [key for key in stock_keys(prefix) if isinstance(state_dict.get(key), torch.Tensor)]
     reference = params.get("weight")
     if not present or reference is None or reference.is_meta or any(state_dict[key].is_meta for key in present):
         return  # nothing to copy from or into: fuse_keys names the parts
     kinds = {(state_dict[key].dtype, state_dict[key].device) for key in present}
-    partial = len(present) < len(_stock_keys(prefix))
+    partial = len(present) < len(stock_keys(prefix))
     if len(kinds) > 1 or (partial and kinds != {(reference.dtype, reference.device)}):
         for key in present:
             state_dict[key] = state_dict[key].to(device=reference.device, dtype=reference.dtype)
@@ -339,7 +211,7 @@ def _fill_absent_parts(state_dict, prefix, params, missing_keys):
     ones, put the layer's current rows (``params``) under the absent keys and add
     those keys to ``missing_keys``: ``load_state_dict`` then loads the present parts
     and reports the absent ones, as it does for the stock layer's own linears."""
-    keys = _stock_keys(prefix)
+    keys = stock_keys(prefix)
     present = [key for key in keys if key in state_dict]
     if not present or len(present) == len(keys):
         return

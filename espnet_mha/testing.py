@@ -38,7 +38,7 @@ def under_stock_names(named):
     ``named_parameters()`` name) under the stock layer's names: the fused
     ``linear_qkv`` rows split into ``linear_q/k/v`` (copies), the stock parameters
     (``state_dict_layout="stock"``) as they are. For comparing with the stock layer."""
-    from espnet_mha.state_dict import unfuse_keys
+    from espnet_mha.fused_keys import unfuse_keys
 
     named = dict(named)
     unfuse_keys(named, "")

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import assert_same_nbest
-from espnet_mha import cache
+from espnet_mha import cache_records
 from espnet_mha.checkpoint import to_stock
 from espnet_mha.testing import beam_search, prepare_for_decoding, s4_decoder_pair, stock_and_flash
 
@@ -293,7 +293,7 @@ def test_a_remembered_step_keeps_the_backend_its_own_call_chose(monkeypatch):
 
 def test_foreign_forgotten_and_copied_states_are_recomputed(monkeypatch):
     """A state the layer has no record of (a copy, one of another layer, one forgotten
-    after cache.MAX_SOURCES caches) cannot be checked against its memory: recomputed."""
+    after cache_records.MAX_SOURCES caches) cannot be checked against its memory: recomputed."""
     stock, ours = stock_and_flash(16, 4)
     query = seq(3, 16)
     memories = [seq(1, 5, 16, seed=i).expand(3, -1, -1) for i in range(4)]
@@ -301,7 +301,7 @@ def test_foreign_forgotten_and_copied_states_are_recomputed(monkeypatch):
     got, _ = ours.step(query, state.clone(), memory=memories[1])
     assert ours.last_cache == "recomputed: this layer has no record of the state (not made by it, or forgotten)"
     torch.testing.assert_close(got, stock.step(query, None, memory=memories[1])[0], **FP64)
-    monkeypatch.setattr(cache, "MAX_SOURCES", 2)
+    monkeypatch.setattr(cache_records, "MAX_SOURCES", 2)
     old = ours.step(query, None, memory=memories[2])[1]
     for memory in memories:  # more caches than the layer keeps records of
         ours.step(query, None, memory=memory)

@@ -12,14 +12,8 @@ from espnet.nets.pytorch_backend.transformer.add_sos_eos import add_sos_eos
 
 import espnet_asr
 from espnet_mha import quantized
-from espnet_mha.checkpoint import (
-    fused_layers,
-    load_stock_or_fused,
-    stock_layers,
-    strip_wrapper_prefixes,
-    to_fused,
-    to_stock,
-)
+from espnet_mha.checkpoint import load_stock_or_fused, to_fused, to_stock
+from espnet_mha.checkpoint_keys import fused_layers, stock_layers, strip_wrapper_prefixes
 from espnet_mha.layer import FlashMultiHeadedAttention
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")

@@ -13,7 +13,8 @@ import torch
 import yaml
 
 import espnet_asr
-from espnet_mha.checkpoint import fused_layers, to_fused, to_stock
+from espnet_mha.checkpoint import to_fused, to_stock
+from espnet_mha.checkpoint_keys import fused_layers
 from espnet_mha.configs import fused_config, stock_config
 from espnet_mha.convert import ConversionError, main
 from espnet_mha.export import convert_experiment, export_experiment

@@ -1,6 +1,6 @@
 """No shared mutable state between utterances: the layer keeps nothing of a call on ``self``
 (attention weights only with ``keep_attn=True``; which memory each decoding cache
-holds, as addresses, see espnet_mha.cache), so threads that decode different
+holds, as addresses, see espnet_mha.cache_records), so threads that decode different
 utterances with one module get what they get one after the other, the module is
 unchanged afterwards, and new weights take effect on the next utterance.
 (tests/test_cache.py::test_two_threads_share_one_module is the basic version; this one

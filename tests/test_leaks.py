@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from espnet_mha import cache, compile_policy
+from espnet_mha import cache_records, compile_policy
 from espnet_mha.layer import FlashMultiHeadedAttention
 from espnet_mha.testing import beam_search, build_s4_decoder, prepare_for_decoding
 
@@ -50,7 +50,7 @@ def layer_attributes(decoder):
                     continue
                 size = len(value) if isinstance(value, (dict, set, list, tuple)) else None
                 if name == "_cache_sources":  # one entry per cache, up to a fixed bound
-                    assert size <= cache.MAX_SOURCES
+                    assert size <= cache_records.MAX_SOURCES
                     size = "bounded"
                 snapshot.append((name, type(value).__name__, size))
     return snapshot

@@ -1,0 +1,158 @@
+"""Stock <-> fused keys of one attention layer in a state dict (pure functions on the dict).
+
+Stock ``MultiHeadedAttention`` keys: ``linear_q``, ``linear_k``, ``linear_v``,
+``linear_out`` (``.weight`` ``(D, D)``, ``.bias`` ``(D,)``). Ours:
+``linear_qkv`` (``.weight`` ``(3D, D)`` with rows q, k, v; ``.bias`` ``(3D,)``)
+and the same ``linear_out``. Fusing is a concatenation, so the round trip is
+bit-exact. The layer's load hook is in :mod:`espnet_mha.state_dict`; whole
+state dicts in :mod:`espnet_mha.checkpoint`.
+"""
+
+from collections.abc import Mapping
+
+import torch
+
+from espnet_mha import checks
+
+STOCK_PROJECTIONS = ("linear_q", "linear_k", "linear_v")
+FUSED_PROJECTION = "linear_qkv"
+PARAMS = ("weight", "bias")
+
+
+
+def check_mapping(state_dict, name="state_dict"):
+    """Raise ``TypeError`` unless ``state_dict`` is a mapping (of names to tensors)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{name} must be a mapping of names to tensors (a state dict), got {type(state_dict).__name__}")
+
+
+def stock_keys(prefix):
+    """The six stock q/k/v keys of the layer at ``prefix``."""
+    return [f"{prefix}{name}.{param}" for name in STOCK_PROJECTIONS for param in PARAMS]
+
+
+def fuse_keys(state_dict, prefix, *, n_feat=None):
+    """Replace one layer's stock q/k/v keys by the fused key, in place.
+
+    Args:
+        state_dict: a (mutable) state dict.
+        prefix: the layer's key prefix, e.g. ``"decoder.decoder.layers.1.layer."``.
+        n_feat: if given, every stock tensor must be ``(n_feat, n_feat)`` /
+            ``(n_feat,)``.
+
+    Returns:
+        bool: whether the keys were converted (False if none were present).
+
+    Raises:
+        KeyError: only some of the six stock keys are present (names the missing
+            ones), or stock and fused keys are both present.
+        TypeError: ``state_dict`` is not a mapping, or a q/k/v entry is not a tensor.
+        ValueError: a tensor has the wrong shape (names key, expected, found), or
+            the q/k/v parts differ in shape, dtype or device.
+    """
+    check_mapping(state_dict)
+    if n_feat is not None:
+        n_feat = checks.check_size("n_feat", n_feat)
+    keys = stock_keys(prefix)
+    present = [key for key in keys if key in state_dict]
+    if not present:
+        return False
+    missing = [key for key in keys if key not in state_dict]
+    if missing:
+        raise KeyError(
+            f"half-converted attention layer at {prefix!r}: has {present} but is missing {missing}"
+        )
+    fused = [f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS if f"{prefix}{FUSED_PROJECTION}.{param}" in state_dict]
+    if fused:
+        raise KeyError(f"attention layer at {prefix!r} has both stock keys and fused {fused}")
+    for param in PARAMS:
+        parts = [state_dict[f"{prefix}{name}.{param}"] for name in STOCK_PROJECTIONS]
+        names = [f"{prefix}{name}.{param}" for name in STOCK_PROJECTIONS]
+        for name, part in zip(names, parts):
+            if not isinstance(part, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(part).__name__}")
+        if n_feat is not None:
+            expected = (n_feat, n_feat) if param == "weight" else (n_feat,)
+            for name, part in zip(STOCK_PROJECTIONS, parts):
+                if tuple(part.shape) != expected:
+                    raise ValueError(
+                        f"{prefix}{name}.{param}: expected shape {expected} for "
+                        f"n_feat={n_feat}, found {tuple(part.shape)}"
+                    )
+        described = {(tuple(p.shape), p.dtype, p.device) for p in parts}  # one (D, D) / (D,) each
+        if len(described) != 1:
+            raise ValueError("the q/k/v parts differ in shape, dtype or device: " + ", ".join(
+                f"{name} {tuple(p.shape)} {p.dtype} on {p.device}" for name, p in zip(names, parts)))
+        state_dict[f"{prefix}{FUSED_PROJECTION}.{param}"] = torch.cat(parts, dim=0)
+    for key in keys:
+        del state_dict[key]
+    return True
+
+
+def unfuse_keys(state_dict, prefix):
+    """Replace one layer's fused key by the stock q/k/v keys, in place.
+
+    Returns:
+        bool: whether the keys were converted (False if the fused key is absent).
+
+    Raises:
+        KeyError: only one of ``linear_qkv.weight``/``.bias`` is present.
+        TypeError: ``state_dict`` is not a mapping, or a fused entry is not a tensor.
+        ValueError: the fused tensor's first dimension is not divisible by 3, or
+            weight and bias do not fit each other (the dict is then left as it was).
+    """
+    check_mapping(state_dict)
+    fused = {param: f"{prefix}{FUSED_PROJECTION}.{param}" for param in PARAMS}
+    present = [key for key in fused.values() if key in state_dict]
+    if not present:
+        return False
+    weight, bias = (state_dict[key] for key in fused.values()) if len(present) == len(fused) else (None, None)
+    for key in present:
+        _check_tensor(state_dict, key)
+    if weight is not None and (weight.dim() != 2 or tuple(bias.shape) != (weight.size(0),)):
+        raise ValueError(f"{fused['weight']} {tuple(weight.shape)} and {fused['bias']} {tuple(bias.shape)} "
+                         f"are not a (3D, D) weight and its (3D,) bias")
+    if len(present) != len(fused):
+        missing = [key for key in fused.values() if key not in state_dict]
+        raise KeyError(f"half-converted attention layer at {prefix!r}: missing {missing}")
+    for key in fused.values():  # checked before any key is replaced: an error leaves the dict as it was
+        _check_rows(state_dict, key)
+    for param in PARAMS:
+        _split_fused(state_dict, prefix, param)
+    return True
+
+
+def _check_tensor(state_dict, key):
+    if not isinstance(state_dict[key], torch.Tensor):
+        raise TypeError(f"{key} must be a tensor, got {type(state_dict[key]).__name__}")
+
+
+def _check_rows(state_dict, key):
+    if state_dict[key].size(0) % 3:
+        raise ValueError(f"{key}: first dimension {state_dict[key].size(0)} is not divisible by 3")
+
+
+def _split_fused(state_dict, prefix, param):
+    """Replace ``linear_qkv.<param>`` by its q, k and v rows under the stock keys (copies)."""
+    tensor = state_dict.pop(f"{prefix}{FUSED_PROJECTION}.{param}")
+    for name, part in zip(STOCK_PROJECTIONS, tensor.chunk(3, dim=0)):
+        state_dict[f"{prefix}{name}.{param}"] = part.clone()
+
+
+
+def unfuse_part(state_dict, prefix, param):
+    """:func:`unfuse_keys` for a state dict that holds only ``linear_qkv.<param>`` (``param``:
+    ``"weight"`` or ``"bias"``; a partial checkpoint).
+
+    Raises:
+        TypeError: the entry is not a tensor.
+        ValueError: it is not a ``(3D, D)`` weight or a ``(3D,)`` bias.
+    """
+    key = f"{prefix}{FUSED_PROJECTION}.{param}"
+    _check_tensor(state_dict, key)
+    expected = 2 if param == "weight" else 1
+    if state_dict[key].dim() != expected:
+        raise ValueError(f"{key}: expected a {'(3D, D) weight' if expected == 2 else '(3D,) bias'}, "
+                         f"got shape {tuple(state_dict[key].shape)}")
+    _check_rows(state_dict, key)
+    _split_fused(state_dict, prefix, param)
