@@ -285,3 +285,17 @@ def test_argument_errors(exp, tmp_path, capsys):
     assert "the following arguments are required: --to" in capsys.readouterr().err
     assert run(exp.ave, tmp_path / "o.pth", "--to", "fused", "--layer-pattern", "(") == 1
     assert "layer_pattern '(' is not a valid regular expression" in capsys.readouterr().err
+
+
+def test_a_pickle_not_written_by_torch_save_is_unreadable_not_refused(tmp_path):
+    """A dict pickled with pickle.dump: the weights-only unpickler stops at an opcode it does not
+    take. That is no class to admit, so the message says the file is unreadable (and gives no
+    --allow-global hint); nothing is written."""
+    import pickle
+
+    src, dst = tmp_path / "pickled.pth", tmp_path / "out.pth"
+    src.write_bytes(pickle.dumps({"w": [1.0]}, protocol=0))
+    with pytest.raises(ConversionError, match=r"pickled\.pth: cannot read it \(UnpicklingError: Unsupported operand "
+                                              r"\d+\); is it truncated, or not written by torch\.save\?$"):
+        convert_file(src, dst, to="fused")
+    assert not dst.exists() and not leftovers(tmp_path)

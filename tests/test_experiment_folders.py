@@ -471,3 +471,41 @@ def test_lightning_files_in_the_layout_get_their_arguments_converted_and_sharded
     assert got["param_groups"] == expected["param_groups"]
     for index, state in expected["state"].items():
         assert all(torch.equal(got["state"][index][name], value) for name, value in state.items())
+
+
+def test_a_config_that_is_not_yaml_is_refused_before_anything_is_written(tmp_path):
+    src = experiment(tmp_path / "exp")
+    (src / "config.yaml").write_text("a: [b\n")
+    out = tmp_path / "stock"
+    with pytest.raises(ConversionError, match=r"exp/config\.yaml: not YAML ESPnet can read \(while parsing a flow "
+                                              r"sequence"):
+        convert_experiment(src, out, to="stock")
+    assert not out.exists()
+
+
+def test_a_config_that_names_no_attention_layer_is_refused(tmp_path):
+    """ESPnet would build the config's layers and load the converted weights beside them with
+    strict=False: q/k/v dropped without a word. Nothing is written."""
+    src = experiment(tmp_path / "exp")
+    (src / "config.yaml").write_text(yaml.safe_dump({"encoder": "conformer"}))
+    out = tmp_path / "stock"
+    with pytest.raises(ConversionError, match=r"exp/config\.yaml names no 'mha' layer \(_name_: mha; after the "
+                                              r"conversion\), but the model files hold attention layers to convert "
+                                              r"\(1epoch\.pth: 2, 2epoch\.pth: 2, valid\.acc\.best\.pth: 2\)"):
+        export_experiment(src, out)
+    assert list(out.iterdir()) == []
+
+
+def test_a_training_checkpoint_that_cannot_be_read_stops_an_in_place_conversion(tmp_path):
+    """Written to another folder, a checkpoint.pth that cannot be read is skipped; in place it stops
+    the conversion (the folder would pair new model files with the old training state), and the
+    folder is left as it was."""
+    src = experiment(tmp_path / "exp")
+    before = {p.name: p.read_bytes() for p in src.iterdir() if not p.is_symlink()}
+    with pytest.raises(ConversionError, match=r"(?s)exp/checkpoint\.pth: torch\.load\(weights_only=True\) refuses 1 "
+                                              r"class\(es\).*--allow-global datetime\.timedelta \(in place, "
+                                              r"checkpoint\.pth must convert with the rest of the folder: nothing "
+                                              r"was changed\)$"):
+        convert_experiment(src, src, to="stock", force=True)
+    assert {p.name: p.read_bytes() for p in src.iterdir() if not p.is_symlink()} == before
+    assert sorted(p.name for p in src.iterdir()) == sorted([*before, "valid.acc.ave.pth"])

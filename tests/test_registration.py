@@ -121,3 +121,11 @@ def test_the_mha_name_ignores_causal_as_the_stock_layer_does(caplog):
     gen = torch.Generator().manual_seed(0)
     query, memory = (torch.randn(2, t, 8, generator=gen, dtype=torch.float64) for t in (3, 5))
     torch.testing.assert_close(ours(query, memory)[0], stock(query, memory)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_an_unknown_attribute_of_the_package_is_named():
+    """The package's module __getattr__ loads the layer and helpers on first use; any other
+    name raises the AttributeError that hasattr and getattr's default rely on."""
+    with pytest.raises(AttributeError, match=r"^module 'espnet_mha' has no attribute 'no_such_name'$"):
+        getattr(espnet_mha, "no_such_name")
+    assert not hasattr(espnet_mha, "no_such_name")
