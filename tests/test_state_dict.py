@@ -250,6 +250,8 @@ def test_helper_arguments_are_checked():
         espnet_mha.load_stock_or_fused(FlashMultiHeadedAttention(8, 2), "model.pth")
     with pytest.raises(TypeError, match=r"n_feat must be an int, got str '8'"):
         fuse_keys(dict(good), "", n_feat="8")
+    with pytest.raises(TypeError, match=r"^linear_k.bias must be a tensor, got list$"):
+        fuse_keys(dict(good, **{"linear_k.bias": [0.0] * 8}), "")
     odd = dict(good, **{"linear_k.weight": torch.zeros(8, 6)})
     with pytest.raises(ValueError, match=r"the q/k/v parts differ in shape, dtype or device: linear_q.weight \(8, 8\) "
                                          r"torch.float32 on cpu, linear_k.weight \(8, 6\)"):
