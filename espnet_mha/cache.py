@@ -82,18 +82,18 @@ def memory_key(memory):
 
 
 def write_counter(tensor):
+    """``tensor._version``, the in-place write counter its views share; -1 for an
+    inference tensor, which has none."""
     try:
         return tensor._version
     except RuntimeError:  # inference tensors have no counter
         return -1
 
 
-
 def batch1_meets_distinct(state, key):
     """Whether a batch-1 ``state`` arrives with B > 1 distinct memories (``key`` is their
     :func:`memory_key`): one item's keys cannot serve them all."""
     return state.size(0) == 1 and key[1] != 0
-
 
 
 def stale_reason(state, memory, key, *, batch, n_head, dtype):

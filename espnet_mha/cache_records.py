@@ -49,7 +49,6 @@ def optimizer_steps():
     return _optimizer_steps[0]
 
 
-
 def storage_ref(tensor):
     """A weak reference to the storage holding ``tensor``'s elements: ``expired()`` once that
     storage is freed, ``cdata`` its identity while it is not. Shared by every view
@@ -202,7 +201,6 @@ def _graph_ends_at_a_leaf(state):
     while fn is not None and len(fn.next_functions) == 1:
         fn = fn.next_functions[0][0]
     return fn is None or not fn.next_functions
-
 
 
 def source_slot(state):

@@ -26,7 +26,6 @@ _FUSED_KEY = re.compile(r"^((?:.*\.)?)linear_qkv\.(?:weight|bias)$")
 FUSED_OTHER = re.compile(r"^((?:.*\.)?)linear_qkv\.(?!(?:weight|bias)$)")
 
 
-
 def strip_wrapper_prefixes(state_dict):
     """Remove the key prefixes that ``torch.compile``, DDP and DataParallel add.
 

@@ -19,7 +19,6 @@ FUSED_PROJECTION = "linear_qkv"
 PARAMS = ("weight", "bias")
 
 
-
 def check_mapping(state_dict, name="state_dict"):
     """Raise ``TypeError`` unless ``state_dict`` is a mapping (of names to tensors)."""
     if not isinstance(state_dict, Mapping):
@@ -137,7 +136,6 @@ def _split_fused(state_dict, prefix, param):
     tensor = state_dict.pop(f"{prefix}{FUSED_PROJECTION}.{param}")
     for name, part in zip(STOCK_PROJECTIONS, tensor.chunk(3, dim=0)):
         state_dict[f"{prefix}{name}.{param}"] = part.clone()
-
 
 
 def unfuse_part(state_dict, prefix, param):

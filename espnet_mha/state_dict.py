@@ -45,7 +45,6 @@ def _as_load_error(error):
     return kind(*error.args)
 
 
-
 LAYOUTS = ("fused", "stock")
 
 
@@ -187,7 +186,6 @@ def _load_into_stock_parameters(module, state_dict, prefix, stock, fused):
             unfuse_part(state_dict, prefix, present[0])
     except (ValueError, TypeError) as error:
         raise _as_load_error(error) from None
-
 
 
 def _cast_mixed_parts(state_dict, prefix, params):
