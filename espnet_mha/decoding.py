@@ -185,7 +185,7 @@ class DecodingSteps:
             return None  # linears called as modules (quantized, LoRA, hooks): the checked path does that
         key = cache.memory_key(memory)
         if cache_records.provenance_problem(self._cache_sources, state, key, memory, weights[0],
-                                    cache_records.grad_flags(memory, weights[1])) \
+                                            cache_records.grad_flags(memory, weights[1])) \
                 or cache.batch1_meets_distinct(state, key):
             return None  # the checked path decides: recompute, or reuse and remember
         self._last["backend"], self._last["fallback"] = decision
