@@ -56,6 +56,16 @@ def _stock_tensors(modules):
 _ROWS = {"linear_q": "0:D", "linear_k": "D:2D", "linear_v": "2D:3D"}
 
 
+def _layout_without(modules, name):
+    """The layout (``"fused"`` or ``"stock"``) of a layer whose ``modules`` have no place for
+    the q/k/v projection ``name`` (it belongs to the other layout), else None."""
+    if name in STOCK_PROJECTIONS and FUSED_PROJECTION in modules:
+        return "fused"
+    if name == FUSED_PROJECTION and any(stock in modules for stock in STOCK_PROJECTIONS):
+        return "stock"
+    return None
+
+
 def _check_projection_name(layer, name):
     """Refuse a module assigned under a q/k/v name the layer's layout never calls:
     ``linear_q``/``linear_k``/``linear_v`` on the fused layout (its ``linear_qkv``
@@ -71,13 +81,14 @@ def _check_projection_name(layer, name):
     modules = layer.__dict__.get("_modules")
     if not modules:
         return  # during construction, before the projections exist
-    if name in STOCK_PROJECTIONS and FUSED_PROJECTION in modules:
+    layout = _layout_without(modules, name)
+    if layout == "fused":
         raise AttributeError(
             f"cannot set {name}: this layer has the fused {FUSED_PROJECTION} (state_dict_layout='fused'), "
             f"which computes q, k and v, so a module set as {name} would never be called. Build the layer "
             f"with state_dict_layout='stock' (it has the stock linear_q/k/v, and calls whatever module holds "
             f"them), or replace {FUSED_PROJECTION} (nn.Linear(D, 3D), rows q, k, v)")
-    if name == FUSED_PROJECTION and any(stock in modules for stock in STOCK_PROJECTIONS):
+    if layout == "stock":
         raise AttributeError(
             f"cannot set {name}: this layer has the stock linear_q/k/v (state_dict_layout='stock'), so a "
             f"module set as {name} would never be called. Replace linear_q, linear_k or linear_v, or build "
@@ -111,13 +122,13 @@ class ParameterLayout:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            modules = self.__dict__.get("_modules", {})
-            if name in STOCK_PROJECTIONS and FUSED_PROJECTION in modules:
+            layout = _layout_without(self.__dict__.get("_modules", {}), name)
+            if layout == "fused":
                 raise AttributeError(
                     f"{type(self).__name__} has no attribute {name!r}: this layer has the fused {FUSED_PROJECTION} "
                     f"(state_dict_layout='fused'), nn.Linear(D, 3D) with rows q, k, v ({name} is rows "
                     f"{_ROWS[name]}); build it with state_dict_layout='stock' for the stock linear_q/k/v") from None
-            if name == FUSED_PROJECTION and any(stock in modules for stock in STOCK_PROJECTIONS):
+            if layout == "stock":
                 raise AttributeError(
                     f"{type(self).__name__} has no attribute {name!r}: this layer has the stock linear_q/k/v "
                     "(state_dict_layout='stock')") from None
