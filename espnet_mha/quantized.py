@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from espnet_mha import cache_records, compile_policy, dispatch, functional
+from espnet_mha import cache, cache_records, compile_policy, dispatch, functional
 from espnet_mha.fused_keys import STOCK_PROJECTIONS
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def modules_key(layer, modules):
     projections(layer)
     subtree = [child for module in modules for child in module.modules()]
     return (layer.__dict__["_projections_made"], cache_records.optimizer_steps(),
-            tuple((t.data_ptr(), t.stride(), t._version if not t.is_inference() else -1)
+            tuple((t.data_ptr(), t.stride(), cache.write_counter(t))
                   for module in modules for t in (*module.parameters(), *module.buffers())),
             tuple(hook for child in subtree for hook in child._forward_pre_hooks),
             tuple(hook for child in subtree for hook in child._forward_hooks),
