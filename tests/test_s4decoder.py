@@ -100,6 +100,49 @@ def test_forward_backward_and_decoding_match_stock(cfg, transposed_stock_name):
             torch.testing.assert_close(p_ours.grad, expected, rtol=1e-9, atol=1e-10, msg=name)
 
 
+def stock_layout_grads(model):
+    """Every parameter's gradient under its stock name (a fused q/k/v gradient split into three)."""
+    grads = {}
+    for name, p in model.named_parameters():
+        if "linear_qkv." in name:
+            prefix, param = name.rsplit("linear_qkv.", 1)
+            for proj, part in zip(("linear_q", "linear_k", "linear_v"), p.grad.chunk(3)):
+                grads[f"{prefix}{proj}.{param}"] = part
+        else:
+            grads[name] = p.grad
+    return grads
+
+
+# The decoder's own randomness and repetition options (found untested by a probe): the
+# attention dropout, S4Decoder's input dropout, drop path, tied dropout, repeated layers.
+RANDOM_CFGS = [
+    dict(prenorm=True, n_layers=2, residual="R", dropout=0.3),
+    dict(prenorm=False, n_layers=1, residual="R", dropout=0.1, dropinp=0.2, tie_dropout=True),
+    dict(prenorm=True, n_layers=2, residual="R", dropout=0.1, drop_path=0.2, n_repeat=2, track_norms=False),
+]
+
+
+@pytest.mark.parametrize("cfg", RANDOM_CFGS, ids=grid_id)
+def test_training_with_dropout_draws_the_stock_random_numbers(cfg):
+    """Under the same seed, a training step of the whole decoder gives the stock decoder's
+    logits, gradients and RNG state: our attention dropout draws what the stock layer draws."""
+    stock, ours = make_pair(cfg, "mha")
+    hs, hlens, ys, ylens = batch(13, 24, torch.float64)
+    results = []
+    for model in (stock, ours):
+        model.train()
+        torch.manual_seed(11)
+        logits, _ = model(hs, hlens, ys, ylens)
+        logits.logsumexp(-1).sum().backward()
+        results.append((logits, stock_layout_grads(model), torch.get_rng_state()))
+    (expected, stock_grads, stock_rng), (got, our_grads, our_rng) = results
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert our_grads.keys() == stock_grads.keys()
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-9, atol=1e-10, msg=name)
+    assert torch.equal(our_rng, stock_rng)
+
+
 @pytest.mark.parametrize("dtype,score_tol", [(torch.float32, 1e-4), (torch.float64, 1e-9)], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("cfg", [GRID[1], GRID[3], GRID[6]], ids=grid_id)
 def test_beam_search_hypotheses_match_stock(cfg, dtype, score_tol, transposed_stock_name):
