@@ -150,8 +150,14 @@ def test_a_2d_memory_is_read_as_the_stock_view_reads_it(batch, rows):
             torch.testing.assert_close(got, expected, **FP64)
         # step over all T1 positions at once (the stock step runs forward): it raised "must be 3-D"
         torch.testing.assert_close(ours.step(query, None, memory)[0], stock.step(query, None, memory)[0], **FP64)
-    with pytest.raises(ValueError, match=r"memory must be 3-D \(B, T2, D\), got shape \(5, 30\)"):
-        ours(torch.randn(2, 4, 30, dtype=torch.float64), torch.randn(5, 30, dtype=torch.float64))
+    bad = torch.randn(5, 30, dtype=torch.float64)
+    message = r"memory of shape \(5, 30\): a 2-D memory needs a multiple of the query batch B=2 rows"
+    with pytest.raises(ValueError, match=message):
+        ours(torch.randn(2, 4, 30, dtype=torch.float64), bad)
+    with pytest.raises(ValueError, match=message):
+        ours.step(torch.randn(2, 30, dtype=torch.float64), None, memory=bad)
+    with pytest.raises(ValueError, match=r"memory has feature size 29 \(shape \(5, 29\), \(N, D\)\), expected n_feat=30"):
+        ours(torch.randn(2, 4, 30, dtype=torch.float64), torch.randn(5, 29, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"key of shape \(5, 30\): a 2-D key needs a multiple of the query batch B=2"):
         ours.forward_qkv(torch.randn(2, 4, 30, dtype=torch.float64), *[torch.randn(5, 30, dtype=torch.float64)] * 2)
 
