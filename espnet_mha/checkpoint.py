@@ -13,6 +13,7 @@ Stock state dicts without prefixes need neither: our layer's
 ``load_state_dict`` pre-hook fuses them.
 """
 
+import logging
 from collections import OrderedDict
 
 import torch
@@ -34,6 +35,9 @@ from espnet_mha.fused_keys import (
     stock_keys,
     unfuse_keys,
 )
+
+
+logger = logging.getLogger(__name__)
 
 
 def _unwrap(model):
@@ -71,7 +75,8 @@ def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
     Which layers are ours: with ``model``, its ``FlashMultiHeadedAttention``
     modules with the fused parameter (sizes checked against them; layers built
     with the stock parameters keep their keys); without, the layers whose key prefix
-    matches ``layer_pattern``. Layers already fused stay as they are; other
+    matches ``layer_pattern`` (by default an S4 decoder's attention layers, and a bare
+    layer's top-level keys); if none does, a warning names the layers left as they are. Layers already fused stay as they are; other
     modules with the same key names (a transformer encoder's) are untouched.
 
     Args:
@@ -94,6 +99,11 @@ def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
     check_mapping(state_dict)
     if model is None:
         layers = {p: _stock_n_feat(state_dict, p) for p in stock_layers(state_dict, layer_pattern=layer_pattern)}
+        others = [p for p in stock_layers(state_dict, layer_pattern=None) if p not in layers]
+        if others and not layers:
+            logger.warning("to_fused converted nothing: no layer with linear_q/k/v keys matches layer_pattern %r "
+                           "(%s); pass model= or a layer_pattern that matches the attention layers to fuse",
+                           layer_pattern, ", ".join(map(repr, others[:3])) + (", ..." if len(others) > 3 else ""))
     elif not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     else:

@@ -16,8 +16,9 @@ from espnet_mha.fused_keys import check_mapping
 # The key prefix of an attention layer inside ESPnet's SequenceModel (S4Decoder):
 # SequenceModel.layers[i] is a SequenceResidualBlock whose `layer` is the attention,
 # e.g. "decoder.decoder.layers.1.layer.". A transformer/conformer encoder's
-# attention ("encoder.encoders.0.self_attn.") does not match.
-DEFAULT_LAYER_PATTERN = r"(?:^|\.)layers\.\d+\.layer\.$"
+# attention ("encoder.encoders.0.self_attn.") does not match. The empty prefix does:
+# top-level linear_q/k/v keys are one bare layer's state dict.
+DEFAULT_LAYER_PATTERN = r"^$|(?:^|\.)layers\.\d+\.layer\.$"
 COMPILE_SEGMENT = "_orig_mod"  # torch.compile's OptimizedModule (pytorch #101107)
 PARALLEL_SEGMENT = "module"  # DistributedDataParallel / DataParallel
 _STOCK_KEY = re.compile(r"^((?:.*\.)?)(?:linear_q|linear_k|linear_v)\.(?:weight|bias)$")

@@ -140,7 +140,9 @@ def convert_object(obj, *, src, dst, to, layer_pattern=DEFAULT_LAYER_PATTERN, dr
     clean, stripped = strip_wrapper_prefixes(state)
     if to == "fused":
         layers = stock_layers(clean, layer_pattern=layer_pattern)
-        converted = to_fused(clean, layer_pattern=layer_pattern)
+        # Nothing matched: the report or the error below names the layers left alone (to_fused
+        # would warn as well).
+        converted = to_fused(clean, layer_pattern=layer_pattern) if layers else clean
         left_alone = [p for p in stock_layers(clean, layer_pattern=None) if p not in layers]
     else:
         layers, converted, left_alone = fused_layers(clean), to_stock(clean), []

@@ -205,6 +205,34 @@ def test_to_fused_with_a_model_picks_its_layers(exp):
     assert to_fused(fused, model=ours).keys() == fused.keys()  # already fused: unchanged
 
 
+def test_to_fused_takes_a_bare_layers_state_dict():
+    """A single layer's stock state dict (top-level linear_q/k/v keys) is fused by
+    ``to_fused`` without a model; before, it came back unchanged, without a word (an audit)."""
+    from espnet2.asr.state_spaces.attention import MultiHeadedAttention
+
+    stock = MultiHeadedAttention(12, 3)
+    fused = to_fused(stock.state_dict())
+    assert list(fused) == ["linear_qkv.weight", "linear_qkv.bias", "linear_out.weight", "linear_out.bias"]
+    ours = FlashMultiHeadedAttention(12, 3)
+    ours.load_state_dict(fused, strict=True)
+    assert_same_state(to_stock(ours.state_dict()), stock.state_dict())
+
+
+def test_to_fused_that_converts_nothing_says_which_layers_it_left(exp, caplog):
+    """Without a model, layers the pattern does not match are left as they are; when that is
+    all of them, a warning names them and what to pass."""
+    original = exp.stock_state()
+    with caplog.at_level(logging.WARNING, logger="espnet_mha.checkpoint"):
+        same = to_fused(original, layer_pattern=r"no\.such\.layer\.$")
+    assert list(same) == list(original)
+    assert "to_fused converted nothing" in caplog.text
+    assert repr(espnet_asr.ENCODER_ATTENTION) in caplog.text and "pass model=" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="espnet_mha.checkpoint"):
+        to_fused(original)  # the decoder's layers match: the encoder's are left alone, as meant
+    assert "converted nothing" not in caplog.text
+
+
 def test_our_compiled_layer_saves_plain_keys(exp):
     # The layer compiles module-level functions and never wraps itself (see compile_policy).
     ours = exp.flash(compile=True)

@@ -238,6 +238,21 @@ def test_nothing_to_convert(exp, tmp_path, capsys):
     with pytest.raises(ConversionError, match=r"nothing to convert to stock: no linear_qkv keys"):
         convert_file(exp.ave, dst, to="stock")
     assert not dst.exists()
+    assert "to_fused converted nothing" not in err  # the error names the layers; no second message
+
+
+def test_a_bare_layers_file_is_fused(tmp_path, capsys):
+    """A file holding one stock layer's state dict (top-level keys) converts by default."""
+    from espnet2.asr.state_spaces.attention import MultiHeadedAttention
+
+    from espnet_mha import FlashMultiHeadedAttention
+
+    src, dst = tmp_path / "layer.pth", tmp_path / "fused.pth"
+    stock = MultiHeadedAttention(8, 2)
+    torch.save(stock.state_dict(), src)
+    assert run(src, dst, "--to", "fused") == 0
+    FlashMultiHeadedAttention(8, 2).load_state_dict(torch.load(dst, weights_only=True), strict=True)
+    assert "linear_qkv.weight" in torch.load(dst, weights_only=True)
 
 
 def test_half_converted_file_names_missing_keys(exp, tmp_path, capsys):
