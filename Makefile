@@ -13,7 +13,8 @@ OLDEST_VENV ?= .venv-oldest
 
 .PHONY: setup test test-fast test-oldest demo demo-quick bench bench-interleaved bench-quick clean
 
-$(VENV)/.installed: pyproject.toml constraints.txt $(RECIPE)/requirements.txt
+# The startup hook is copied into site-packages (pyproject's data files), so a change to it reinstalls.
+$(VENV)/.installed: pyproject.toml constraints.txt $(RECIPE)/requirements.txt $(wildcard espnet_mha/_hook/*)
 	@$(PYTHON) -c "import shutil; f = shutil.disk_usage('.').free / 2**30; print(f'setup: {f:.1f} GiB free on this disk; the pinned stack (torch with its CUDA libraries) takes about 5.5 GiB in $(VENV) and up to 7.5 GiB while pip runs' + ('' if f >= 8.5 else '. pip may stop with No space left on device.'))"
 	$(PYTHON) -m venv $(VENV)
 	# The venv's own pip (23.x here) on purpose: newer pip rejects an espnet dependency's metadata.
