@@ -76,8 +76,9 @@ def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
     modules with the fused parameter (sizes checked against them; layers built
     with the stock parameters keep their keys); without, the layers whose key prefix
     matches ``layer_pattern`` (by default an S4 decoder's attention layers, and a bare
-    layer's top-level keys); if none does, a warning names the layers left as they are. Layers already fused stay as they are; other
-    modules with the same key names (a transformer encoder's) are untouched.
+    layer's top-level keys; if none does, a warning names the layers left as they
+    are). Layers already fused stay as they are; other modules with the same key
+    names (a transformer encoder's) are untouched.
 
     Args:
         state_dict: a model's state dict without wrapper prefixes (see

@@ -250,7 +250,8 @@ def _parser():
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     parser.add_argument("--layer-pattern", default=DEFAULT_LAYER_PATTERN, metavar="REGEX",
                         help="--to fused: convert the layers whose key prefix matches (re.search); default "
-                             "%(default)s, the attention layers of ESPnet's S4 decoder; '' matches every layer "
+                             "%(default)s, the attention layers of ESPnet's S4 decoder (and a bare layer's top-level "
+                             "keys); '' matches every layer "
                              "with linear_q/k/v, a transformer encoder's too")
     parser.add_argument("--allow-global", action="append", default=[], metavar="NAME",
                         help="also admit this class when loading (repeatable), e.g. datetime.timedelta; "
