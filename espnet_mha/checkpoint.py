@@ -77,7 +77,7 @@ def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
     with the stock parameters keep their keys); without, the layers whose key prefix
     matches ``layer_pattern`` (by default an S4 decoder's attention layers, and a bare
     layer's top-level keys; if none does, a warning names the layers left as they
-    are). Layers already fused stay as they are; other modules with the same key
+    are; so does one when ``model`` has no fused layer). Layers already fused stay as they are; other modules with the same key
     names (a transformer encoder's) are untouched.
 
     Args:
@@ -109,8 +109,8 @@ def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     else:
         stock, fused = set(stock_layers(state_dict, layer_pattern=None)), set(fused_layers(state_dict))
-        layers = {}
-        for prefix, n_feat in _our_layer_sizes(model).items():
+        layers, ours = {}, _our_layer_sizes(model)
+        for prefix, n_feat in ours.items():
             if prefix not in stock and prefix not in fused:
                 raise KeyError(
                     f"the model's attention layer {prefix!r} has neither linear_q/k/v nor linear_qkv keys "
@@ -118,6 +118,10 @@ def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
                 )
             if prefix in stock:
                 layers[prefix] = n_feat
+        if not ours and stock:
+            logger.warning("to_fused converted nothing: the model has no FlashMultiHeadedAttention with the fused "
+                           "linear_qkv (a stock model, or layers built with state_dict_layout='stock', as the mha "
+                           "name builds them under use_for_mha()), whose state dict keeps linear_q/k/v")
     return _convert(state_dict, layers, fuse=True)
 
 

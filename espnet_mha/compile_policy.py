@@ -68,6 +68,12 @@ def resolve_compile(option, mode):
     if mode is not None and (not isinstance(mode, str) or mode not in _modes()):
         name = f"{ENV_COMPILE_MODE}" if env_mode else "compile_mode"
         raise ValueError(f"{name} must be None or one of {_modes()}, got {mode!r}")
+    if mode is not None and (option is False or (option == AUTO and not AUTO_COMPILE_DEVICES)):
+        # The mode applies only to compiled calls, and this setting makes none (an audit: it was
+        # dropped without a word).
+        logger.warning("espnet_mha: %s=%r has no effect with compile=%r, which compiles nothing; pass "
+                       "compile=True (or %s=1) to compile", ENV_COMPILE_MODE if env_mode else "compile_mode",
+                       mode, option, ENV_COMPILE)
     return option, mode
 
 

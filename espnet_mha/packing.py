@@ -45,8 +45,15 @@ ITEM_COST_MACS = 40 << 20
 
 
 def enabled():
-    """Whether padded keys are skipped (``$ESPNET_MHA_SKIP_PADDED_KEYS`` is not 0)."""
-    return os.environ.get(ENV_SKIP, "1").strip().lower() not in checks.ENV_FALSE
+    """Whether padded keys are skipped: ``$ESPNET_MHA_SKIP_PADDED_KEYS`` unset, empty or on
+    (read at every call, like the other on/off variables' values).
+
+    Raises:
+        ValueError: the variable is neither on nor off (it read any other value, such as
+            "disable" or "none", as on).
+    """
+    value = os.environ.get(ENV_SKIP, "")
+    return not value.strip() or checks.env_flag(ENV_SKIP, value)
 
 
 def plan(keep, *, batch, t1, t2, d):

@@ -231,6 +231,14 @@ def test_to_fused_that_converts_nothing_says_which_layers_it_left(exp, caplog):
     with caplog.at_level(logging.WARNING, logger="espnet_mha.checkpoint"):
         to_fused(original)  # the decoder's layers match: the encoder's are left alone, as meant
     assert "converted nothing" not in caplog.text
+    # A model with no fused layer (here the stock model) converts nothing either, and says so.
+    with caplog.at_level(logging.WARNING, logger="espnet_mha.checkpoint"):
+        assert list(to_fused(original, model=exp.model)) == list(original)
+    assert "the model has no FlashMultiHeadedAttention with the fused linear_qkv" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="espnet_mha.checkpoint"):
+        to_fused(original, model=exp.flash())
+    assert "converted nothing" not in caplog.text
 
 
 def test_our_compiled_layer_saves_plain_keys(exp):

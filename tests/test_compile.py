@@ -4,6 +4,8 @@ Compiling on this CPU takes seconds per graph, so these tests are marked slow
 (CI runs them; ``make test-fast`` skips them).
 """
 
+import logging
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -129,6 +131,27 @@ def test_policy_resolution(monkeypatch):
     monkeypatch.setenv("ESPNET_MHA_COMPILE", "1")
     monkeypatch.setenv("ESPNET_MHA_COMPILE_MODE", "max-autotune")
     assert compile_policy.resolve_compile(False, None) == (True, "max-autotune")
+
+
+@pytest.mark.parametrize("option", [False, None, "auto"])
+def test_a_compile_mode_without_compiling_says_it_has_no_effect(option, monkeypatch, caplog):
+    """A mode applies only to compiled calls: with compile off (or "auto", which compiles on
+    no device today) it was dropped without a word (an audit); it now warns, naming both."""
+    monkeypatch.delenv("ESPNET_MHA_COMPILE", raising=False)
+    monkeypatch.delenv("ESPNET_MHA_COMPILE_MODE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="espnet_mha.compile_policy"):
+        assert compile_policy.resolve_compile(option, "reduce-overhead")[1] == "reduce-overhead"
+    assert "compile_mode='reduce-overhead' has no effect with compile=" in caplog.text
+    assert "pass compile=True" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("ESPNET_MHA_COMPILE_MODE", "max-autotune")
+    with caplog.at_level(logging.WARNING, logger="espnet_mha.compile_policy"):
+        compile_policy.resolve_compile(option, None)
+    assert "ESPNET_MHA_COMPILE_MODE='max-autotune' has no effect" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="espnet_mha.compile_policy"):
+        compile_policy.resolve_compile(True, None)
+    assert "no effect" not in caplog.text
 
 
 def test_a_user_can_compile_a_fresh_model_with_fullgraph():

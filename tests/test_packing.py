@@ -94,6 +94,14 @@ def test_environment_variable_turns_it_off(monkeypatch, always_per_item):
     monkeypatch.setenv(packing.ENV_SKIP, "0")
     ours(query, memory, mask)
     assert ours.last_skipped_keys == 0.0
+    for on in ("", " ", "1", "Yes"):
+        monkeypatch.setenv(packing.ENV_SKIP, on)
+        ours(query, memory, mask)
+        assert ours.last_skipped_keys > 0, on
+    # Any other value was read as on, without a word (an audit found it); now it raises.
+    monkeypatch.setenv(packing.ENV_SKIP, "disable")
+    with pytest.raises(ValueError, match=r"ESPNET_MHA_SKIP_PADDED_KEYS='disable' must be 0/1"):
+        ours(query, memory, mask)
 
 
 @pytest.mark.parametrize("options", [dict(keep_attn=True), dict(causal=True), dict(backend="math")],
