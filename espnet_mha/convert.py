@@ -50,7 +50,7 @@ from espnet_mha.checkpoint_io import (  # noqa: F401  (re-exported: the converte
     save_atomic,
 )
 from espnet_mha.checkpoint_keys import DEFAULT_LAYER_PATTERN, fused_layers, stock_layers, strip_wrapper_prefixes
-from espnet_mha.configs import fused_config, stock_config
+from espnet_mha.configs import STOCK_NAME, fused_config, rename_layers, stock_config
 from espnet_mha.export import convert_experiment
 from espnet_mha.optimizer_state import convert_optimizer_state
 
@@ -73,6 +73,7 @@ class Report:
     left_alone: list = field(default_factory=list)
     dropped_optimizers: int = 0
     converted_optimizers: int = 0
+    warnings: list = field(default_factory=list)
 
     def lines(self):
         where = f"state dict in entry {ENTRIES[self.kind][0]!r}, " if self.kind in ENTRIES else ""
@@ -88,6 +89,7 @@ class Report:
         if self.dropped_optimizers:
             out.append(f"dropped the state of {self.dropped_optimizers} optimizer(s) (--drop-optimizer-state)")
         out.append(f"wrote {self.dst}")
+        out += [f"warning: {w}" for w in self.warnings]
         return out
 
 
@@ -122,11 +124,32 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
     src, dst = Path(src), Path(dst)
     if (dst.exists() or dst.is_symlink()) and not force:
         raise FileExistsError(f"{dst} exists; pass --force (force=True) to overwrite it")
+    config = _config_beside(src)
     obj, report = convert_object(load_weights_only(src, allow_globals=allow_globals), src=src, dst=dst, to=to,
                                  layer_pattern=layer_pattern, drop_optimizer_state=drop_optimizer_state,
-                                 config=_config_beside(src))
+                                 config=config)
     save_atomic(obj, dst, force=force)
+    if to == "fused" and report.layers:
+        report.warnings += _stock_config_warning(src, dst, config)
     return report
+
+
+def _stock_config_warning(src, dst, config):
+    """A warning when the ``config.yaml`` that goes with a file converted to fused names the
+    stock ``mha``: ESPnet builds the stock layer from it and loads with ``strict=False``, which
+    drops ``linear_qkv`` (random q/k/v, without a word). An audit converted a single file in
+    place and decoded with its old config."""
+    beside_dst = _config_beside(dst)
+    config, where = (beside_dst, Path(dst).parent) if beside_dst is not None else (config, Path(src).parent)
+    if not isinstance(config, dict):
+        return []
+    _, stock_named = rename_layers(config, lambda item, path: item if item.get("_name_") == STOCK_NAME else None)
+    if not stock_named:
+        return []
+    return [f"{where / 'config.yaml'} names the stock mha at {', '.join(stock_named)}: a model built from it has "
+            "the stock layer, and ESPnet's loader (strict=False) drops these fused keys. Convert the whole "
+            f"experiment folder instead ({PROG} EXP_DIR OUT_DIR --to fused), which rewrites the config, or "
+            "change those layers to _name_: flash_mha"]
 
 
 def convert_object(obj, *, src, dst, to, layer_pattern=DEFAULT_LAYER_PATTERN, drop_optimizer_state=False,

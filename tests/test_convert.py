@@ -63,6 +63,23 @@ def test_flat_file_round_trip_is_bit_identical(exp, tmp_path, capsys):
     assert_same_state(torch.load(back, weights_only=True), exp.stock_state())
 
 
+def test_a_file_converted_to_fused_beside_a_stock_config_warns(exp, tmp_path, capsys):
+    """The config.yaml that goes with a file converted to fused (beside the output, else beside
+    the input) still naming mha would build the stock layer, whose loader drops linear_qkv:
+    the report warns and says to convert the folder (an audit converted one file in place)."""
+    fused = tmp_path / "fused.pth"
+    assert run(exp.ave, fused, "--to", "fused") == 0
+    out = capsys.readouterr().out
+    assert (f"warning: {exp.root / 'config.yaml'} names the stock mha at decoder_conf.layer[1]: a model "
+            "built from it has the stock layer") in out
+    assert "Convert the whole experiment folder instead" in out
+    (tmp_path / "config.yaml").write_text(exp.flash_config.read_text())  # the config beside the output
+    assert run(exp.ave, fused, "--to", "fused", "--force") == 0
+    assert "warning" not in capsys.readouterr().out
+    assert run(fused, tmp_path / "back.pth", "--to", "stock") == 0  # no such warning for stock
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_converted_file_works_with_stock_espnet_asr_inference(exp, tmp_path):
     # A fused file exported back to stock runs in unmodified ESPnet (stock config).
     from espnet2.bin.asr_inference import Speech2Text
