@@ -111,6 +111,19 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
         optional.flash_attn()
         self.register_load_state_dict_pre_hook(state_dict.load_state_dict_pre_hook)
 
+    # Set on a built layer, these are read as the constructor reads them (a string "false" was
+    # true), and the sizes stay what the parameters were made for (an audit).
+    _FLAG_OPTIONS = ("causal", "keep_attn", "transposed")
+    _SIZES = ("n_feat", "h", "d_k", "d_model", "d_output")
+
+    def __setattr__(self, name, value):
+        if name in self._FLAG_OPTIONS:
+            value = checks.check_flag(name, value)
+        elif name in self._SIZES and name in self.__dict__ and value != self.__dict__[name]:
+            raise AttributeError(f"{name} is {self.__dict__[name]}, fixed by the parameters this layer was built "
+                                 f"with; got {value!r}: build a new layer for other sizes")
+        super().__setattr__(name, value)
+
     def extra_repr(self):
         layout = "" if self.state_dict_layout == "fused" else f", state_dict_layout={self.state_dict_layout!r}"
         return (f"n_feat={self.n_feat}, n_head={self.h}, causal={self.causal}, "
@@ -285,4 +298,8 @@ class StockLayoutFlashMultiHeadedAttention(FlashMultiHeadedAttention):
         if checks.check_flag("causal", causal):
             logger.warning("the mha name ignores causal: true, as the stock layer does (it stays cross-attention "
                            "to the memory); use _name_: flash_mha for the causal layer")
+        if state_dict_layout == "fused":
+            logger.warning("the mha name with state_dict_layout: fused writes fused checkpoints under a config "
+                           "that says mha: whoever builds it with the stock layer loads them with strict=False "
+                           "and drops linear_qkv (random q/k/v); use _name_: flash_mha for the fused layout")
         super().__init__(*args, state_dict_layout=state_dict_layout, **kwargs)

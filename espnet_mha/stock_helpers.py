@@ -111,7 +111,10 @@ class StockHelpers:
         ``step`` too: the stock ``step`` runs ``forward``). Only for a plain
         ``nn.Dropout`` (see :meth:`_custom_dropout`)."""
         dropout = self._modules["dropout"]
-        return dropout.p if dropout.training else 0.0
+        p = dropout.p
+        if not 0.0 <= p <= 1.0:  # set after construction; F.dropout refuses it in the stock layer, eval too
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p} (the layer's dropout.p)")
+        return p if dropout.training else 0.0
 
     def _custom_dropout(self):
         """The dropout module when the kernels cannot stand in for it, else None: when it

@@ -275,3 +275,31 @@ def test_a_sparse_input_is_named(where):
         args[name] = args[name].to_sparse()
         with pytest.raises(TypeError, match=rf"{name} must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
             layer(args["query"], args["memory"], args["mask"])
+
+
+def test_options_and_sizes_set_on_a_built_layer_are_checked():
+    """An audit: ``keep_attn = "false"`` and ``causal = "no"`` on a built layer acted as true,
+    ``h = 3`` ran with the heads and head size out of step, and a ``dropout.p`` out of range
+    ran in eval (the stock layer's ``F.dropout`` refuses it in every mode)."""
+    from espnet2.asr.state_spaces.attention import MultiHeadedAttention
+
+    layer = FlashMultiHeadedAttention(8, 2)
+    for name in ("keep_attn", "causal", "transposed"):
+        with pytest.raises(TypeError, match=rf"{name} must be True or False, got str 'false'"):
+            setattr(layer, name, "false")
+        setattr(layer, name, 0)  # as the constructor reads it
+        assert getattr(layer, name) is False
+    with pytest.raises(AttributeError, match=r"h is 2, fixed by the parameters this layer was built with; got 3"):
+        layer.h = 3
+    layer.h = 2  # the same size: fine
+    query, memory = torch.randn(1, 2, 8), torch.randn(1, 3, 8)
+    stock = MultiHeadedAttention(8, 2).eval()
+    for p in (2.0, -0.1):
+        layer.dropout.p = stock.dropout.p = p
+        for mode in (False, True):
+            layer.train(mode), stock.train(mode)
+            with pytest.raises(ValueError, match=r"dropout probability has to be between 0 and 1, but got"):
+                stock(query, memory)
+            with pytest.raises(ValueError, match=rf"dropout probability has to be between 0 and 1, but got {p} "
+                                                 r"\(the layer's dropout.p\)"):
+                layer(query, memory)

@@ -123,6 +123,19 @@ def test_the_mha_name_ignores_causal_as_the_stock_layer_does(caplog):
     torch.testing.assert_close(ours(query, memory)[0], stock(query, memory)[0], rtol=1e-10, atol=1e-10)
 
 
+def test_the_mha_name_with_the_fused_layout_warns(caplog):
+    """An mha entry asking for state_dict_layout: fused gets it, and a warning: its checkpoints
+    are fused under a config that says mha, which the stock layer loads with strict=False,
+    dropping linear_qkv (an audit)."""
+    espnet_mha.use_for_mha()
+    layer = utils.instantiate(registry.layer, {"_name_": "mha", "n_head": 2, "state_dict_layout": "fused"}, 8)
+    assert layer.state_dict_layout == "fused"
+    assert "the mha name with state_dict_layout: fused writes fused checkpoints" in caplog.text
+    caplog.clear()
+    utils.instantiate(registry.layer, {"_name_": "mha", "n_head": 2}, 8)
+    assert "state_dict_layout: fused" not in caplog.text
+
+
 def test_an_unknown_attribute_of_the_package_is_named():
     """The package's module __getattr__ loads the layer and helpers on first use; any other
     name raises the AttributeError that hasattr and getattr's default rely on."""
