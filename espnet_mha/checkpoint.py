@@ -236,7 +236,10 @@ def load_stock_or_fused(model, state_dict, *, strict=True):
 
     Raises:
         TypeError: ``model`` is not a module, ``state_dict`` not a mapping, or a
-            training checkpoint (pass its ``"model"`` entry).
+            training checkpoint (pass its ``"model"`` entry) or a Lightning one.
+
+    Without ``strict``, a state dict none of whose keys the model has loads nothing, with
+    a warning (``load_state_dict`` itself says nothing).
         KeyError, ValueError: see :func:`fuse_keys` and :func:`to_stock`.
         RuntimeError: from ``load_state_dict`` (missing/unexpected keys, other shapes).
     """
@@ -246,6 +249,10 @@ def load_stock_or_fused(model, state_dict, *, strict=True):
     if isinstance(state_dict.get("model"), dict):
         raise TypeError("state_dict looks like an ESPnet training checkpoint (it has a 'model' entry): "
                         "pass checkpoint['model']")
+    if "pytorch-lightning_version" in state_dict and isinstance(state_dict.get("state_dict"), dict):
+        raise TypeError("state_dict looks like a Lightning checkpoint (espnet2.bin.lightning_train's *.ckpt): pass "
+                        "its 'state_dict' entry, whose keys are under 'model.' (the LightningModule's child), with "
+                        "that prefix removed, or convert the file with espnet-mha-convert")
     target = _unwrap(model)
     # A model whose own keys start with such segments (a child named ``module``, a compiled
     # submodule) takes the file's keys as they are: stripping them would lose its own names.
@@ -261,4 +268,10 @@ def load_stock_or_fused(model, state_dict, *, strict=True):
     if stock_targets:
         _check_plain_fused(key for key in clean if key.startswith(tuple(stock_targets)))
         clean = _convert(clean, stock_targets, fuse=False)
-    return target.load_state_dict(clean, strict=strict)
+    result = target.load_state_dict(clean, strict=strict)
+    if clean and len(result.unexpected_keys) == len(clean):
+        # Only reachable without strict: nothing was loaded (an audit loaded a Lightning
+        # state_dict, keys under "model.", into the ESPnet model and got no word).
+        logger.warning("load_stock_or_fused loaded nothing: no key of the state dict is the model's (e.g. %r; "
+                       "the model has e.g. %r)", next(iter(clean)), next(iter(target.state_dict()), None))
+    return result

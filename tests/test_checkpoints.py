@@ -404,6 +404,23 @@ def test_argument_errors(exp):
         strip_wrapper_prefixes({"x._orig_mod.w": torch.zeros(1), "x.w": torch.zeros(1)})
 
 
+def test_a_lightning_checkpoint_is_named_and_a_load_of_nothing_warns(exp, caplog):
+    """An audit: a Lightning *.ckpt, or its state_dict (keys under "model."), loaded with
+    strict=False into the ESPnet model left every weight as it was, without a word."""
+    ours = exp.flash()
+    lightning = {f"model.{k}": v for k, v in exp.stock_state().items()}
+    with pytest.raises(TypeError, match=r"looks like a Lightning checkpoint .*pass its 'state_dict' entry"):
+        load_stock_or_fused(ours, {"state_dict": lightning, "pytorch-lightning_version": "2.5.0"}, strict=False)
+    with caplog.at_level(logging.WARNING, logger="espnet_mha.checkpoint"):
+        result = load_stock_or_fused(ours, lightning, strict=False)
+    assert len(result.unexpected_keys) == len(lightning)
+    assert "load_stock_or_fused loaded nothing: no key of the state dict is the model's (e.g. 'model." in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="espnet_mha.checkpoint"):
+        load_stock_or_fused(ours, exp.stock_state(), strict=False)
+    assert "loaded nothing" not in caplog.text
+
+
 def test_asr_inference_streaming_is_identical(tmp_path):
     """asr_inference --streaming true: a contextual-block encoder and the S4 decoder under
     ESPnet's BatchBeamSearchOnlineSim, which keeps decoder states while the encoder
