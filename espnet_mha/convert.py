@@ -33,6 +33,7 @@ then starts the optimizer afresh).
 
 import argparse
 import copy
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,6 +293,10 @@ def main(argv=None):
     folder = Path(args.src).is_dir()
     if folder and args.layer_pattern != DEFAULT_LAYER_PATTERN:
         parser.error("--layer-pattern selects layers of files; a folder converts the S4 decoder's attention layers")
+    if not folder and args.dst.endswith(("/", os.sep)):
+        # Path() drops the separator: the file was written as a file named like the folder (an audit).
+        parser.error(f"OUT {args.dst!r} names a folder, and IN is a file: give the file to write, "
+                     f"e.g. {str(Path(args.dst) / Path(args.src).name)!r}")
     try:
         if folder:
             report = convert_experiment(args.src, args.dst, to=args.to, force=args.force,

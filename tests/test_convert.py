@@ -317,6 +317,11 @@ def test_argument_errors(exp, tmp_path, capsys):
     assert "the following arguments are required: --to" in capsys.readouterr().err
     assert run(exp.ave, tmp_path / "o.pth", "--to", "fused", "--layer-pattern", "(") == 1
     assert "layer_pattern '(' is not a valid regular expression" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a file written as "newdir", named like the folder (an audit)
+        run(exp.ave, f"{tmp_path / 'newdir'}/", "--to", "fused")
+    assert f"names a folder, and IN is a file: give the file to write, e.g. '{tmp_path / 'newdir' / exp.ave.name}'" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "newdir").exists()
 
 
 def test_a_pickle_not_written_by_torch_save_is_unreadable_not_refused(tmp_path):
