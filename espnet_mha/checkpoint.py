@@ -76,9 +76,10 @@ def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
     modules with the fused parameter (sizes checked against them; layers built
     with the stock parameters keep their keys); without, the layers whose key prefix
     matches ``layer_pattern`` (by default an S4 decoder's attention layers, and a bare
-    layer's top-level keys; if none does, a warning names the layers left as they
-    are; so does one when ``model`` has no fused layer). Layers already fused stay as they are; other modules with the same key
-    names (a transformer encoder's) are untouched.
+    layer's top-level keys). Layers already fused stay as they are; other modules with
+    the same key names (a transformer encoder's) are untouched. When nothing is
+    converted although stock layers are there (no layer matches, or ``model`` has no
+    fused layer), a warning says so.
 
     Args:
         state_dict: a model's state dict without wrapper prefixes (see
@@ -224,7 +225,9 @@ def load_stock_or_fused(model, state_dict, *, strict=True):
     Removes the wrapper prefixes (see :func:`strip_wrapper_prefixes`), unwraps
     ``model`` if it is compiled or wrapped, unfuses the layers that ``model``
     holds as stock ``MultiHeadedAttention`` (our layers take the stock layout
-    through their pre-hook), then calls ``model.load_state_dict``.
+    through their pre-hook), then calls ``model.load_state_dict``. Without
+    ``strict``, a state dict none of whose keys the model has loads nothing, with a
+    warning (``load_state_dict`` itself says nothing).
 
     Args:
         model: the model to load into (may be compiled, DDP or DataParallel).
@@ -237,9 +240,6 @@ def load_stock_or_fused(model, state_dict, *, strict=True):
     Raises:
         TypeError: ``model`` is not a module, ``state_dict`` not a mapping, or a
             training checkpoint (pass its ``"model"`` entry) or a Lightning one.
-
-    Without ``strict``, a state dict none of whose keys the model has loads nothing, with
-    a warning (``load_state_dict`` itself says nothing).
         KeyError, ValueError: see :func:`fuse_keys` and :func:`to_stock`.
         RuntimeError: from ``load_state_dict`` (missing/unexpected keys, other shapes).
     """

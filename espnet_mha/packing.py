@@ -46,7 +46,7 @@ ITEM_COST_MACS = 40 << 20
 
 def enabled():
     """Whether padded keys are skipped: ``$ESPNET_MHA_SKIP_PADDED_KEYS`` unset, empty or on
-    (read at every call, like the other on/off variables' values).
+    (read at every call; values as for the other on/off variables, see :func:`checks.env_flag`).
 
     Raises:
         ValueError: the variable is neither on nor off (it read any other value, such as
