@@ -76,9 +76,12 @@ def memory_key(memory):
     address, the strides and the in-place write counter. The batch stride counts only
     for B > 1 distinct items (batch 1 and stride 0 both mean one memory shared by the
     batch, as ``BatchBeamSearch`` passes it), so the key's second entry is nonzero
-    exactly for distinct items. About 0.5 us: it runs on every decoding step."""
+    exactly for distinct items. The negative bit too: ``z.conj().imag`` (or
+    ``torch._neg_view``) reads the storage of ``z.imag`` negated, at the same address with
+    the same strides and counter (an audit found its cache reused). About 0.5 us: it runs
+    on every decoding step."""
     s0, s1, s2 = memory.stride()
-    return (memory.data_ptr(), 0 if memory.size(0) == 1 else s0, s1, s2, write_counter(memory))
+    return (memory.data_ptr(), 0 if memory.size(0) == 1 else s0, s1, s2, write_counter(memory), memory.is_neg())
 
 
 def write_counter(tensor):

@@ -1218,3 +1218,27 @@ def test_a_state_is_recomputed_when_the_fp32_matmul_precision_changes():
         torch.set_float32_matmul_precision(before)
     assert torch.equal(got, fresh)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("negate", ["conj_imag", "neg_view"])
+@pytest.mark.parametrize("beam", [1, 4])
+def test_a_negated_view_of_the_memory_is_another_memory(negate, beam):
+    """``z.conj().imag`` and ``torch._neg_view(m)`` read ``m``'s storage negated, at the same
+    address with the same strides and write counter: a state made from ``m`` was reused for
+    them, 0.25 off the stock step in fp64 (an audit). The negative bit is now part of the key,
+    on the checked path and the remembered one."""
+    stock, ours = stock_and_flash(16, 4)
+    gen = torch.Generator().manual_seed(beam)
+    z = torch.randn(1, 5, 16, dtype=torch.complex128, generator=gen)
+    memory = z.imag
+    negated = z.conj().imag if negate == "conj_imag" else torch._neg_view(memory)
+    assert negated.is_neg() and negated.data_ptr() == memory.data_ptr()
+    query = torch.randn(beam, 16, dtype=torch.float64, generator=gen)
+    with torch.no_grad():
+        for _ in range(2):  # the second time on the remembered step's path
+            _, state = ours.step(query, None, memory.expand(beam, -1, -1))
+            ours.step(query, state, memory.expand(beam, -1, -1))
+            got, _ = ours.step(query, state, negated.expand(beam, -1, -1))
+            assert ours.last_cache == "recomputed: the state was made from another memory"
+            expected, _ = stock.step(query, None, negated.expand(beam, -1, -1))
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
