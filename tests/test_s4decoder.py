@@ -6,6 +6,7 @@ from espnet2.asr.state_spaces import registry
 from espnet2.asr.state_spaces.attention import MultiHeadedAttention
 
 from conftest import assert_same_nbest
+from espnet_mha.checkpoint import to_stock
 from espnet_mha.testing import build_s4_decoder, s4_decoder_pair
 
 pytestmark = pytest.mark.usefixtures("layout")
@@ -90,27 +91,16 @@ def test_forward_backward_and_decoding_match_stock(cfg, transposed_stock_name):
             model.zero_grad()
             model.train()
             model(hs, hlens, ys, ylens)[0].logsumexp(-1).sum().backward()
-        stock_grads = {name: p.grad for name, p in stock.named_parameters()}
-        for name, p_ours in ours.named_parameters():
-            if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
-                prefix, param = name.rsplit("linear_qkv.", 1)
-                expected = torch.cat([stock_grads[f"{prefix}{n}.{param}"] for n in ("linear_q", "linear_k", "linear_v")])
-            else:
-                expected = stock_grads[name]
-            torch.testing.assert_close(p_ours.grad, expected, rtol=1e-9, atol=1e-10, msg=name)
+        stock_grads, our_grads = stock_layout_grads(stock), stock_layout_grads(ours)
+        assert our_grads.keys() == stock_grads.keys()
+        for name, expected in stock_grads.items():
+            torch.testing.assert_close(our_grads[name], expected, rtol=1e-9, atol=1e-10, msg=name)
 
 
 def stock_layout_grads(model):
-    """Every parameter's gradient under its stock name (a fused q/k/v gradient split into three)."""
-    grads = {}
-    for name, p in model.named_parameters():
-        if "linear_qkv." in name:
-            prefix, param = name.rsplit("linear_qkv.", 1)
-            for proj, part in zip(("linear_q", "linear_k", "linear_v"), p.grad.chunk(3)):
-                grads[f"{prefix}{proj}.{param}"] = part
-        else:
-            grads[name] = p.grad
-    return grads
+    """Every parameter's gradient under its stock name: a fused q/k/v gradient is split as
+    ``to_stock`` splits the fused weight and bias (the stock model's names pass through)."""
+    return to_stock({name: p.grad for name, p in model.named_parameters()})
 
 
 # The decoder's own randomness and repetition options (found untested by a probe): the
