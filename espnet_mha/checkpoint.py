@@ -18,6 +18,7 @@ from collections import OrderedDict
 
 import torch
 
+from espnet_mha.checkpoint_io import LIGHTNING, TRAINING, training_kind
 from espnet_mha.checkpoint_keys import (
     COMPILE_SEGMENT,
     DEFAULT_LAYER_PATTERN,
@@ -101,8 +102,8 @@ def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
     check_mapping(state_dict)
     if model is None:
         layers = {p: _stock_n_feat(state_dict, p) for p in stock_layers(state_dict, layer_pattern=layer_pattern)}
-        others = [p for p in stock_layers(state_dict, layer_pattern=None) if p not in layers]
-        if others and not layers:
+        others = [] if layers else stock_layers(state_dict, layer_pattern=None)  # all of them, unmatched
+        if others:
             logger.warning("to_fused converted nothing: no layer with linear_q/k/v keys matches layer_pattern %r "
                            "(%s); pass model= or a layer_pattern that matches the attention layers to fuse",
                            layer_pattern, ", ".join(map(repr, others[:3])) + (", ..." if len(others) > 3 else ""))
@@ -246,10 +247,11 @@ def load_stock_or_fused(model, state_dict, *, strict=True):
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_mapping(state_dict)
-    if isinstance(state_dict.get("model"), dict):
+    kind = training_kind(state_dict)
+    if kind == TRAINING:
         raise TypeError("state_dict looks like an ESPnet training checkpoint (it has a 'model' entry): "
                         "pass checkpoint['model']")
-    if "pytorch-lightning_version" in state_dict and isinstance(state_dict.get("state_dict"), dict):
+    if kind == LIGHTNING:
         raise TypeError("state_dict looks like a Lightning checkpoint (espnet2.bin.lightning_train's *.ckpt): pass "
                         "its 'state_dict' entry, whose keys are under 'model.' (the LightningModule's child), with "
                         "that prefix removed, or convert the file with espnet-mha-convert")

@@ -12,6 +12,7 @@ import pickle
 import re
 import stat
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -152,6 +153,16 @@ def load_weights_only(path, *, allow_globals=()):
             raise _unreadable(path, error) from error
 
 
+def training_kind(obj):
+    """``TRAINING`` or ``LIGHTNING`` when ``obj`` is one of the training files of :data:`ENTRIES`
+    (the model's state dict is then in an entry), else None."""
+    if isinstance(obj, Mapping) and isinstance(obj.get(MODEL_ENTRY), dict):
+        return TRAINING
+    if isinstance(obj, Mapping) and "pytorch-lightning_version" in obj and isinstance(obj.get("state_dict"), dict):
+        return LIGHTNING
+    return None
+
+
 def model_state(obj, *, path="checkpoint"):
     """The model's state dict inside a loaded file, and which of ESPnet's files it is.
 
@@ -164,10 +175,9 @@ def model_state(obj, *, path="checkpoint"):
     Raises:
         ConversionError: the object is none of them (names what it found).
     """
-    if isinstance(obj, dict) and isinstance(obj.get(MODEL_ENTRY), dict):
-        return TRAINING, obj[MODEL_ENTRY]
-    if isinstance(obj, dict) and "pytorch-lightning_version" in obj and isinstance(obj.get("state_dict"), dict):
-        return LIGHTNING, obj["state_dict"]
+    kind = training_kind(obj)
+    if kind is not None:
+        return kind, obj[ENTRIES[kind][0]]
     if isinstance(obj, dict) and obj:
         wrong = next(((k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
         if wrong is None:
