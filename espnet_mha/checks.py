@@ -191,6 +191,18 @@ def one_frame(memory, batch):
     return memory
 
 
+def check_read_as_frames(name, x, batch):
+    """Raise for a 2-D ``x`` that :func:`one_frame` could not read for a query batch of ``batch``
+    (its rows not a multiple of the batch, nor a batch-1 query).
+
+    Raises:
+        ValueError: names the tensor, its shape and the rule.
+    """
+    if isinstance(x, torch.Tensor) and x.dim() == 2:
+        raise ValueError(f"{name} of shape {tuple(x.shape)}: a 2-D {name} needs a multiple of the query batch "
+                         f"B={batch} rows (read as (B, N / B, D), as the stock layer reads it), or a batch-1 query")
+
+
 def check_cache(state, what, *, batch, n_head, d_k, dtype=None, device=None, device_name=""):
     """Raise unless ``state`` is a ``(1 or batch, 2, n_head, t, d_k)`` decoding cache (see
     :mod:`espnet_mha.cache`; and, where given, of ``dtype`` on ``device``). ``batch=None``:

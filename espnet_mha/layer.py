@@ -141,9 +141,7 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
         if isinstance(memory, torch.Tensor) and memory.dim() == 2 and memory.layout == torch.strided:
             # checks.one_frame reads every 2-D memory the stock view can; this one it cannot.
             self._check_features("memory", memory, 2, "(N, D)")
-            raise ValueError(f"memory of shape {tuple(memory.shape)}: a 2-D memory needs a multiple of the query "
-                             f"batch B={query.size(0)} rows (read as (B, N / B, D), as the stock layer reads it), "
-                             f"or a batch-1 query")
+            checks.check_read_as_frames("memory", memory, query.size(0))
         self._check_features("memory", memory, 3, "(B, T2, D)")
         checks.check_same_batch(query, memory)
 

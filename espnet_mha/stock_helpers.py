@@ -42,10 +42,11 @@ class StockHelpers:
         for name, x, layout in (("query", query, "(B, T1, D)"), ("key", key, "(B, T2, D)"), ("value", value, "(B, T2, D)")):
             if isinstance(x, torch.Tensor) and x.dim() == 2:  # as the stock view reads it
                 self._check_features(name, x, 2, "(B, D)")
-                x = x.unsqueeze(1) if name == "query" else checks.one_frame(x, given[0].size(0))
-                if x.dim() == 2:
-                    raise ValueError(f"{name} of shape {tuple(x.shape)}: a 2-D {name} needs a multiple of "
-                                     f"the query batch B={given[0].size(0)} rows")
+                if name == "query":
+                    x = x.unsqueeze(1)
+                else:
+                    x = checks.one_frame(x, given[0].size(0))
+                    checks.check_read_as_frames(name, x, given[0].size(0))
             else:
                 self._check_features(name, x, 3, layout)
             given.append(x)
