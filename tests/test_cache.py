@@ -789,6 +789,28 @@ def test_an_inference_mode_memory_serves_a_step_with_gradients():
         torch.testing.assert_close(grad, stock.get_parameter(name).grad, **FP64)
 
 
+def test_the_inference_tensor_itself_serves_a_step_with_gradients():
+    """The inference tensor itself, not a view: the stock step raises (its linear_k saves
+    it for backward); ours serves it, with the stock step's values and gradients on a
+    copy of it; forward raises as the stock one does (README, "Differences")."""
+    stock, ours = stock_and_flash(16, 4)
+    with torch.inference_mode():
+        memory = seq(2, 7, 16)
+    query = seq(2, 16, seed=1)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        stock.step(query, None, memory=memory)
+    out, _ = ours.step(query, None, memory=memory)
+    out.sum().backward()
+    expected, _ = stock.step(query, None, memory=memory.clone())
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, **FP64)
+    for name, grad in stock_named_grads(ours).items():
+        torch.testing.assert_close(grad, stock.get_parameter(name).grad, **FP64)
+    for layer in (stock, ours):
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+            layer(query.unsqueeze(1), memory)
+
+
 def test_a_wrapper_subclass_memory_gets_the_stock_step():
     """A tensor subclass without a storage of its own (TwoTensor) has nothing for the
     cache's records (it raised "invalid python storage"): the stock step serves it."""
