@@ -90,7 +90,9 @@ def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
 
     Returns:
         OrderedDict with ``linear_qkv.weight`` ``(3D, D)`` and ``.bias`` ``(3D,)``
-        in place of the six stock keys of each converted layer.
+        in place of the six stock keys of each converted layer (new tensors, detached
+        also from the parameters of a ``state_dict(keep_vars=True)``; the other
+        entries are the given ones).
 
     Raises:
         TypeError: ``state_dict`` is not a mapping, or ``model`` not a module.
@@ -138,7 +140,8 @@ def to_stock(state_dict):
         state_dict: a model's state dict.
 
     Returns:
-        OrderedDict with ``linear_q/k/v.weight`` ``(D, D)`` and ``.bias`` ``(D,)``.
+        OrderedDict with ``linear_q/k/v.weight`` ``(D, D)`` and ``.bias`` ``(D,)``
+        (copies, detached as :func:`to_fused`'s; the other entries are the given ones).
 
     Raises:
         TypeError: ``state_dict`` is not a mapping.

@@ -82,7 +82,9 @@ def fuse_keys(state_dict, prefix, *, n_feat=None):
         if len(described) != 1:
             raise ValueError("the q/k/v parts differ in shape, dtype or device: " + ", ".join(
                 f"{name} {tuple(p.shape)} {p.dtype} on {p.device}" for name, p in zip(names, parts)))
-        state_dict[f"{prefix}{FUSED_PROJECTION}.{param}"] = torch.cat(parts, dim=0)
+        # Detached: a state_dict(keep_vars=True) holds the parameters themselves, and a
+        # result tied to their graph could not be deep-copied (a probe).
+        state_dict[f"{prefix}{FUSED_PROJECTION}.{param}"] = torch.cat([p.detach() for p in parts], dim=0)
     for key in keys:
         del state_dict[key]
     return True
@@ -132,8 +134,9 @@ def _check_rows(state_dict, key):
 
 
 def _split_fused(state_dict, prefix, param):
-    """Replace ``linear_qkv.<param>`` by its q, k and v rows under the stock keys (copies)."""
-    tensor = state_dict.pop(f"{prefix}{FUSED_PROJECTION}.{param}")
+    """Replace ``linear_qkv.<param>`` by its q, k and v rows under the stock keys (copies,
+    detached as :func:`fuse_keys`'s)."""
+    tensor = state_dict.pop(f"{prefix}{FUSED_PROJECTION}.{param}").detach()
     for name, part in zip(STOCK_PROJECTIONS, tensor.chunk(3, dim=0)):
         state_dict[f"{prefix}{name}.{param}"] = part.clone()
 

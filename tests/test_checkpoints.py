@@ -218,6 +218,27 @@ def test_to_fused_takes_a_bare_layers_state_dict():
     assert_same_state(to_stock(ours.state_dict()), stock.state_dict())
 
 
+def test_a_keep_vars_state_dict_converts_to_plain_tensors():
+    """``state_dict(keep_vars=True)`` holds the parameters themselves: the converted entries
+    are detached tensors with their values (tied to the parameters' graph, they could not
+    be deep-copied, where the stock dict can: a probe); the others stay the parameters."""
+    import copy
+
+    from espnet2.asr.state_spaces.attention import MultiHeadedAttention
+
+    stock = MultiHeadedAttention(12, 3)
+    ours = FlashMultiHeadedAttention(12, 3)
+    for convert, layer in ((to_fused, stock), (to_stock, ours)):
+        converted = convert(layer.state_dict(keep_vars=True))
+        for key, value in converted.items():
+            if "linear_out" in key:
+                assert value is layer.get_parameter(key)
+            else:
+                assert not value.requires_grad and value.grad_fn is None, key
+        copy.deepcopy(converted)
+        assert_same_state(converted, convert(layer.state_dict()))
+
+
 def test_to_fused_that_converts_nothing_says_which_layers_it_left(exp, caplog):
     """Without a model, layers the pattern does not match are left as they are; when that is
     all of them, a warning names them and what to pass."""
