@@ -197,6 +197,14 @@ def _umask():
     return mask
 
 
+def _naming(error, path):
+    """``error`` (an OSError on the temporary file :func:`save_atomic` writes) as the same
+    error about ``path``: the user named ``path``, not the hidden file beside it."""
+    if error.errno:
+        return type(error)(error.errno, f"{error.strerror}: cannot write {path}")
+    return type(error)(f"{error}: cannot write {path}")
+
+
 def save_atomic(obj, path, *, force=False):
     """``torch.save`` to a temporary file in ``path``'s folder, fsync, then rename onto ``path``.
 
@@ -208,6 +216,8 @@ def save_atomic(obj, path, *, force=False):
         FileExistsError: ``path`` exists and not ``force``.
         FileNotFoundError: ``path``'s folder does not exist.
         IsADirectoryError: ``path`` is a folder.
+        OSError: the file cannot be written (read-only folder, full disk); the message
+            names ``path``, not the temporary file.
     """
     path = Path(path)
     if path.is_dir():
@@ -218,7 +228,10 @@ def save_atomic(obj, path, *, force=False):
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such directory (for {path})")
     mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise _naming(error, path) from error
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -226,9 +239,11 @@ def save_atomic(obj, path, *, force=False):
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise _naming(error, path) from error
         raise
     with contextlib.suppress(OSError):  # make the rename durable; not every filesystem allows it
         dir_fd = os.open(folder, os.O_RDONLY)

@@ -80,7 +80,8 @@ class Report:
         where = f"state dict in entry {ENTRIES[self.kind][0]!r}, " if self.kind in ENTRIES else ""
         out = [f"read {self.src}: {self.kind} ({where}{self.n_keys} keys)",
                f"stripped wrapper prefixes: {', '.join(self.stripped)}" if self.stripped else "no wrapper prefixes",
-               f"converted {len(self.layers)} attention layer(s) to {self.to}: {', '.join(self.layers) or '-'}"]
+               f"converted {len(self.layers)} attention layer(s) to {self.to}: "
+               + (", ".join(layer or "(a bare layer's keys, no prefix)" for layer in self.layers) or "none")]
         if self.left_alone:
             out.append(f"left alone {len(self.left_alone)} other layer(s) with linear_q/k/v (outside --layer-pattern): "
                        + ", ".join(self.left_alone))
@@ -113,6 +114,7 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
 
     Raises:
         ValueError: ``to`` is not a layout.
+        IsADirectoryError: ``dst`` is a folder.
         FileExistsError: ``dst`` exists and not ``force`` (checked before reading).
         ConversionError: see :func:`load_weights_only` and :func:`model_state`;
             nothing to convert; optimizer state that cannot be converted (see
@@ -123,6 +125,9 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
     if to not in LAYOUTS:
         raise ValueError(f"to must be one of {LAYOUTS}, got {to!r}")
     src, dst = Path(src), Path(dst)
+    if dst.is_dir():  # before the FileExistsError, whose --force would only meet this
+        raise IsADirectoryError(f"{dst} is a folder, and {src} is a file: give the file to write, "
+                                f"e.g. {dst / src.name}")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise FileExistsError(f"{dst} exists; pass --force (force=True) to overwrite it")
     config = _config_beside(src)

@@ -270,6 +270,8 @@ def _convert_file(path, out, to, report, allow_globals, drop_optimizer_state, co
         if kind == FLAT:
             raise
         return _skip_training_state(path, error, report, in_place)
+    except (KeyError, ValueError) as error:  # a layer's error names the layer; the folder's user needs the file
+        raise type(error)(f"{path}: {error.args[0] if error.args else error}") from error
     save_atomic(converted, out, force=True)
     report.converted.append((path.name, len(done.layers)))
     shutil.copymode(path, out)

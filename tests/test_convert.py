@@ -1,6 +1,7 @@
 """``espnet-mha-convert`` on the files ESPnet writes: refusals, errors, atomic writes, ESPnet reading the results."""
 
 import datetime
+import errno
 import os
 import re
 import subprocess
@@ -238,6 +239,41 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_file(exp, tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pth"]
 
 
+@pytest.mark.parametrize("where", ["mkstemp", "replace"])
+def test_a_write_error_names_the_file_asked_for(exp, tmp_path, monkeypatch, capsys, where):
+    """A read-only folder fails on the hidden temporary file the write goes through; the
+    error names OUT, keeps its type and errno, and leaves nothing (a probe found the
+    temporary file's name in it)."""
+    dst = tmp_path / "out.pth"
+    hidden = str(tmp_path / ".out.pth.x.tmp")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EROFS, "Read-only file system", hidden)
+
+    monkeypatch.setattr(checkpoint_io.tempfile if where == "mkstemp" else checkpoint_io.os, where, refuse)
+    with pytest.raises(PermissionError, match=rf"Read-only file system: cannot write {re.escape(str(dst))}$") as info:
+        convert_file(exp.ave, dst, to="fused")
+    assert info.value.errno == errno.EROFS
+    assert run(exp.ave, dst, "--to", "fused") == 1
+    err = capsys.readouterr().err
+    assert f"error: [Errno {errno.EROFS}] Read-only file system: cannot write {dst}" in err and hidden not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_folder_out_for_a_file_in_says_which_file_to_give(exp, tmp_path, capsys):
+    """OUT an existing folder, IN a file: not "exists; pass --force", which would only
+    lead to "is a directory" (a probe)."""
+    out = tmp_path / "outdir"
+    out.mkdir()
+    for force in ((), ("--force",)):
+        assert run(exp.ave, out, "--to", "fused", *force) == 1
+        assert (f"error: {out} is a folder, and {exp.ave} is a file: give the file to write, "
+                f"e.g. {out / exp.ave.name}") in capsys.readouterr().err
+    with pytest.raises(IsADirectoryError, match=r"outdir is a folder, and .* is a file: give the file to write"):
+        convert_file(exp.ave, out, to="fused", force=True)
+    assert not any(out.iterdir())
+
+
 def test_nothing_to_convert(exp, tmp_path, capsys):
     dst = tmp_path / "out.pth"
     assert run(exp.ave, dst, "--to", "stock") == 1
@@ -268,6 +304,7 @@ def test_a_bare_layers_file_is_fused(tmp_path, capsys):
     stock = MultiHeadedAttention(8, 2)
     torch.save(stock.state_dict(), src)
     assert run(src, dst, "--to", "fused") == 0
+    assert "converted 1 attention layer(s) to fused: (a bare layer's keys, no prefix)" in capsys.readouterr().out
     FlashMultiHeadedAttention(8, 2).load_state_dict(torch.load(dst, weights_only=True), strict=True)
     assert "linear_qkv.weight" in torch.load(dst, weights_only=True)
 

@@ -221,6 +221,19 @@ def test_links_odd_files_and_failures(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.is_symlink()} == before  # nothing half-written
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
+    # A file whose layer cannot be converted: the layer's error, and which file (a probe
+    # found only the layer named, one file of several).
+    state = torch.load(src / "2epoch.pth", weights_only=True)
+    state = {**to_stock(state), **{k: v for k, v in state.items() if "linear_qkv" in k}}  # both layouts
+    torch.save(state, src / "3epoch.pth")
+    assert run(src, out, "--to", "stock", "--force") == 1
+    assert re.search(rf"error: {re.escape(str(src / '3epoch.pth'))}: attention layer at "
+                     r"'decoder\.decoder\.layers\.\d\.layer\.' has both fused keys and stock",
+                     capsys.readouterr().err)
+    with pytest.raises(KeyError, match=r"3epoch\.pth: attention layer at .* has both fused keys and stock"):
+        convert_experiment(src, out, to="stock", force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if not p.is_symlink()} == before
+
 
 def test_an_mha_layer_with_our_options_is_made_stock_too(tmp_path):
     """Under ESPNET_MHA_REPLACE_MHA=1, mha builds our layer and reads our options."""
