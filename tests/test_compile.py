@@ -169,17 +169,26 @@ def test_a_user_can_compile_a_fresh_model_with_fullgraph():
     torch.testing.assert_close(got, stock(query, memory, mask)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_a_users_compile_of_a_float64_model_trains():
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_users_compile_of_a_float64_model_trains(fullgraph, caplog):
     """torch.compile(model) by the user (the layer's own compile off): in float64 on CPU,
     Inductor's compiled SDPA backward fails (pytorch #185539), so the layer must take the
     math path there too, as under its own compile (it raised 'expected scalar type Double
-    but found Float'; the stock layer under the same compile trains)."""
+    but found Float'; the stock layer under the same compile trains). The switch is
+    logged once, when the call is traced (a probe found no line at any level)."""
     torch._dynamo.reset()
     stock, ours = stock_and_flash(32, 4, dtype=torch.float64)
     query = rand(2, 5, 32).double().requires_grad_(True)
     memory, mask = rand(2, 7, 32, seed=1).double(), torch.ones(2, 1, 7, dtype=torch.bool)
     mask[1, 0, 4:] = False
-    got, _ = torch.compile(ours)(query, memory, mask)
+    compiled = torch.compile(ours, fullgraph=fullgraph)
+    with caplog.at_level(logging.INFO, logger="espnet_mha"):
+        for _ in range(3):
+            got, _ = compiled(query, memory, mask)
+    lines = [r.getMessage() for r in caplog.records if "instead of flash_attn" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("espnet_mha: using math instead of flash_attn: ") \
+        and "185539" in lines[0], lines
+    assert ours.last_backend == "math"
     (grad,) = torch.autograd.grad(got.sum(), query)
     expected, _ = stock(query, memory, mask)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
