@@ -63,7 +63,7 @@ def resolve_compile(option, mode):
         option = checks.env_flag(ENV_COMPILE, env, extra=(AUTO,))
     elif option is None:
         option = AUTO
-    env_mode = os.environ.get(ENV_COMPILE_MODE, "").strip()
+    env_mode = os.environ.get(ENV_COMPILE_MODE, "").strip().lower()  # as ESPNET_MHA_BACKEND; modes are lower case
     mode = env_mode or mode
     if mode is not None and (not isinstance(mode, str) or mode not in _modes()):
         name = f"{ENV_COMPILE_MODE}" if env_mode else "compile_mode"

@@ -131,6 +131,8 @@ def test_policy_resolution(monkeypatch):
     monkeypatch.setenv("ESPNET_MHA_COMPILE", "1")
     monkeypatch.setenv("ESPNET_MHA_COMPILE_MODE", "max-autotune")
     assert compile_policy.resolve_compile(False, None) == (True, "max-autotune")
+    monkeypatch.setenv("ESPNET_MHA_COMPILE_MODE", " Max-Autotune ")  # read as ESPNET_MHA_BACKEND is
+    assert compile_policy.resolve_compile(False, None) == (True, "max-autotune")
 
 
 @pytest.mark.parametrize("option", [False, None, "auto"])
