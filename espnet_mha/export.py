@@ -271,7 +271,8 @@ def _convert_file(path, out, to, report, allow_globals, drop_optimizer_state, co
             raise
         return _skip_training_state(path, error, report, in_place)
     except (KeyError, ValueError) as error:  # a layer's error names the layer; the folder's user needs the file
-        raise type(error)(f"{path}: {error.args[0] if error.args else error}") from error
+        kind = KeyError if isinstance(error, KeyError) else ValueError  # not every subclass takes one message
+        raise kind(f"{path}: {error.args[0] if error.args else error}") from error
     save_atomic(converted, out, force=True)
     report.converted.append((path.name, len(done.layers)))
     shutil.copymode(path, out)
