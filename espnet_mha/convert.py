@@ -114,7 +114,7 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
 
     Raises:
         ValueError: ``to`` is not a layout.
-        IsADirectoryError: ``dst`` is a folder.
+        IsADirectoryError: ``dst`` is a folder, or a string ending in a path separator.
         FileExistsError: ``dst`` exists and not ``force`` (checked before reading).
         ConversionError: see :func:`load_weights_only` and :func:`model_state`;
             nothing to convert; optimizer state that cannot be converted (see
@@ -124,10 +124,11 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
     """
     if to not in LAYOUTS:
         raise ValueError(f"to must be one of {LAYOUTS}, got {to!r}")
+    named_folder = _names_a_folder(dst)
     src, dst = Path(src), Path(dst)
-    if dst.is_dir():  # before the FileExistsError, whose --force would only meet this
-        raise IsADirectoryError(f"{dst} is a folder, and {src} is a file: give the file to write, "
-                                f"e.g. {dst / src.name}")
+    if named_folder or dst.is_dir():  # before the FileExistsError, whose --force would only meet this
+        raise IsADirectoryError(f"{dst} {'names' if named_folder else 'is'} a folder, and {src} is a file: give the "
+                                f"file to write, e.g. {dst / src.name}")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise FileExistsError(f"{dst} exists; pass --force (force=True) to overwrite it")
     config = _config_beside(src)
@@ -138,6 +139,12 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
     if to == "fused" and report.layers:
         report.warnings += _stock_config_warning(src, dst, config)
     return report
+
+
+def _names_a_folder(dst):
+    """Whether ``dst`` is a string ending in a path separator: ``Path()`` drops it, and the
+    file was written as a file named like the folder (an audit)."""
+    return isinstance(dst, str) and dst.endswith(("/", os.sep))
 
 
 def _stock_config_warning(src, dst, config):
@@ -298,8 +305,7 @@ def main(argv=None):
     folder = Path(args.src).is_dir()
     if folder and args.layer_pattern != DEFAULT_LAYER_PATTERN:
         parser.error("--layer-pattern selects layers of files; a folder converts the S4 decoder's attention layers")
-    if not folder and args.dst.endswith(("/", os.sep)):
-        # Path() drops the separator: the file was written as a file named like the folder (an audit).
+    if not folder and _names_a_folder(args.dst):  # a usage error here, before anything is read
         parser.error(f"OUT {args.dst!r} names a folder, and IN is a file: give the file to write, "
                      f"e.g. {str(Path(args.dst) / Path(args.src).name)!r}")
     try:

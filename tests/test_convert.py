@@ -272,6 +272,10 @@ def test_a_folder_out_for_a_file_in_says_which_file_to_give(exp, tmp_path, capsy
     with pytest.raises(IsADirectoryError, match=r"outdir is a folder, and .* is a file: give the file to write"):
         convert_file(exp.ave, out, to="fused", force=True)
     assert not any(out.iterdir())
+    # Through the API too, a folder named with a trailing separator (the CLI's usage error).
+    with pytest.raises(IsADirectoryError, match=r"newdir names a folder, and .* is a file: give the file to write"):
+        convert_file(exp.ave, f"{tmp_path / 'newdir'}/", to="fused")
+    assert not (tmp_path / "newdir").exists()
 
 
 def test_nothing_to_convert(exp, tmp_path, capsys):
