@@ -390,6 +390,32 @@ def test_the_math_backend_gives_second_derivatives_as_the_stock_layer():
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+# jacrev vmaps SDPA's CPU backward, which has no batching rule (PyTorch warns, and loops).
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_torch_func_transforms_with_a_mask_give_the_stock_gradients():
+    """With a mask, the stock layer fails under torch.func.grad and jacrev (its
+    ``torch.tensor(0).numpy()`` reads a data pointer the transforms' tensors do not have;
+    a probe); ours runs there, and gives what autograd gives through the stock layer."""
+    stock, ours = stock_and_flash(8, 2)
+    gen = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64)
+    memory = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2, 3, 5, generator=gen) > 0.4
+    mask[1, 0] = False  # a fully masked row
+
+    def loss(layer):
+        return lambda q: layer(q, memory, mask)[0].pow(2).sum()
+
+    with pytest.raises(RuntimeError, match="storage"):
+        torch.func.grad(loss(stock))(query)
+    leaf = query.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(loss(stock)(leaf), leaf)
+    torch.testing.assert_close(torch.func.grad(loss(ours))(query), expected, rtol=1e-10, atol=1e-10)
+    jacobian = torch.func.jacrev(lambda q: ours(q, memory, mask)[0])(query)
+    torch.testing.assert_close(torch.einsum("abcxyz,abc->xyz", jacobian, 2 * ours(query, memory, mask)[0]),
+                               expected, rtol=1e-10, atol=1e-10)
+
+
 def test_the_query_scale_is_folded_only_where_it_is_a_power_of_two():
     """Cached steps fold the stock 1/sqrt(d_k) into the query projection only where that
     changes no bit (a power of two); the eager lookup and the loop dynamo traces agree."""
