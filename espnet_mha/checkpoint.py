@@ -65,8 +65,16 @@ def _our_layer_sizes(model):
 def _stock_n_feat(state_dict, prefix):
     # linear_out is the layer's reference size; q/k/v must match it.
     for name in ("linear_out", *STOCK_PROJECTIONS):
-        if f"{prefix}{name}.weight" in state_dict:
-            return state_dict[f"{prefix}{name}.weight"].shape[0]
+        key = f"{prefix}{name}.weight"
+        if key in state_dict:
+            weight = state_dict[key]
+            # A probe: a list or a 0-D tensor here raised AttributeError or IndexError, and a
+            # (0, D) weight "n_feat must be positive", an argument the caller never gave.
+            if not isinstance(weight, torch.Tensor):
+                raise TypeError(f"{key} must be a tensor, got {type(weight).__name__}")
+            if weight.dim() != 2 or weight.size(0) != weight.size(1) or not weight.size(0):
+                raise ValueError(f"{key}: expected a (D, D) weight, D > 0, found shape {tuple(weight.shape)}")
+            return weight.size(0)
     return None
 
 
@@ -178,6 +186,8 @@ def _unfuse_checked(layer, prefix):
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(f"{prefix}{FUSED_PROJECTION}.{param} must be a tensor, got {type(value).__name__}")
     if weight is not None and bias is not None:
+        if weight.dim() != 2:  # a probe: a 0-D weight raised IndexError from shape[-1]
+            raise ValueError(f"{prefix}{FUSED_PROJECTION}.weight: expected shape (3D, D), found {tuple(weight.shape)}")
         expected = (3 * weight.shape[-1], weight.shape[-1])
         if tuple(weight.shape) != expected:
             raise ValueError(f"{prefix}{FUSED_PROJECTION}.weight: expected shape (3D, D) = {expected}, "

@@ -317,7 +317,7 @@ def main(argv=None):
             report = convert_file(args.src, args.dst, to=args.to, force=args.force,
                                   layer_pattern=args.layer_pattern, allow_globals=args.allow_global,
                                   drop_optimizer_state=args.drop_optimizer_state)
-    except (ConversionError, KeyError, ValueError, OSError) as error:
+    except (ConversionError, KeyError, ValueError, TypeError, OSError) as error:  # TypeError: a non-tensor entry
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1

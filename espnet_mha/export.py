@@ -126,10 +126,12 @@ def convert_experiment(src, dst, *, to, force=False, allow_globals=(), drop_opti
         if taken:
             raise FileExistsError(f"{', '.join(map(str, taken))} exist(s); pass --force (force=True) to overwrite"
                                   + (" (OUT_DIR is EXP_DIR: convert it in place)" if in_place else ""))
+    made = _first_missing(dst)  # removed again if the conversion fails (a probe found it left empty)
     dst.mkdir(parents=True, exist_ok=True)
     # Everything is written into a temporary folder first and moved into place at the
     # end, so a failure (an unreadable file, a refused class) leaves OUT_DIR as it was.
     work = Path(tempfile.mkdtemp(dir=dst, prefix=".espnet-mha-convert."))
+    done = False
     try:
         written = {p.name for p in files if _convert_file(p, work / p.name, to, report, allow_globals,
                                                           drop_optimizer_state, loaded, in_place)}
@@ -159,9 +161,21 @@ def convert_experiment(src, dst, *, to, force=False, allow_globals=(), drop_opti
         shutil.copymode(src / CONFIG, work / CONFIG)
         for path in sorted(work.iterdir()):
             os.replace(path, dst / path.name)
+        done = True
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if not done and made is not None:
+            shutil.rmtree(made, ignore_errors=True)
     return report
+
+
+def _first_missing(path):
+    """The outermost folder of ``path`` that does not exist yet (None if ``path`` exists)."""
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
 
 
 _PROJECTION = re.compile(r"\.(linear_q|linear_k|linear_v|linear_qkv)(\.weight|\.bias)?$")
@@ -270,8 +284,9 @@ def _convert_file(path, out, to, report, allow_globals, drop_optimizer_state, co
         if kind == FLAT:
             raise
         return _skip_training_state(path, error, report, in_place)
-    except (KeyError, ValueError) as error:  # a layer's error names the layer; the folder's user needs the file
-        kind = KeyError if isinstance(error, KeyError) else ValueError  # not every subclass takes one message
+    except (KeyError, ValueError, TypeError) as error:  # a layer's error names the layer; the user needs the file
+        # Not type(error): not every subclass takes one message.
+        kind = next(base for base in (KeyError, ValueError, TypeError) if isinstance(error, base))
         raise kind(f"{path}: {error.args[0] if error.args else error}") from error
     save_atomic(converted, out, force=True)
     report.converted.append((path.name, len(done.layers)))

@@ -233,6 +233,18 @@ def test_links_odd_files_and_failures(tmp_path, capsys):
     with pytest.raises(KeyError, match=r"3epoch\.pth: attention layer at .* has both fused keys and stock"):
         convert_experiment(src, out, to="stock", force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.is_symlink()} == before
+    # Into an OUT_DIR that did not exist: none is left behind (a probe found it made and left
+    # empty); a 0-D weight is named, not an IndexError's traceback.
+    state = torch.load(src / "2epoch.pth", weights_only=True)
+    key = next(k for k in state if k.endswith("linear_qkv.weight"))
+    torch.save({**state, key: torch.tensor(1.0)}, src / "3epoch.pth")
+    fresh = tmp_path / "new" / "stock"
+    assert run(src, fresh, "--to", "stock") == 1
+    assert re.search(rf"error: {re.escape(str(src / '3epoch.pth'))}: .*linear_qkv\.weight: expected shape "
+                     r"\(3D, D\), found \(\)", capsys.readouterr().err)
+    with pytest.raises(ValueError, match=r"3epoch\.pth: .*linear_qkv\.weight: expected shape \(3D, D\)"):
+        convert_experiment(src, fresh, to="stock")
+    assert not (tmp_path / "new").exists()
 
 
 def test_an_mha_layer_with_our_options_is_made_stock_too(tmp_path):
@@ -506,7 +518,7 @@ def test_a_config_that_names_no_attention_layer_is_refused(tmp_path):
                                               r"conversion\), but the model files hold attention layers to convert "
                                               r"\(1epoch\.pth: 2, 2epoch\.pth: 2, valid\.acc\.best\.pth: 2\)"):
         export_experiment(src, out)
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # made for the conversion, removed with it
 
 
 def test_a_training_checkpoint_that_cannot_be_read_stops_an_in_place_conversion(tmp_path):

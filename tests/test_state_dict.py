@@ -261,6 +261,36 @@ def test_helper_arguments_are_checked():
         FlashMultiHeadedAttention(8, 2).load_state_dict(meta)
     with pytest.raises(ValueError, match=r"linear_qkv.weight \(24, 8\) and linear_qkv.bias \(9,\) are not a \(3D, D\) weight"):
         unfuse_keys({"linear_qkv.weight": torch.zeros(24, 8), "linear_qkv.bias": torch.zeros(9)}, "")
+    # Found by a probe: each of these converted something, or failed inside with an IndexError or
+    # AttributeError; the dict is left as it was.
+    fused = FlashMultiHeadedAttention(8, 2).state_dict()
+    for helper, state in ((fuse_keys, dict(good)), (unfuse_keys, dict(fused))):
+        with pytest.raises(TypeError, match=r"prefix must be a str .*, got NoneType None"):
+            helper(state, None)
+        with pytest.raises(TypeError, match=r"its key 5 is a int, not a str"):
+            helper({**state, 5: torch.zeros(1)}, "")
+    both = {**good, **fused}
+    with pytest.raises(KeyError, match=r"has both fused keys \['linear_qkv.weight', 'linear_qkv.bias'\] and stock "
+                                       r"\['linear_q.weight'"):
+        unfuse_keys(both, "")
+    assert both.keys() == {**good, **fused}.keys() and torch.equal(both["linear_q.weight"], good["linear_q.weight"])
+    wide = {"linear_qkv.weight": torch.zeros(24, 9), "linear_qkv.bias": torch.zeros(24)}
+    with pytest.raises(ValueError, match=r"linear_qkv.weight: expected shape \(3D, D\) = \(27, 9\), found \(24, 9\)"):
+        unfuse_keys(wide, "")
+    flat = {f"linear_{x}.{p}": torch.zeros(8) for x in "qkv" for p in ("weight", "bias")}
+    with pytest.raises(ValueError, match=r"linear_q.weight: expected a \(D, D\) weight, found \(8,\)"):
+        fuse_keys(flat, "")
+    short = dict(good, **{f"linear_{x}.bias": torch.zeros(4) for x in "qkv"})
+    with pytest.raises(ValueError, match=r"linear_q.bias: expected shape \(8,\) for the \(8, 8\) weight, found \(4,\)"):
+        fuse_keys(short, "")
+    assert "linear_qkv.weight" not in short and short.keys() == good.keys()
+    with pytest.raises(ValueError, match=r"linear_qkv.weight: expected shape \(3D, D\), found \(\)"):
+        espnet_mha.to_stock({**fused, "linear_qkv.weight": torch.tensor(1.0)})
+    for value, error, match in ((torch.tensor(1.0), ValueError, r"expected a \(D, D\) weight, D > 0, found shape \(\)"),
+                                (torch.zeros(0, 8), ValueError, r"found shape \(0, 8\)"),
+                                ([1.0], TypeError, r"linear_out.weight must be a tensor, got list")):
+        with pytest.raises(error, match=match):
+            espnet_mha.to_fused({**good, "linear_out.weight": value})
 
 
 def test_stock_helpers_check_their_arguments():
