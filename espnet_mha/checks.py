@@ -44,17 +44,26 @@ def check_size(name, value):
 
 
 def check_probability(name, value):
-    """A probability in [0, 1] as a ``float`` (numpy floats accepted; bools, strings refused).
+    """A probability in [0, 1] as a ``float``: what ``float()`` takes as the stock
+    ``nn.Dropout`` does (numpy floats, ``Decimal``, a one-element tensor), but no bool or string.
 
     Raises:
         TypeError: not a real number.
         ValueError: outside [0, 1] (or NaN).
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    try:
+        number = None if isinstance(value, (bool, str, bytes)) or _is_numpy_bool(value) else float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+        number = None
+    if number is None:
         raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__} {value!r}")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return float(value)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {number}")
+    return number
+
+
+def _is_numpy_bool(value):
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
 
 
 # The precision fp32 matmuls run at: torch.set_float32_matmul_precision("medium") runs the
@@ -95,14 +104,14 @@ def env_flag(name, value, extra=()):
 
 
 def check_flag(name, value):
-    """An on/off option as a ``bool`` (bools, numpy bools and the ints 0/1; a string such as
-    "false" is refused rather than read as true).
+    """An on/off option as a ``bool`` (bools, numpy bools, the ints 0/1, and None, a YAML
+    ``null``, as off; a string such as "false" is refused rather than read as true).
 
     Raises:
         TypeError: anything else.
     """
-    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
-    if isinstance(value, bool) or numpy_bool or (isinstance(value, numbers.Integral) and value in (0, 1)):
+    if value is None or isinstance(value, bool) or _is_numpy_bool(value) or (isinstance(value, numbers.Integral)
+                                                                            and value in (0, 1)):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 

@@ -222,7 +222,9 @@ def select_backend(requested, call):
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if call.dropout_module:
-        if requested in (AUTO, MATH):
+        if requested == MATH:
+            return MATH, ""  # forced: nothing was given up (a probe saw a fallback reported here)
+        if requested == AUTO:
             return MATH, f"the dropout module ({call.dropout_module}) is called on the attention weights"
         raise BackendUnavailableError(
             f"backend={requested!r} cannot call the layer's dropout module ({call.dropout_module}: "

@@ -93,7 +93,12 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
         self.transposed = transposed
         self.causal = causal
         self.keep_attn = keep_attn
-        self.backend = dispatch.resolve_backend(backend)
+        self.backend = backend  # resolved by __setattr__
+        if keep_attn and self.backend in (dispatch.SDPA, dispatch.FLASH_ATTN):
+            # Every call would raise BackendUnavailableError; say so now (a probe).
+            source = f" (from ${dispatch.ENV_BACKEND})" if self.backend != backend else ""
+            raise ValueError(f"keep_attn=True needs the attention weights, which only the math path returns; "
+                             f"backend={self.backend!r}{source} cannot give them: use 'math' or 'auto'")
         self.compile_setting, self.compile_mode = compile_policy.resolve_compile(compile, compile_mode)
         self._make_projections(n_feat, state_dict_layout)
         self.dropout = nn.Dropout(p=dropout)
@@ -119,6 +124,8 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
     def __setattr__(self, name, value):
         if name in self._FLAG_OPTIONS:
             value = checks.check_flag(name, value)
+        elif name == "backend":  # as the constructor reads it: None is "auto", $ESPNET_MHA_BACKEND overrides
+            value = dispatch.resolve_backend(value)
         elif name in self._SIZES and name in self.__dict__ and value != self.__dict__[name]:
             raise AttributeError(f"{name} is {self.__dict__[name]}, fixed by the parameters this layer was built "
                                  f"with; got {value!r}: build a new layer for other sizes")

@@ -144,8 +144,14 @@ def test_forced_backend_that_cannot_serve_raises():
     layer = FlashMultiHeadedAttention(8, 2, backend="flash_attn")
     with pytest.raises(BackendUnavailableError, match=r"backend='flash_attn' cannot serve this call: .*Use backend='auto'"):
         layer(torch.randn(1, 2, 8))
-    layer = FlashMultiHeadedAttention(8, 2, backend="sdpa", keep_attn=True)
-    with pytest.raises(BackendUnavailableError, match=r"backend='sdpa' cannot return attention weights"):
+    # keep_attn with a backend that returns no weights: refused when built (every call would
+    # raise), and at the call when keep_attn is switched on later.
+    with pytest.raises(ValueError, match=r"keep_attn=True needs the attention weights, which only the math path "
+                                         r"returns; backend='sdpa' cannot give them: use 'math' or 'auto'"):
+        FlashMultiHeadedAttention(8, 2, backend="sdpa", keep_attn=True)
+    layer = FlashMultiHeadedAttention(8, 2, backend="flash_attn")
+    layer.keep_attn = True
+    with pytest.raises(BackendUnavailableError, match=r"backend='flash_attn' cannot return attention weights"):
         layer(torch.randn(1, 2, 8))
 
 
@@ -164,11 +170,19 @@ def test_a_refused_call_leaves_no_stale_last_backend():
     assert layer.last_backend is None and layer.last_fallback == ""
 
 
-def test_a_backend_set_after_construction_is_checked():
-    layer = FlashMultiHeadedAttention(8, 2)
-    layer.backend = "bogus"
+def test_a_backend_set_after_construction_is_read_as_the_constructor_reads_it(monkeypatch):
+    """Checked when set, not at the next call; None is "auto" there too, and
+    $ESPNET_MHA_BACKEND overrides it (a probe: None was refused at the call)."""
+    layer = FlashMultiHeadedAttention(8, 2, backend="math")
     with pytest.raises(ValueError, match=r"backend must be one of .*, got 'bogus'"):
-        layer(torch.randn(1, 3, 8))
+        layer.backend = "bogus"
+    assert layer.backend == "math"
+    layer.backend = None
+    layer(torch.randn(1, 3, 8))
+    assert (layer.backend, layer.last_backend) == ("auto", "sdpa")
+    monkeypatch.setenv("ESPNET_MHA_BACKEND", "math")
+    layer.backend = "sdpa"
+    assert layer.backend == "math"
 
 
 def test_numpy_sizes_and_flags_are_taken_as_the_stock_layer_takes_them(monkeypatch):
