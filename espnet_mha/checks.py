@@ -44,8 +44,8 @@ def check_size(name, value):
 
 
 def check_probability(name, value):
-    """A probability in [0, 1] as a ``float``: what ``float()`` takes as the stock
-    ``nn.Dropout`` does (numpy floats, ``Decimal``, a one-element tensor), but no bool or string.
+    """A probability in [0, 1] as a ``float``: what ``float()`` takes, as the stock
+    ``nn.Dropout`` takes it (numpy floats, a one-element tensor), but no bool or string.
 
     Raises:
         TypeError: not a real number.

@@ -196,6 +196,33 @@ def test_numpy_sizes_and_flags_are_taken_as_the_stock_layer_takes_them(monkeypat
         FlashMultiHeadedAttention(8, 2)
 
 
+def test_a_tensor_dropout_is_taken_as_the_stock_layer_takes_it():
+    """A 0-D tensor, which nn.Dropout and F.dropout take (a probe: we refused it), draws the
+    stock random numbers; a one-element 1-D tensor, which F.dropout refuses at every stock
+    call, we read as its float. The flags take None (a YAML null) as off; bools stay refused."""
+    from espnet2.asr.state_spaces.attention import MultiHeadedAttention
+
+    query = torch.randn(2, 3, 8, dtype=torch.float64)
+    for value in (torch.tensor(0.25), torch.tensor([0.25], dtype=torch.float64)):
+        torch.manual_seed(0)
+        stock = MultiHeadedAttention(8, 2, dropout=value).double()
+        torch.manual_seed(0)
+        ours = FlashMultiHeadedAttention(8, 2, dropout=value, transposed=None, causal=None, keep_attn=None).double()
+        assert (ours.dropout.p, ours.transposed, ours.causal, ours.keep_attn) == (0.25, False, False, False)
+        for training in (False, True):
+            outs = []
+            for layer in (stock, ours):
+                torch.manual_seed(1)
+                try:
+                    outs.append(layer.train(training)(query, query)[0])
+                except TypeError as error:  # the stock layer, a 1-D p
+                    assert layer is stock and value.dim() and "must be float, not Tensor" in str(error)
+            if len(outs) == 2:
+                torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
+    with pytest.raises(TypeError, match=r"dropout must be a float in \[0, 1\], got bool True"):
+        FlashMultiHeadedAttention(8, 2, dropout=True)
+
+
 def test_a_transposed_layer_names_the_transposed_layout():
     layer = FlashMultiHeadedAttention(8, 2, transposed=True)
     with pytest.raises(ValueError, match=r"query has feature size 3 \(shape \(2, 3, 8\), \(B, D, T1\) \(transposed\)\), expected n_feat=8"):
