@@ -91,9 +91,10 @@ class StockHelpers:
                 shapes, or the mask does not broadcast to ``(B, T1, T2)``.
         """
         for name, x in (("value", value), ("scores", scores)):
-            if not isinstance(x, torch.Tensor) or x.dim() != 4:
-                raise TypeError(f"{name} must be a 4-D torch.Tensor, got "
-                                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a 4-D torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 4:  # ValueError, as forward's rank checks (a probe)
+                raise ValueError(f"{name} must be a 4-D torch.Tensor, got shape {tuple(x.shape)}")
         batch = value.size(0)
         _, n_head, t1, t2 = scores.shape
         if scores.size(0) not in (1, batch) or value.shape[1:] != (n_head, t2, self.d_k) or n_head != self.h:

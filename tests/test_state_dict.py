@@ -304,8 +304,10 @@ def test_stock_helpers_check_their_arguments():
     scores = q @ k.transpose(-2, -1)
     with pytest.raises(ValueError, match=r"a 2-D mask \(h, T2\) with h > 1 is a per-head mask"):
         layer.forward_attention(v, scores, torch.ones(2, 5))
-    with pytest.raises(TypeError, match=r"scores must be a 4-D torch.Tensor, got \(2, 3, 5\)"):
+    with pytest.raises(ValueError, match=r"scores must be a 4-D torch.Tensor, got shape \(2, 3, 5\)"):
         layer.forward_attention(v, scores[:, 0], None)
+    with pytest.raises(TypeError, match=r"value must be a 4-D torch.Tensor, got list"):
+        layer.forward_attention([1.0], scores, None)
     with pytest.raises(ValueError, match=r"value \(2, 2, 4, 4\) and scores \(2, 2, 3, 5\) must be"):
         layer.forward_attention(v[:, :, :4], scores, None)
 
