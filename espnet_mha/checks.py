@@ -29,6 +29,13 @@ def compute_dtype(x):
     return x.dtype if autocast is None or x.dtype == torch.float64 else autocast
 
 
+def option_word(value):
+    """A string option as it is compared: without surrounding spaces, lower case (a YAML
+    config's ``backend: SDPA`` was refused where ``ESPNET_MHA_BACKEND=SDPA`` was taken); any
+    other value as it is."""
+    return value.strip().lower() if isinstance(value, str) else value
+
+
 def check_size(name, value):
     """A positive integer size as an ``int`` (numpy integers accepted, bools refused).
 

@@ -54,10 +54,11 @@ def resolve_compile(option, mode):
     """
     # The option is checked even where the environment overrides it. 0 and 1 (a YAML
     # config's integers) are False and True; other numbers are not (1.0 == True).
+    given, option, mode = option, checks.option_word(option), checks.option_word(mode)
     if type(option) is int and option in (0, 1):
         option = bool(option)
     if not (option is None or type(option) is bool or (isinstance(option, str) and option == AUTO)):
-        raise ValueError(f"compile must be True, False or 'auto', got {option!r}")
+        raise ValueError(f"compile must be True, False or 'auto', got {given!r}")
     env = os.environ.get(ENV_COMPILE, "")
     if env.strip():
         option = checks.env_flag(ENV_COMPILE, env, extra=(AUTO,))

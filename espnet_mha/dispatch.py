@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from espnet_mha import kernels, masks, optional
+from espnet_mha import checks, kernels, masks, optional
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +65,15 @@ def resolve_backend(option):
     """The backend a layer asks for: ``$ESPNET_MHA_BACKEND`` if set, else ``option``.
 
     Args:
-        option: None (same as "auto") or one of ``BACKENDS``.
+        option: None (same as "auto") or one of ``BACKENDS`` (any case, surrounding spaces
+            ignored, as in the environment variable).
 
     Raises:
         ValueError: option or the environment variable is not a known backend.
     """
+    given, option = option, checks.option_word(option)
     if option is not None and option not in BACKENDS:  # checked even where the environment overrides it
-        raise ValueError(f"backend must be one of {BACKENDS}, got {option!r}")
+        raise ValueError(f"backend must be one of {BACKENDS}, got {given!r}")
     env = os.environ.get(ENV_BACKEND, "").strip().lower()
     if env:
         if env not in BACKENDS:

@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from espnet_mha import checks
 from espnet_mha.fused_keys import (
     FUSED_PROJECTION,
     PARAMS,
@@ -48,10 +49,17 @@ def _as_load_error(error):
 LAYOUTS = ("fused", "stock")
 
 
-def check_layout(state_dict_layout):
-    """Raise unless ``state_dict_layout`` is one of :data:`LAYOUTS`."""
-    if state_dict_layout not in LAYOUTS:
+def resolve_layout(state_dict_layout):
+    """``state_dict_layout`` as one of :data:`LAYOUTS` (None, a YAML ``null``, is the default
+    "fused"; any case, surrounding spaces ignored).
+
+    Raises:
+        ValueError: not a layout.
+    """
+    layout = "fused" if state_dict_layout is None else checks.option_word(state_dict_layout)
+    if layout not in LAYOUTS:
         raise ValueError(f"state_dict_layout must be one of {LAYOUTS}, got {state_dict_layout!r}")
+    return layout
 
 
 def state_dict_post_hook(module, state_dict, prefix, local_metadata):

@@ -62,6 +62,19 @@ def test_environment_overrides_are_checked(monkeypatch):
     assert FlashMultiHeadedAttention(8, 2).backend == "sdpa"
 
 
+def test_string_options_are_read_as_the_environment_variables_are():
+    """Any case, surrounding spaces ignored, and None (a YAML null) as the default (a probe:
+    ``backend: SDPA`` in a config was refused where ``ESPNET_MHA_BACKEND=SDPA`` was taken, and
+    ``state_dict_layout: null`` refused where ``backend: null`` was taken)."""
+    layer = FlashMultiHeadedAttention(8, 2, backend=" SDPA ", compile="AUTO", compile_mode=" Default",
+                                      state_dict_layout="Stock ")
+    assert (layer.backend, layer.compile_setting, layer.compile_mode, layer.state_dict_layout) == (
+        "sdpa", "auto", "default", "stock")
+    assert FlashMultiHeadedAttention(8, 2, state_dict_layout=None).state_dict_layout == "fused"
+    with pytest.raises(ValueError, match=r"state_dict_layout must be one of \('fused', 'stock'\), got 'Split'"):
+        FlashMultiHeadedAttention(8, 2, state_dict_layout="Split")
+
+
 def test_options_are_checked_where_the_environment_overrides_them(monkeypatch):
     """A bad option is an error even while an environment variable decides (it was
     accepted, and stored, as long as the variable was set)."""
