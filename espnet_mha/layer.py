@@ -68,7 +68,9 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
         last_cache: what the last cross-attention ``step`` did with its state.
 
     Raises:
-        TypeError, ValueError: bad sizes or options (see messages).
+        TypeError, ValueError: bad sizes or options (see messages), or options that
+            contradict each other (``keep_attn=True`` with a forced ``"sdpa"`` or
+            ``"flash_attn"`` backend, which return no weights).
     """
 
     def __init__(self, n_feat, n_head, dropout=0.0, transposed=False, *, causal=False,
