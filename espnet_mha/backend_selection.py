@@ -11,26 +11,8 @@ import torch
 
 from espnet_mha import checks, compile_policy, dispatch, masks
 
-logger = logging.getLogger(__name__)
 
 FALLBACK_LINE = "espnet_mha: using %s instead of flash_attn: %s"
-
-
-def _log_while_tracing(level, backend, fallback):
-    """The fallback line for a decision made while a user's ``torch.compile`` traces the
-    call: written once, when the call is traced (``comptime`` runs its function then and
-    adds nothing to the graph; ``fullgraph`` cannot trace a logging call, and the compiled
-    graph never runs the selection again). A probe found the float64 switch to math
-    under a user's compile logged nowhere."""
-    from torch._dynamo.comptime import comptime
-
-    comptime(_write_traced_line)
-
-
-def _write_traced_line(ctx):
-    """:func:`_log_while_tracing`'s line, from the traced frame's constants."""
-    level, backend, fallback = (ctx.get_local(name).as_python_constant() for name in ("level", "backend", "fallback"))
-    logger.log(level, FALLBACK_LINE, backend, fallback)
 
 
 class BackendSelection:
@@ -71,10 +53,9 @@ class BackendSelection:
                 refusal = dispatch.sdpa_refusal(call)
                 refused = backend == dispatch.MATH and refusal and refusal in fallback
                 level = logging.INFO if device.type == "cuda" or refused else logging.DEBUG
-                if key[-1]:
-                    _log_while_tracing(level, backend, fallback)
-                else:
-                    logger.log(level, FALLBACK_LINE, backend, fallback)
+                # Under a user's torch.compile too (a probe found the float64 switch to math
+                # there logged nowhere).
+                compile_policy.log(__name__, level, FALLBACK_LINE, backend, fallback)
         self._last["backend"], self._last["fallback"] = decision
         return decision
 

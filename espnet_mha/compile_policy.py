@@ -93,6 +93,26 @@ def wants_compile(setting, device_type):
     return bool(setting)
 
 
+def log(name, level, message, *args):
+    """``logging.getLogger(name).log(level, message, *args)``, also while Dynamo traces the
+    call for a user's ``torch.compile``: a logging call cannot be traced there (``fullgraph``
+    refused the call, a probe found), so the line is written once, when the call is traced,
+    through ``comptime``, which adds nothing to the graph (and the compiled graph never
+    decides again). ``args`` must then be constants: strings or numbers."""
+    if not torch.compiler.is_compiling():
+        logging.getLogger(name).log(level, message, *args)
+        return
+    from torch._dynamo.comptime import comptime
+
+    comptime(_write_traced_line)
+
+
+def _write_traced_line(ctx):
+    """:func:`log`'s line, from the traced frame's constants."""
+    name, level, message, args = (ctx.get_local(n).as_python_constant() for n in ("name", "level", "message", "args"))
+    logging.getLogger(name).log(level, message, *args)
+
+
 @functools.lru_cache(maxsize=None)
 def compiled(fn, mode):
     """``torch.compile(fn)`` with our policy, made once per (function, mode).

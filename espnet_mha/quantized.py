@@ -38,7 +38,6 @@ from torch import nn
 from espnet_mha import cache, cache_records, compile_policy, dispatch, functional
 from espnet_mha.fused_keys import STOCK_PROJECTIONS
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,8 @@ def projections(layer):
         parts, exact, fused = modules, True, None
         called = [f"{name}: {_why_called(module)}" for name, module
                   in zip((*STOCK_PROJECTIONS, "linear_out"), (*modules, out)) if not is_plain(module)]
-        logger.info("espnet_mha: the layer calls its linears as modules (%s)", "; ".join(called))
+        compile_policy.log(__name__, logging.INFO, "espnet_mha: the layer calls its linears as modules (%s)",
+                           "; ".join(called))
     else:
         parts, exact, fused = _fused_parts(layer, modules[0], out)
     # What inputs must be: the swapped modules' float parameters (a parametrization),
@@ -171,11 +171,12 @@ def _fused_parts(layer, qkv, out):
         fused = qkv
         parts = tuple(_rows(qkv, i * d, (i + 1) * d) for i in range(3))
     if not exact:
-        logger.warning("espnet_mha: %s projections run fused: results are close to, not the same as, "
-                       "the quantized stock layer's (see espnet_mha.quantized)", type(qkv).__name__)
+        compile_policy.log(__name__, logging.WARNING, "espnet_mha: %s projections run fused: results are close "
+                           "to, not the same as, the quantized stock layer's (see espnet_mha.quantized)",
+                           type(qkv).__name__)
     elif not quantized:
-        logger.info("espnet_mha: the layer calls linear_qkv and linear_out as modules (%s)",
-                    _why_called(qkv) if not is_plain(qkv) else f"linear_out: {_why_called(out)}")
+        compile_policy.log(__name__, logging.INFO, "espnet_mha: the layer calls linear_qkv and linear_out as "
+                           "modules (%s)", _why_called(qkv) if not is_plain(qkv) else f"linear_out: {_why_called(out)}")
     return parts, exact, fused
 
 

@@ -171,6 +171,26 @@ def test_a_user_can_compile_a_fresh_model_with_fullgraph():
     torch.testing.assert_close(got, stock(query, memory, mask)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["fused", "stock"])
+def test_a_user_can_compile_with_fullgraph_a_layer_whose_linears_are_called_as_modules(layout, caplog):
+    """A hooked projection (as LoRA or weight_norm, called as a module): the line saying so
+    was a logging call, which fullgraph cannot trace (a probe: every first call failed). It
+    is written once, when the call is traced, and the result is the stock layer's."""
+    torch._dynamo.reset()
+    stock, ours = stock_and_flash(16, 4, dtype=torch.float32, state_dict_layout=layout)
+    (ours.linear_k if layout == "stock" else ours.linear_qkv).register_forward_hook(lambda module, args, out: out * 1.5)
+    for name in ("linear_k",) if layout == "stock" else ("linear_q", "linear_k", "linear_v"):
+        getattr(stock, name).register_forward_hook(lambda module, args, out: out * 1.5)
+    query, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    with caplog.at_level(logging.INFO, logger="espnet_mha"):
+        compiled = torch.compile(ours, fullgraph=True, backend="eager")
+        got = [compiled(query, memory)[0] for _ in range(2)]
+    lines = [r.getMessage() for r in caplog.records if "as modules" in r.getMessage()]
+    assert len(lines) == 1 and "it has hooks" in lines[0], lines
+    for out in got:
+        torch.testing.assert_close(out, stock(query, memory)[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_a_users_compile_of_a_float64_model_trains(fullgraph, caplog):
     """torch.compile(model) by the user (the layer's own compile off): in float64 on CPU,
