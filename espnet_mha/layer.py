@@ -128,9 +128,21 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
             value = checks.check_flag(name, value)
         elif name == "backend":  # as the constructor reads it: None is "auto", $ESPNET_MHA_BACKEND overrides
             value = dispatch.resolve_backend(value)
-        elif name in self._SIZES and name in self.__dict__ and value != self.__dict__[name]:
-            raise AttributeError(f"{name} is {self.__dict__[name]}, fixed by the parameters this layer was built "
-                                 f"with; got {value!r}: build a new layer for other sizes")
+        elif name in ("compile_setting", "compile_mode") and name in self.__dict__:
+            # The constructor's compile and compile_mode, checked as it checks them (a probe: a
+            # bad mode was taken here); the environment overrides them there too.
+            setting, mode = (value, self.compile_mode) if name == "compile_setting" else (self.compile_setting, value)
+            value = compile_policy.resolve_compile(setting, mode)[name == "compile_mode"]
+        elif name == "compile":
+            # Assigned, it hid nn.Module.compile and changed nothing (a probe).
+            raise AttributeError(f"compile is nn.Module.compile; the layer's compile option is compile_setting "
+                                 f"(True, False or 'auto'), got compile = {value!r}")
+        elif name in self._SIZES:
+            # d_model and d_output are SequenceModule properties, kept in _d_model and _d_output.
+            current = self.__dict__.get(name, self.__dict__.get(f"_{name}"))
+            if current is not None and value != current:
+                raise AttributeError(f"{name} is {current}, fixed by the parameters this layer was built "
+                                     f"with; got {value!r}: build a new layer for other sizes")
         super().__setattr__(name, value)
 
     def extra_repr(self):

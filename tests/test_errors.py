@@ -343,9 +343,22 @@ def test_options_and_sizes_set_on_a_built_layer_are_checked():
             setattr(layer, name, "false")
         setattr(layer, name, 0)  # as the constructor reads it
         assert getattr(layer, name) is False
-    with pytest.raises(AttributeError, match=r"h is 2, fixed by the parameters this layer was built with; got 3"):
-        layer.h = 3
+    for name in ("h", "d_model", "d_output"):  # d_model, d_output: SequenceModule properties (a probe)
+        with pytest.raises(AttributeError, match=rf"{name} is {getattr(layer, name)}, fixed by the parameters this "
+                                                 r"layer was built with; got 3"):
+            setattr(layer, name, 3)
     layer.h = 2  # the same size: fine
+    # The compile options too (a probe: a bad mode was taken, and layer.compile = True hid
+    # nn.Module.compile and changed nothing).
+    with pytest.raises(ValueError, match=r"compile_mode must be None or one of .*, got 'bogus'"):
+        layer.compile_mode = "bogus"
+    with pytest.raises(ValueError, match=r"compile must be True, False or 'auto', got 'yes'"):
+        layer.compile_setting = "yes"
+    with pytest.raises(AttributeError, match=r"compile is nn.Module.compile; the layer's compile option is "
+                                             r"compile_setting"):
+        layer.compile = True
+    layer.compile_setting = False
+    assert (layer.compile_setting, layer.compile_mode, callable(layer.compile)) == (False, None, True)
     query, memory = torch.randn(1, 2, 8), torch.randn(1, 3, 8)
     stock = MultiHeadedAttention(8, 2).eval()
     for p in (2.0, -0.1):
