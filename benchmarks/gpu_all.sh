@@ -3,7 +3,8 @@
 #   1. python -m benchmarks.gpu_check (equivalence per backend, fragile lengths, compile, timings);
 #   2. the tests that want a CUDA device;
 #   3. the benchmarks on CUDA, stock and ours in one session: fp32 eager, fp32 compiled, fp16 eager.
-# Usage: benchmarks/gpu_all.sh OUT_DIR   (after `make setup`; PYTHON=... to pick the interpreter).
+# Usage: benchmarks/gpu_all.sh OUT_DIR   (after `make setup`, from the repository root; PYTHON=... to pick
+# the interpreter, by default .venv/bin/python where it exists, else python3).
 # Writes OUT_DIR/all.log and one JSON file per step; each step has a time limit (seconds) and a
 # failed or timed-out step does not stop the next. Exit status 1 if any step failed. The limits
 # add up to 590 s, under the 600 s a lent device runs one command (the decoding cases take at
@@ -11,7 +12,7 @@
 # A CPU dry run of the same steps at small sizes: DEVICE=cpu QUICK=1 benchmarks/gpu_all.sh OUT_DIR
 set -u -o pipefail
 out=${1:?usage: benchmarks/gpu_all.sh OUT_DIR}
-py=${PYTHON:-python3}
+py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 device=${DEVICE:-cuda}
 quick=${QUICK:+--quick}
 mkdir -p "$out"
