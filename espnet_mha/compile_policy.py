@@ -14,7 +14,8 @@ Policy:
   dynamo's recompile limit runs eagerly, with a warning (see :func:`compiled`).
 - ``fullgraph=True``: a graph break is an error, not a silent slowdown.
 - The functions are module-level and take the parameters as arguments, so all
-  layers of a model share graphs and state-dict keys never get ``_orig_mod.``.
+  layers of a model with one parameter layout share graphs and state-dict keys never
+  get ``_orig_mod.``.
 """
 
 import functools
