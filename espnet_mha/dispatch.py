@@ -61,27 +61,37 @@ class BackendUnavailableError(RuntimeError):
     """A forced backend cannot serve a call; the message says why and what to do."""
 
 
+def check_backend(option):
+    """``option`` as one of ``BACKENDS``: None is "auto"; any case, surrounding spaces
+    ignored, as in the environment variable.
+
+    Raises:
+        ValueError: not a known backend.
+    """
+    backend = AUTO if option is None else checks.option_word(option)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {option!r}")
+    return backend
+
+
 def resolve_backend(option):
-    """The backend a layer asks for: ``$ESPNET_MHA_BACKEND`` if set, else ``option``.
+    """The backend a layer is built with: ``$ESPNET_MHA_BACKEND`` if set, else ``option``.
 
     Args:
-        option: None (same as "auto") or one of ``BACKENDS`` (any case, surrounding spaces
-            ignored, as in the environment variable).
+        option: see :func:`check_backend`.
 
     Raises:
         ValueError: option or the environment variable is not a known backend.
     """
-    given, option = option, checks.option_word(option)
-    if option is not None and option not in BACKENDS:  # checked even where the environment overrides it
-        raise ValueError(f"backend must be one of {BACKENDS}, got {given!r}")
+    backend = check_backend(option)  # checked even where the environment overrides it
     env = os.environ.get(ENV_BACKEND, "").strip().lower()
     if env:
         if env not in BACKENDS:
             raise ValueError(f"{ENV_BACKEND}={env!r} is not one of {BACKENDS}")
-        if option not in (None, env):
+        if option is not None and backend != env:
             logger.info("espnet_mha: %s=%s overrides backend=%r", ENV_BACKEND, env, option)
         return env
-    return AUTO if option is None else option
+    return backend
 
 
 @dataclass(frozen=True)

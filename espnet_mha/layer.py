@@ -95,10 +95,10 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
         self.transposed = transposed
         self.causal = causal
         self.keep_attn = keep_attn
-        self.backend = backend  # resolved by __setattr__
+        self.backend = dispatch.resolve_backend(backend)
         if keep_attn and self.backend in (dispatch.SDPA, dispatch.FLASH_ATTN):
             # Every call would raise BackendUnavailableError; say so now (a probe).
-            source = f" (from ${dispatch.ENV_BACKEND})" if self.backend != backend else ""
+            source = f" (from ${dispatch.ENV_BACKEND})" if self.backend != dispatch.check_backend(backend) else ""
             raise ValueError(f"keep_attn=True needs the attention weights, which only the math path returns; "
                              f"backend={self.backend!r}{source} cannot give them: use 'math' or 'auto'")
         self.compile_setting, self.compile_mode = compile_policy.resolve_compile(compile, compile_mode)
@@ -126,8 +126,10 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
     def __setattr__(self, name, value):
         if name in self._FLAG_OPTIONS:
             value = checks.check_flag(name, value)
-        elif name == "backend":  # as the constructor reads it: None is "auto", $ESPNET_MHA_BACKEND overrides
-            value = dispatch.resolve_backend(value)
+        elif name == "backend":
+            # Checked as the constructor checks it (None is "auto"); the environment variable
+            # is read when a layer is built, so setting a built layer's backend overrides it.
+            value = dispatch.check_backend(value)
         elif name in ("compile_setting", "compile_mode") and name in self.__dict__:
             # The constructor's compile and compile_mode, checked as it checks them (a probe: a
             # bad mode was taken here); the environment overrides them there too.
@@ -314,6 +316,8 @@ class StockLayoutFlashMultiHeadedAttention(FlashMultiHeadedAttention):
     """
 
     def __init__(self, *args, state_dict_layout="stock", causal=False, **kwargs):
+        # None (a YAML null) is this class's default, not the fused one (a review).
+        state_dict_layout = state_dict.resolve_layout("stock" if state_dict_layout is None else state_dict_layout)
         if checks.check_flag("causal", causal):
             logger.warning("the mha name ignores causal: true, as the stock layer does (it stays cross-attention "
                            "to the memory); use _name_: flash_mha for the causal layer")

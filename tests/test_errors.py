@@ -71,6 +71,11 @@ def test_string_options_are_read_as_the_environment_variables_are():
     assert (layer.backend, layer.compile_setting, layer.compile_mode, layer.state_dict_layout) == (
         "sdpa", "auto", "default", "stock")
     assert FlashMultiHeadedAttention(8, 2, state_dict_layout=None).state_dict_layout == "fused"
+    # What the mha name builds under use_for_mha(): None is its own default, the stock layout
+    # (a review: it built the fused one, without the warning a fused mha gets).
+    from espnet_mha.layer import StockLayoutFlashMultiHeadedAttention
+
+    assert StockLayoutFlashMultiHeadedAttention(8, 2, state_dict_layout=None).state_dict_layout == "stock"
     with pytest.raises(ValueError, match=r"state_dict_layout must be one of \('fused', 'stock'\), got 'Split'"):
         FlashMultiHeadedAttention(8, 2, state_dict_layout="Split")
 
@@ -184,8 +189,9 @@ def test_a_refused_call_leaves_no_stale_last_backend():
 
 
 def test_a_backend_set_after_construction_is_read_as_the_constructor_reads_it(monkeypatch):
-    """Checked when set, not at the next call; None is "auto" there too, and
-    $ESPNET_MHA_BACKEND overrides it (a probe: None was refused at the call)."""
+    """Checked when set, not at the next call, and None is "auto" there too (a probe: None
+    was refused at the call). $ESPNET_MHA_BACKEND is read when a layer is built, so setting
+    a built layer's backend overrides it (the way to change one layer under the variable)."""
     layer = FlashMultiHeadedAttention(8, 2, backend="math")
     with pytest.raises(ValueError, match=r"backend must be one of .*, got 'bogus'"):
         layer.backend = "bogus"
@@ -193,9 +199,17 @@ def test_a_backend_set_after_construction_is_read_as_the_constructor_reads_it(mo
     layer.backend = None
     layer(torch.randn(1, 3, 8))
     assert (layer.backend, layer.last_backend) == ("auto", "sdpa")
-    monkeypatch.setenv("ESPNET_MHA_BACKEND", "math")
-    layer.backend = "sdpa"
-    assert layer.backend == "math"
+    monkeypatch.setenv("ESPNET_MHA_BACKEND", "sdpa")
+    layer = FlashMultiHeadedAttention(8, 2)
+    assert layer.backend == "sdpa"
+    layer.keep_attn, layer.backend = True, "Math"
+    layer(torch.randn(1, 3, 8))
+    assert (layer.backend, layer.last_backend, layer.attn.shape) == ("math", "math", (1, 2, 3, 3))
+    with pytest.raises(ValueError, match=r"backend='sdpa' \(from \$ESPNET_MHA_BACKEND\) cannot give them"):
+        FlashMultiHeadedAttention(8, 2, keep_attn=True)
+    monkeypatch.delenv("ESPNET_MHA_BACKEND")
+    with pytest.raises(ValueError, match=r"backend='sdpa' cannot give them"):  # the argument, not the variable
+        FlashMultiHeadedAttention(8, 2, keep_attn=True, backend="SDPA")
 
 
 def test_numpy_sizes_and_flags_are_taken_as_the_stock_layer_takes_them(monkeypatch):
