@@ -105,7 +105,8 @@ def log(name, level, message, *args):
         return
     from torch._dynamo.comptime import comptime
 
-    comptime(_write_traced_line)
+    # The fallback runs where is_compiling() is set without Dynamo (non-strict torch.export).
+    comptime(_write_traced_line, lambda: logging.getLogger(name).log(level, message, *args))
 
 
 def _write_traced_line(ctx):
