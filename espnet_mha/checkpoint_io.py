@@ -180,9 +180,11 @@ def model_state(obj, *, path="checkpoint"):
         return kind, obj[ENTRIES[kind][0]]
     if isinstance(obj, dict) and obj:
         wrong = next(((k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
-        if wrong is None:
+        key = next((k for k in obj if not isinstance(k, str)), None)  # a review: named no file before
+        if wrong is None and key is None:
             return FLAT, obj
-        found = f"entry {wrong[0]!r} is a {type(wrong[1]).__name__}, not a tensor"
+        found = (f"entry {wrong[0]!r} is a {type(wrong[1]).__name__}, not a tensor" if wrong is not None
+                 else f"key {key!r} is a {type(key).__name__}, not a name")
     else:
         found = f"it holds {'an empty dict' if isinstance(obj, dict) else 'a ' + type(obj).__name__}"
     raise ConversionError(f"{path}: neither a state dict ({found}) nor an ESPnet training checkpoint "

@@ -330,6 +330,7 @@ def test_half_converted_file_names_missing_keys(exp, tmp_path, capsys):
     ([torch.zeros(1)], r"neither a state dict \(it holds a list\) nor an ESPnet training checkpoint"),
     ({}, r"neither a state dict \(it holds an empty dict\)"),
     ({"w": torch.zeros(1), "step": 3}, r"neither a state dict \(entry 'step' is a int, not a tensor\)"),
+    ({0: torch.zeros(1)}, r"neither a state dict \(key 0 is a int, not a name\)"),
 ])
 def test_not_a_checkpoint(tmp_path, content, message):
     src = tmp_path / "odd.pth"
