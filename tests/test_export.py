@@ -124,6 +124,21 @@ def test_an_exported_decoding_step_serves_other_memories(strict):
                                    **FP32)
 
 
+def test_a_non_strict_export_of_a_hooked_layer_says_it_calls_its_linears(caplog):
+    """Non-strict torch.export sets is_compiling() without Dynamo, where comptime runs only
+    its fallback: the line saying the linears are called as modules was lost (a review)."""
+    import logging
+
+    stock, ours = stock_and_flash(8, 2, dtype=torch.float32)
+    for layer in (stock, ours):
+        layer.linear_out.register_forward_hook(lambda module, args, out: out * 2.0)
+    query, memory = rand(2, 3, 8, seed=1), rand(2, 4, 8, seed=2)
+    with caplog.at_level(logging.INFO, logger="espnet_mha"):
+        program = torch.export.export(NoMask(ours), (query, memory), strict=False)
+    assert [r.getMessage() for r in caplog.records if "as modules" in r.getMessage()], caplog.text
+    torch.testing.assert_close(program.module()(query, memory), stock(query, memory)[0], **FP32)
+
+
 @pytest.mark.parametrize("torch_tells_export_apart", [
     pytest.param(True, marks=pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch < 2.7")),
     False,
