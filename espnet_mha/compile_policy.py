@@ -40,12 +40,14 @@ AUTO_COMPILE_DEVICES = frozenset()
 MIN_RECOMPILE_LIMIT = 64
 
 
-def resolve_compile(option, mode):
+def resolve_compile(option, mode, *, environment=True):
     """The compile setting and mode a layer uses (environment wins over options).
 
     Args:
         option: None (= "auto"), True, False or "auto".
         mode: None or a ``torch.compile`` mode string.
+        environment: read ``$ESPNET_MHA_COMPILE`` and ``$ESPNET_MHA_COMPILE_MODE`` (when a
+            layer is built; not for options set on a built layer, which override them).
 
     Returns:
         (setting, mode) with setting in ``{True, False, "auto"}``.
@@ -60,12 +62,13 @@ def resolve_compile(option, mode):
         option = bool(option)
     if not (option is None or type(option) is bool or (isinstance(option, str) and option == AUTO)):
         raise ValueError(f"compile must be True, False or 'auto', got {given!r}")
-    env = os.environ.get(ENV_COMPILE, "")
+    env = os.environ.get(ENV_COMPILE, "") if environment else ""
     if env.strip():
         option = checks.env_flag(ENV_COMPILE, env, extra=(AUTO,))
     elif option is None:
         option = AUTO
-    env_mode = os.environ.get(ENV_COMPILE_MODE, "").strip().lower()  # as ESPNET_MHA_BACKEND; modes are lower case
+    # As ESPNET_MHA_BACKEND; modes are lower case.
+    env_mode = os.environ.get(ENV_COMPILE_MODE, "").strip().lower() if environment else ""
     mode = env_mode or mode
     if mode is not None and (not isinstance(mode, str) or mode not in _modes()):
         name = f"{ENV_COMPILE_MODE}" if env_mode else "compile_mode"

@@ -132,9 +132,9 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
             value = dispatch.check_backend(value)
         elif name in ("compile_setting", "compile_mode") and name in self.__dict__:
             # The constructor's compile and compile_mode, checked as it checks them (a probe: a
-            # bad mode was taken here); the environment overrides them there too.
+            # bad mode was taken here); as for backend, the environment was read at construction.
             setting, mode = (value, self.compile_mode) if name == "compile_setting" else (self.compile_setting, value)
-            value = compile_policy.resolve_compile(setting, mode)[name == "compile_mode"]
+            value = compile_policy.resolve_compile(setting, mode, environment=False)[name == "compile_mode"]
         elif name == "compile":
             # Assigned, it hid nn.Module.compile and changed nothing (a probe).
             raise AttributeError(f"compile is nn.Module.compile; the layer's compile option is compile_setting "

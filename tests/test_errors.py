@@ -373,6 +373,12 @@ def test_options_and_sizes_set_on_a_built_layer_are_checked():
         layer.compile = True
     layer.compile_setting = False
     assert (layer.compile_setting, layer.compile_mode, callable(layer.compile)) == (False, None, True)
+    # The environment variables are read when a layer is built; an assignment overrides them,
+    # as for backend.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ESPNET_MHA_COMPILE", "1")
+        layer.compile_setting = "Auto"
+        assert layer.compile_setting == "auto"
     query, memory = torch.randn(1, 2, 8), torch.randn(1, 3, 8)
     stock = MultiHeadedAttention(8, 2).eval()
     for p in (2.0, -0.1):
