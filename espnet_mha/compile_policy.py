@@ -103,13 +103,16 @@ def log(name, level, message, *args):
     refused the call, a probe found), so the line is written once, when the call is traced,
     through ``comptime``, which adds nothing to the graph (and the compiled graph never
     decides again). ``args`` must then be constants: strings or numbers."""
-    if not torch.compiler.is_compiling():
+    def write():
         logging.getLogger(name).log(level, message, *args)
+
+    if not torch.compiler.is_compiling():
+        write()
         return
     from torch._dynamo.comptime import comptime
 
-    # The fallback runs where is_compiling() is set without Dynamo (non-strict torch.export).
-    comptime(_write_traced_line, lambda: logging.getLogger(name).log(level, message, *args))
+    # comptime runs the fallback where is_compiling() is set without Dynamo (non-strict torch.export).
+    comptime(_write_traced_line, write)
 
 
 def _write_traced_line(ctx):

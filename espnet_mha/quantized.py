@@ -39,7 +39,6 @@ from espnet_mha import cache, cache_records, compile_policy, dispatch, functiona
 from espnet_mha.fused_keys import STOCK_PROJECTIONS
 
 
-
 @dataclass(frozen=True)
 class Projections:
     """The layer's projections as modules (each ``(..., D) -> (..., D)``) and the
