@@ -15,6 +15,10 @@ from espnet_mha import checks, compile_policy, dispatch, masks
 FALLBACK_LINE = "espnet_mha: using %s instead of flash_attn: %s"
 
 
+def _no_dropout_p():
+    return 0.0
+
+
 class BackendSelection:
     """Mixin for :class:`espnet_mha.layer.FlashMultiHeadedAttention` (needs the layer's
     ``d_k``, ``backend``, ``compile_setting``, ``_dropout_p``, ``_qkv_modules`` and the
@@ -25,7 +29,8 @@ class BackendSelection:
         # The decision depends only on static properties of the call, so it is
         # memoised per layer: decoding steps pay a dict lookup, not the rules.
         # SDPA's allowed kernels (torch.nn.attention.sdpa_kernel): None unless restricted.
-        kernels = dispatch.sdpa_kernels(self._dropout_p)
+        # A dropout module only the math path can call has no say (it may have no ``p``).
+        kernels = dispatch.sdpa_kernels(_no_dropout_p if dropout_module else self._dropout_p)
         key = (x.device, checks.compute_dtype(x), masks.mask_kind(keep), causal, need_weights, shared_step,
                self.backend, self.compile_setting, empty, dropout_module, kernels, compile_policy.capturing(),
                checks.forward_ad_active(), self._attention_grad(x, source), torch.compiler.is_compiling())

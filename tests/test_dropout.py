@@ -135,6 +135,25 @@ def test_a_replaced_or_hooked_dropout_module_is_called_as_the_stock_layer_calls_
             assert state is None and ours.last_cache is None
 
 
+@pytest.mark.parametrize("name", ["identity", "custom"])
+def test_a_replaced_dropout_module_under_an_sdpa_kernel_restriction(name):
+    """Under ``sdpa_kernel`` without SDPA's math kernel, a layer whose dropout module has no
+    ``p`` (``nn.Identity``, a module of one's own) computes as the stock layer on the math
+    path, which calls the module: forward and step raised AttributeError ('p')."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    stock, ours = pair(16, 4, 0.0)
+    for layer in (stock, ours):
+        layer.dropout = replacements()[name]
+    gen = torch.Generator().manual_seed(0)
+    query, memory = torch.randn(2, 5, 16, generator=gen, dtype=torch.float64), torch.randn(2, 7, 16, generator=gen, dtype=torch.float64)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.no_grad():
+        torch.testing.assert_close(ours(query, memory)[0], stock(query, memory)[0], rtol=1e-10, atol=1e-10)
+        assert ours.last_backend == "math"
+        got, _ = ours.step(query[:, 0], None, memory=memory)
+        torch.testing.assert_close(got, stock.step(query[:, 0], None, memory=memory)[0], rtol=1e-10, atol=1e-10)
+
+
 def test_a_causal_layer_with_a_replaced_dropout_module():
     """Causal forward equals the stock layer given the causal mask; steps equal forward."""
     stock, ours = pair(16, 4, 0.0, causal=True)
