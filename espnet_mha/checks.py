@@ -168,7 +168,11 @@ def check_features(name, x, ndim, layout, *, n_feat, weight, feature_dim=-1):
 
 
 def check_dense(name, x):
-    """Raise ``TypeError`` unless tensor ``x`` is dense (strided): sparse layouts reach no kernel."""
+    """Raise ``TypeError`` unless tensor ``x`` is dense (strided): sparse layouts reach no
+    kernel, and a nested tensor (strided too, but without sizes) no check."""
+    if x.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor of {x.size(0)} items "
+                        f"(layout {x.layout}); pad it (torch.nested.to_padded_tensor) and pass a mask")
     if x.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout} (shape {tuple(x.shape)}); "
                         "convert it with .to_dense()")
@@ -233,8 +237,9 @@ def check_cache(state, what, *, batch, n_head, d_k, dtype=None, device=None, dev
             f"state must be None or the (b, 2, n_head, T, d_k) cache a previous step returned, "
             f"got {type(state).__name__}"
         )
-    if state.layout != torch.strided:
-        raise TypeError(f"state {what}: it must be a dense (strided) tensor, got layout {state.layout}")
+    if state.is_nested or state.layout != torch.strided:
+        got = f"a nested tensor (layout {state.layout})" if state.is_nested else f"layout {state.layout}"
+        raise TypeError(f"state {what}: it must be a dense (strided) tensor, got {got}")
     problems = []
     if state.dim() != 5 or state.size(1) != 2 or state.size(2) != n_head or state.size(4) != d_k:
         batches = "b" if batch is None else f"1 or {batch}"

@@ -25,8 +25,9 @@ class DecodingSteps:
     """Mixin for :class:`espnet_mha.layer.FlashMultiHeadedAttention`: ``step`` and
     ``default_state`` (needs the layer's ``h``, ``causal``, ``keep_attn``, the parameter
     accessors of :class:`espnet_mha.parameters.ParameterLayout`, ``_select``,
-    ``_sequence``, ``_fn``, ``_check_features``, ``_check_memory``, ``_keep_weights``, and the per-layer
-    records ``_checked_steps``, ``_cache_sources``, ``_query_views``, ``_last``)."""
+    ``_sequence``, ``_fn``, ``_check_features``, ``_frames``, ``_check_memory``,
+    ``_keep_weights``, and the per-layer records ``_checked_steps``, ``_cache_sources``,
+    ``_query_views``, ``_last``)."""
 
     def step(self, query, state, memory=None, mask=None, **kwargs):
         """One decoding step.
@@ -65,7 +66,7 @@ class DecodingSteps:
             if query.size(1) == 1:
                 query = query.squeeze(1)  # (B, 1, D): the stock step takes it too, and returns (B, D)
             elif not self.causal:  # the stock step is forward over all T1 positions: (B, T1, D)
-                return self._stock_step(query, checks.one_frame(memory, query.size(0)), mask), state
+                return self._stock_step(query, self._frames(memory, query.size(0)), mask), state
             else:
                 raise ValueError(f"query of a causal step must be one position per hypothesis, (B, D) or "
                                  f"(B, 1, D), got {tuple(query.shape)}; forward takes several positions")
@@ -76,7 +77,7 @@ class DecodingSteps:
         if isinstance(query, torch.Tensor) and query.dim() == 2:
             query = checks.dense_rows(query)  # the stock step takes a sparse (B, D) query
         self._check_features("query", query, 2, "(B, D)")
-        memory = checks.one_frame(memory, query.size(0))
+        memory = self._frames(memory, query.size(0))
         batch = query.size(0)
         if self.causal:
             # As forward: the encoder memory, and the mask that comes with it, are not ours.
@@ -90,8 +91,9 @@ class DecodingSteps:
             # in a traced or exported graph, where the
             # cache's checks cannot run and its shortcuts (a stride-0 memory, a batch-1
             # state) would be frozen for every later input; and under torch.func
-            # transforms or for tensor subclasses (wrappers such as TwoTensor), whose
-            # tensors may have no storage for the cache's records; and in forward-mode AD,
+            # transforms or for tensor subclasses (wrappers such as TwoTensor, as the memory
+            # or the key/value weights), whose tensors may have no storage for the cache's
+            # records; and in forward-mode AD,
             # where a dual memory has the address and write counter of its primal (a cache
             # of the primal, or of another tangent, lost or misstated the tangent).
             return self._stock_step(query.unsqueeze(1), memory, mask).squeeze(1), state
@@ -148,9 +150,10 @@ class DecodingSteps:
 
     def _cached_step_key(self, query, state, memory):
         """What the checks of a cached cross-attention step depend on (None where the
-        fast path does not apply: subclassed tensors, autocast, tracing, dropout).
+        fast path does not apply: subclassed or nested tensors, autocast, tracing, dropout).
         Every call of a decoding step makes one, so it is kept to plain lookups."""
         if (type(query) is not torch.Tensor or type(state) is not torch.Tensor or type(memory) is not torch.Tensor
+                or query.is_nested or memory.is_nested or state.is_nested
                 or self.causal or self.keep_attn or self._custom_dropout() is not None or self._dropout_p() > 0
                 or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
                 or compile_policy.capturing() or torch._C._are_functorch_transforms_active()

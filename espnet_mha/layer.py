@@ -159,6 +159,13 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
             weight = quantized.projections(self).reference
         checks.check_features(name, x, ndim, layout, n_feat=self.n_feat, weight=weight, feature_dim=feature_dim)
 
+    def _frames(self, memory, batch):
+        """:func:`checks.one_frame` of ``memory`` for a query batch of ``batch``, a 2-D memory's
+        feature size checked first (so an error names the shape given, not the one read)."""
+        if isinstance(memory, torch.Tensor) and memory.dim() == 2 and memory.layout == torch.strided:
+            self._check_features("memory", memory, 2, "(N, D)")
+        return checks.one_frame(memory, batch)
+
     def _check_memory(self, query, memory):
         # Device and dtype: both tensors were checked against the parameters.
         if isinstance(memory, torch.Tensor) and memory.dim() == 2 and memory.layout == torch.strided:
@@ -215,7 +222,7 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
             # one: its linears take that, and give dense projections).
             query = checks.dense_rows(query).unsqueeze(1)
         batch = query.size(0) if isinstance(query, torch.Tensor) and query.dim() else 0
-        out = self._sequence(query, checks.one_frame(memory, batch), mask)
+        out = self._sequence(query, self._frames(memory, batch), mask)
         return (out.transpose(1, 2) if self.transposed else out), None
 
     def _sequence(self, query, memory, mask):

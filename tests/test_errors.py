@@ -151,6 +151,8 @@ def test_query_dtype_must_match_the_parameters_outside_autocast(layer):
          r"query must be 2-D \(B, D\), got shape \(2, 3, 1, 8\)"),
         (torch.randn(2, 6), torch.randn(2, 5, 8), ValueError, r"query has feature size 6"),
         (torch.randn(2, 8), torch.randn(1, 5, 8), ValueError, r"memory batch 1 \(shape \(1, 5, 8\)\) != query batch 2"),
+        # A 2-D memory's shape as given (it named the (2, 2, 6) it would have been read as).
+        (torch.randn(2, 8), torch.randn(4, 6), ValueError, r"memory has feature size 6 \(shape \(4, 6\), \(N, D\)\)"),
     ],
 )
 def test_step_errors(layer, query, memory, error, match):
@@ -342,6 +344,39 @@ def test_a_sparse_input_is_named(where):
         args = {"query": query, "memory": memory, "mask": mask}
         args[name] = args[name].to_sparse()
         with pytest.raises(TypeError, match=rf"{name} must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
+            layer(args["query"], args["memory"], args["mask"])
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+@pytest.mark.parametrize("nested_layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
+@pytest.mark.parametrize("where", ["query", "memory", "mask", "step memory", "step state"])
+def test_a_nested_input_is_named(where, nested_layout):
+    """Nested tensors are refused at the boundary, naming the argument (a strided nested
+    tensor, whose layout reads as strided, failed inside with PyTorch's "Internal error:
+    NestedTensorImpl doesn't support sizes")."""
+    layer = FlashMultiHeadedAttention(8, 2).eval()
+    query, memory, mask = torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.ones(2, 1, 5)
+    name = where.split()[-1]
+
+    def nested(x):
+        return torch.nested.nested_tensor([x[0], x[1, :-1]], layout=nested_layout)
+
+    match = rf"{name} must be a dense \(strided\) tensor, got a nested tensor of 2 items"
+    with torch.no_grad():
+        if where.startswith("step"):
+            _, state = layer.step(query[:, 0], None, memory)
+            layer.step(query[:, 1], state, memory)  # the signature is remembered: the fast path
+            if name == "state":  # a strided nested state of two like items was taken
+                items = [state[0], state[1]] if nested_layout == torch.strided else \
+                    [state[0].reshape(-1, 4), state[1].reshape(-1, 4)]
+                state = torch.nested.nested_tensor(items, layout=nested_layout)
+                match = r"state is not a cross-attention cache .*: it must be a dense \(strided\) tensor, got a nested"
+            with pytest.raises(TypeError, match=match):
+                layer.step(query[:, 2], state, nested(memory) if name == "memory" else memory)
+            return
+        args = {"query": query, "memory": memory, "mask": mask}
+        args[name] = nested(args[name])
+        with pytest.raises(TypeError, match=match):
             layer(args["query"], args["memory"], args["mask"])
 
 
