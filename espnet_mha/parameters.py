@@ -275,10 +275,14 @@ class ParameterLayout:
         (expanded) memory; a cache would call it once, on one row, so such a layer
         computes as the stock step. (The query and output projections are called at
         every step, in the stock order, either way.) Not seen: a module that draws
-        random numbers in its own ``forward`` (``F.dropout``); decode in ``eval()``."""
+        random numbers in its own ``forward`` (``F.dropout``); decode in ``eval()``. Also
+        True for parameters or buffers of a tensor subclass (torchao's, a DTensor), which
+        may have no storage for the cache's records (the step raised)."""
         for module in self._qkv_modules()[-2:]:
             if not quantized.is_plain(module):
                 for part in module.modules():
                     if part.training and (part._buffers or isinstance(part, _DropoutNd)):
                         return True
+                if quantized.has_subclass_tensors(module):
+                    return True
         return False

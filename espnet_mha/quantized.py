@@ -34,6 +34,9 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from espnet_mha import cache, cache_records, compile_policy, dispatch, functional
 from espnet_mha.fused_keys import STOCK_PROJECTIONS
@@ -53,28 +56,46 @@ class Projections:
     fused: Callable = None  # the (..., D) -> (..., 3D) module when q, k, v are its rows
 
 
+# Parameters the layer may read (torch.func.functional_call swaps in plain tensors).
+PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
+
+
 def is_plain(module):
     """Whether the layer may read ``module``'s parameters instead of calling it (its fast
     path): an ``nn.Linear`` itself, holding its weight and bias as parameters, without hooks.
 
     Anything else is called as a module, as the stock layer calls its linears: a
     subclass (loralib's ``Linear`` adds its low-rank update in ``forward``), a
-    parametrization or a quantized swap (no ``weight`` parameter), and forward or
+    parametrization or a quantized swap (no ``weight`` parameter), a weight or bias of
+    a tensor subclass (torchao's, a DTensor: their ``F.linear``), and forward or
     backward hooks on the module, which would otherwise never run. (Global hooks,
     ``register_module_forward_hook``, are not looked at: tracking tools such as
     ``FlopCounterMode`` install them, and would then see another computation.)"""
     params = module._parameters
-    return (type(module) is nn.Linear and params.get("weight") is not None and params.get("bias") is not None
+    return (type(module) is nn.Linear and type(params.get("weight")) in PLAIN_TENSORS
+            and type(params.get("bias")) in PLAIN_TENSORS
             and not module._forward_hooks and not module._forward_pre_hooks and not module._backward_hooks
             and not module._backward_pre_hooks)
 
 
+def has_subclass_tensors(module):
+    """Whether ``module`` or its children hold a parameter or buffer of a tensor subclass
+    (torchao's quantized weights, a DTensor, a wrapper such as TwoTensor): it runs its own
+    kernels, and may have no storage for a decoding cache's records."""
+    return any(type(t) not in PLAIN_TENSORS for t in (*module.parameters(), *module.buffers()))
+
+
 def _why_called(module):
-    if type(module) is not nn.Linear or module._parameters.get("weight") is None:
+    params = module._parameters
+    if type(module) is not nn.Linear or params.get("weight") is None:
         kind = type(module)
         return ("it is an nn.Linear without a plain weight parameter" if kind is nn.Linear
                 else f"it is a {kind.__module__}.{kind.__qualname__}, not an nn.Linear")
-    return "it has no bias" if module._parameters.get("bias") is None else "it has hooks"
+    if params.get("bias") is None:
+        return "it has no bias"
+    subclass = next((t for t in (params["weight"], params["bias"]) if type(t) not in PLAIN_TENSORS), None)
+    return f"its parameters are of a tensor subclass, {type(subclass).__name__}" if subclass is not None \
+        else "it has hooks"
 
 
 def _per_tensor_int8(module):
@@ -180,6 +201,9 @@ def _fused_parts(layer, qkv, out):
 
 
 _SETTING_TYPES = (bool, int, float, str, type(None))
+# What every nn.Module keeps in its __dict__ besides its training flag (parameters,
+# buffers, children and hooks are keyed on their own in modules_key).
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 
 
 def modules_key(layer, modules):
@@ -189,8 +213,8 @@ def modules_key(layer, modules):
     the optimizer steps taken (:func:`espnet_mha.cache_records.optimizer_steps`), the addresses,
     strides and write counters of the modules' parameters (LoRA's, a parametrization's
     originals) and buffers (a pruning mask, ``spectral_norm``'s vectors, a
-    parametrization's constants), and the hooks and plain (bool, number, string, None)
-    attributes of the modules and their children."""
+    parametrization's constants), and the hooks and other attributes (settings, tensors,
+    and containers of those: :func:`_attribute_key`) of the modules and their children."""
     projections(layer)
     subtree = [child for module in modules for child in module.modules()]
     return (layer.__dict__["_projections_made"], cache_records.optimizer_steps(),
@@ -198,10 +222,51 @@ def modules_key(layer, modules):
                   for module in modules for t in (*module.parameters(), *module.buffers())),
             tuple(hook for child in subtree for hook in child._forward_pre_hooks),
             tuple(hook for child in subtree for hook in child._forward_hooks),
-            # Plain settings that change what a module computes (LoRA's scale, an adapter
-            # switched off: 1.4e-2 off when a cache was reused across such a change).
-            tuple((name, value) for child in subtree for name, value in child.__dict__.items()
-                  if type(value) in _SETTING_TYPES))
+            # Settings that change what a module computes (LoRA's scale, an adapter switched
+            # off: 1.4e-2 off when a cache was reused across such a change; a tensor kept as a
+            # plain attribute, peft's dict of scales: 0.19 off, found by a probe).
+            tuple((name, _attribute_key(value)) for child in subtree for name, value in child.__dict__.items()
+                  if name not in _MODULE_INTERNALS and name not in _recomputed(child)))
+
+
+def _recomputed(module):
+    """Names of the tensors that torch's pruning, ``weight_norm`` and ``spectral_norm``
+    hooks set on ``module`` before each call from its parameters and buffers (keyed
+    already): a new tensor each call, which would make every step recompute the cache."""
+    names = ()
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            names += (hook._tensor_name,)
+        elif isinstance(hook, (WeightNorm, SpectralNorm)):
+            names += (hook.name,)
+    return names
+
+
+def _attribute_key(value):
+    """What :func:`modules_key` compares of a module attribute: a setting (bool, number,
+    string, None) as it is; a tensor by address, strides, shape, dtype and write counter;
+    a list, tuple, set or dict of those item by item (one level); anything else (a function,
+    an object of the module's own) not at all (``NotImplemented``)."""
+    kind = type(value)
+    if kind is dict:
+        return tuple((k, _item_key(v)) for k, v in value.items() if type(k) in _SETTING_TYPES)
+    if kind in (list, tuple):
+        return tuple(map(_item_key, value))
+    if kind in (set, frozenset):
+        return frozenset(map(_item_key, value))
+    return _item_key(value)
+
+
+def _item_key(value):
+    """:func:`_attribute_key` of a setting or a tensor; ``NotImplemented`` for anything else."""
+    if type(value) in _SETTING_TYPES:
+        return value
+    if isinstance(value, torch.Tensor):
+        try:
+            return value.data_ptr(), value.stride(), tuple(value.shape), value.dtype, cache.write_counter(value)
+        except (RuntimeError, NotImplementedError):  # no storage (a subclass, meta): its identity
+            return id(value)
+    return NotImplemented
 
 
 def _packed(module):

@@ -266,21 +266,27 @@ class Scaled(nn.Module):
         return weight * self.scale
 
 
-@pytest.mark.parametrize("change", ["prune_mask", "parametrization_buffer"])
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+@pytest.mark.parametrize("change", ["prune_mask", "parametrization_buffer", "weight_norm_hook"])
 def test_a_cache_follows_the_buffers_of_a_called_projection(change):
     """A pruning mask or a parametrization's constant (buffers, not parameters) changed in
-    place between two steps recomputes the cache, as for a parameter (it was reused)."""
-    from torch.nn.utils import parametrize, prune
+    place between two steps recomputes the cache, as for a parameter (it was reused).
+    Pruning and the hook-based ``weight_norm`` set a new ``weight`` tensor before each
+    call, which is no change: the cache is reused until the mask or ``weight_g`` changes."""
+    from torch.nn.utils import parametrize, prune, weight_norm
 
     stock, ours = stock_and_flash(16, 4)
     if change == "prune_mask":
         prune.random_unstructured(ours.linear_qkv, "weight", amount=0.3)
         buffer = ours.linear_qkv.weight_mask
+    elif change == "weight_norm_hook":
+        weight_norm(ours.linear_qkv)
+        buffer = ours.linear_qkv.weight_g
     else:
         parametrize.register_parametrization(ours.linear_qkv, "weight", Scaled())
         buffer = ours.linear_qkv.parametrizations.weight[0].scale
     assert_a_change_between_steps_recomputes(
-        stock, ours, (lambda: buffer[:5].zero_()) if change == "prune_mask" else (lambda: buffer.fill_(2.0)))
+        stock, ours, (lambda: buffer[:5].zero_()) if change != "parametrization_buffer" else (lambda: buffer.fill_(2.0)))
 
 
 def assert_a_change_between_steps_recomputes(stock, ours, change):
@@ -296,6 +302,34 @@ def assert_a_change_between_steps_recomputes(stock, ours, change):
         got, _ = ours.step(query, state[:1], memory=memory)
     assert ours.last_cache == "recomputed: the key/value weights changed since the state was made"
     torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["fused", "stock"])
+def test_parameters_of_a_tensor_subclass_are_called_as_modules(layout, caplog):
+    """Linears whose weights are a tensor subclass (as torchao's quantized weights or a
+    DTensor; here TwoTensor, which has no storage of its own) are called as modules, so
+    the subclass runs its own F.linear; a step computes as the stock step, without a
+    cache (it raised: the cache's records read the weights' storage)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    stock, ours = stock_and_flash(16, 4, state_dict_layout=layout)
+    for layer in (stock, ours):
+        for linear in layer.children():
+            if isinstance(linear, nn.Linear):
+                weight = linear.weight.detach()
+                linear.weight = nn.Parameter(TwoTensor(weight.clone(), weight.clone()), requires_grad=False)
+    query, memory = seq(2, 3, 16).double(), seq(2, 5, 16, seed=1).double()
+    fp64 = dict(rtol=1e-10, atol=1e-10)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="espnet_mha"):
+        got = ours(query, memory)[0]
+        assert type(got) is TwoTensor
+        torch.testing.assert_close(got.a, stock(query, memory)[0].a, **fp64)
+        state = None
+        for t in range(3):
+            got, state = ours.step(query[:, t], state, memory=memory)
+            torch.testing.assert_close(got.a, stock.step(query[:, t], None, memory=memory)[0].a, **fp64)
+            assert state is None and ours.last_cache is None
+    assert "its parameters are of a tensor subclass, TwoTensor" in caplog.text
 
 
 def test_a_projection_without_bias_is_called_as_a_module():
@@ -315,30 +349,38 @@ def test_a_projection_without_bias_is_called_as_a_module():
 
 
 class Adapter(nn.Module):
-    """A LoRA-style wrapper: a child linear, and a plain attribute that changes the output."""
+    """A LoRA-style wrapper: a child linear, and attributes that change the output: a
+    number, a dict of numbers (as peft's ``scaling``) and a tensor that is neither a
+    parameter nor a buffer."""
 
     def __init__(self, base):
         super().__init__()
-        self.base, self.scale = base, 1.0
+        self.base, self.scale, self.scaling = base, 1.0, {"default": 1.0}
+        self.gate = torch.ones((), dtype=base.weight.dtype)
         gen = torch.Generator().manual_seed(3)
         self.down = nn.Parameter(torch.randn(2, base.in_features, generator=gen, dtype=base.weight.dtype))
         self.up = nn.Parameter(torch.randn(base.out_features, 2, generator=gen, dtype=base.weight.dtype))
 
     def forward(self, x):
-        return self.base(x) + self.scale * (x @ self.down.t() @ self.up.t())
+        return self.base(x) + self.scale * self.scaling["default"] * self.gate * (x @ self.down.t() @ self.up.t())
 
 
-@pytest.mark.parametrize("change", ["attribute", "child_hook"])
+@pytest.mark.parametrize("change", ["attribute", "dict_attribute", "tensor_attribute", "child_hook"])
 def test_a_cache_follows_the_settings_and_child_hooks_of_a_called_projection(change):
-    """An adapter switched off through a plain attribute (its scale set to 0), or a hook on a
-    child of the projection, between two steps recomputes the cache (it was reused: 1.4e-2
-    and 9.3e-2 off the stock step, which projects the memory every step)."""
+    """An adapter switched off through an attribute (its scale, an entry of a dict of
+    scales, or a tensor attribute set to 0), or a hook on a child of the projection,
+    between two steps recomputes the cache (it was reused: 1.4e-2 and 9.3e-2 off the stock
+    step, which projects the memory every step; the dict and the tensor were not looked at)."""
     stock, ours = stock_and_flash(16, 4)
     ours.linear_qkv = adapter = Adapter(ours.linear_qkv)
 
     def change_it():
         if change == "attribute":
             adapter.scale = 0.0
+        elif change == "dict_attribute":
+            adapter.scaling["default"] = 0.0
+        elif change == "tensor_attribute":
+            adapter.gate.zero_()
         else:
             adapter.base.register_forward_hook(lambda module, args, output: 2 * output)
 
