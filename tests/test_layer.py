@@ -305,10 +305,12 @@ def test_autocast_bfloat16_error_is_within_twice_the_stock_error():
 
 
 @pytest.mark.parametrize("init", ["xavier_uniform", "xavier_normal", "kaiming_uniform", "normal", "chainer"])
-def test_espnet_init_gives_the_stock_weights(init):
+@pytest.mark.parametrize("d_model", [24, 6])
+def test_espnet_init_gives_the_stock_weights(init, d_model, layout):
     """ESPnet's --init on a whole decoder, same seed: the fused q/k/v weights get what the
     stock layer's three linears get (xavier counted the fused fan-out, 3D, and started
-    them sqrt(2) times smaller)."""
+    them sqrt(2) times smaller). At a width that is not a multiple of 4, the normal draws
+    differ in the fused layout (README, "Differences"); the stock layout's match."""
     from espnet2.torch_utils.initialize import initialize
 
     from espnet_mha import to_fused
@@ -316,7 +318,7 @@ def test_espnet_init_gives_the_stock_weights(init):
 
     decoders = []
     for name in ("mha", "flash_mha"):
-        decoder = build_s4_decoder(name, vocab_size=11, d_model=24, n_layers=2, n_head=3)
+        decoder = build_s4_decoder(name, vocab_size=11, d_model=d_model, n_layers=2, n_head=3)
         torch.manual_seed(5)
         try:
             initialize(decoder, init)
@@ -329,6 +331,11 @@ def test_espnet_init_gives_the_stock_weights(init):
     if any(key.endswith("linear_qkv.weight") for key in ours):
         stock = to_fused(stock)
     assert sorted(stock) == sorted(ours)
+    if d_model % 4 and layout == "fused" and init not in ("xavier_uniform", "kaiming_uniform"):
+        # The documented difference (PyTorch's normal_ draws a size that is not a multiple
+        # of 16 in another way): if this fails, PyTorch changed, and so does the README.
+        assert not all(torch.allclose(ours[key], stock[key], rtol=1e-6, atol=0) for key in stock)
+        return
     for key in stock:
         torch.testing.assert_close(ours[key], stock[key], rtol=1e-6, atol=0, msg=key)
 
