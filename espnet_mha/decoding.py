@@ -121,16 +121,26 @@ class DecodingSteps:
             self._last["cache"] = f"recomputed: {stale}" if stale else "filled"
             if stale:
                 logger.debug("espnet_mha: cross-attention cache recomputed: %s", stale)
-        self._remember_source(kv, memory, key, weights, reused=kv is state)
         if proj is not None:
-            out, weights = quantized.attend_cached(proj, query, kv, keep, backend=backend,
-                                                   dropout_p=self._dropout_p())
+            out, attn = quantized.attend_cached(proj, query, kv, keep, backend=backend,
+                                                dropout_p=self._dropout_p())
+            # The called modules as this step leaves them: one that keeps its last input or
+            # output changes that attribute at each call, which is no change of its weights
+            # (keyed before the calls, the cache was recomputed at every step).
+            weights = self._weights()
         else:
-            out, weights = self._fn(functional.attend_cached, query)(
+            out, attn = self._fn(functional.attend_cached, query)(
                 query, kv, keep, *self._decoding_params(), backend=backend, dropout_p=self._dropout_p(),
                 need_weights=self.keep_attn,
             )
-        self._keep_weights(weights)
+        self._keep_weights(attn)
+        if type(kv) is not torch.Tensor:
+            # A called projection that returns a tensor subclass (an attribute of one, kernels
+            # of its own): nothing to record of its storage (the step raised). Used for this
+            # step only, the state passed through, as by the stock step.
+            self._last["cache"] = None
+            return out, state
+        self._remember_source(kv, memory, key, weights, reused=kv is state)
         if not self.keep_attn and state is kv and keep is None and proj is None:
             key = self._cached_step_key(query, state, memory)
             # A key holds the device and the compile setting, so a call that compiles

@@ -161,8 +161,10 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
 
     def _frames(self, memory, batch):
         """:func:`checks.one_frame` of ``memory`` for a query batch of ``batch``, a 2-D memory's
-        feature size checked first (so an error names the shape given, not the one read)."""
-        if isinstance(memory, torch.Tensor) and memory.dim() == 2 and memory.layout == torch.strided:
+        feature size checked first (so an error names the shape given, not the one read). A
+        causal layer ignores the memory, whatever it is."""
+        if not self.causal and isinstance(memory, torch.Tensor) and memory.dim() == 2 \
+                and memory.layout == torch.strided:
             self._check_features("memory", memory, 2, "(N, D)")
         return checks.one_frame(memory, batch)
 

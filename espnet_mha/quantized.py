@@ -29,11 +29,13 @@ one by one, as the stock layer's, and they are called as they are.
 """
 
 import logging
+from types import SimpleNamespace
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.utils import prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -57,7 +59,21 @@ class Projections:
 
 
 # Parameters the layer may read (torch.func.functional_call swaps in plain tensors).
-PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
+_PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
+
+
+def readable(tensor):
+    """Whether the layer may read ``tensor`` as a parameter (slice it, hand it to its own
+    GEMMs): a plain tensor or ``nn.Parameter``, a subclass of ``nn.Parameter`` that
+    changes no dispatch (a tag), or a FakeTensor (``torch.export`` traces with them). Not
+    a tensor subclass with kernels of its own (torchao's, a DTensor, TwoTensor)."""
+    kind = type(tensor)
+    if kind in _PLAIN_TENSORS:
+        return True
+    if not isinstance(tensor, torch.Tensor):
+        return False
+    return is_fake(tensor) or (kind.__torch_dispatch__ is torch.Tensor.__torch_dispatch__
+                               and kind.__torch_function__ == nn.Parameter.__torch_function__)
 
 
 def is_plain(module):
@@ -72,8 +88,7 @@ def is_plain(module):
     ``register_module_forward_hook``, are not looked at: tracking tools such as
     ``FlopCounterMode`` install them, and would then see another computation.)"""
     params = module._parameters
-    return (type(module) is nn.Linear and type(params.get("weight")) in PLAIN_TENSORS
-            and type(params.get("bias")) in PLAIN_TENSORS
+    return (type(module) is nn.Linear and readable(params.get("weight")) and readable(params.get("bias"))
             and not module._forward_hooks and not module._forward_pre_hooks and not module._backward_hooks
             and not module._backward_pre_hooks)
 
@@ -82,7 +97,7 @@ def has_subclass_tensors(module):
     """Whether ``module`` or its children hold a parameter or buffer of a tensor subclass
     (torchao's quantized weights, a DTensor, a wrapper such as TwoTensor): it runs its own
     kernels, and may have no storage for a decoding cache's records."""
-    return any(type(t) not in PLAIN_TENSORS for t in (*module.parameters(), *module.buffers()))
+    return not all(map(readable, (*module.parameters(), *module.buffers())))
 
 
 def _why_called(module):
@@ -93,7 +108,7 @@ def _why_called(module):
                 else f"it is a {kind.__module__}.{kind.__qualname__}, not an nn.Linear")
     if params.get("bias") is None:
         return "it has no bias"
-    subclass = next((t for t in (params["weight"], params["bias"]) if type(t) not in PLAIN_TENSORS), None)
+    subclass = next((t for t in (params["weight"], params["bias"]) if not readable(t)), None)
     return f"its parameters are of a tensor subclass, {type(subclass).__name__}" if subclass is not None \
         else "it has hooks"
 
@@ -245,14 +260,15 @@ def _recomputed(module):
 def _attribute_key(value):
     """What :func:`modules_key` compares of a module attribute: a setting (bool, number,
     string, None) as it is; a tensor by address, strides, shape, dtype and write counter;
-    a list, tuple, set or dict of those item by item (one level); anything else (a function,
-    an object of the module's own) not at all (``NotImplemented``)."""
-    kind = type(value)
-    if kind is dict:
+    a list, tuple, set, dict or ``SimpleNamespace`` of those item by item (one level);
+    anything else (a function, an object of the module's own) not at all (``NotImplemented``)."""
+    if isinstance(value, SimpleNamespace):
+        value = vars(value)
+    if isinstance(value, dict):  # OrderedDict, defaultdict too
         return tuple((k, _item_key(v)) for k, v in value.items() if type(k) in _SETTING_TYPES)
-    if kind in (list, tuple):
+    if isinstance(value, (list, tuple)):
         return tuple(map(_item_key, value))
-    if kind in (set, frozenset):
+    if isinstance(value, (set, frozenset)):
         return frozenset(map(_item_key, value))
     return _item_key(value)
 

@@ -585,6 +585,10 @@ def test_a_causal_step_ignores_the_memory_and_its_mask():
     for t in range(5):
         got, state = ours.step(query[:, t], state, memory=memory, mask=mask)
         torch.testing.assert_close(got, expected[:, t], rtol=1e-10, atol=1e-10)
+    # Whatever the memory is: a 2-D one of another width or dtype too (it was refused).
+    other = torch.randn(4, 6)
+    torch.testing.assert_close(ours(query, other)[0], expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.step(query[:, 0], None, memory=other)[0], expected[:, 0], rtol=1e-10, atol=1e-10)
 
 
 def test_a_state_changed_in_place_is_recomputed():

@@ -7,6 +7,8 @@ compute the same (fp32 tolerance), forward and step, and give the same n-best.
 """
 
 import logging
+from collections import OrderedDict
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -332,6 +334,59 @@ def test_parameters_of_a_tensor_subclass_are_called_as_modules(layout, caplog):
     assert "its parameters are of a tensor subclass, TwoTensor" in caplog.text
 
 
+def test_a_projection_that_returns_a_tensor_subclass_is_used_for_one_step():
+    """A called key/value projection whose output is a tensor subclass (here through a
+    TwoTensor attribute): its keys and values serve the step they were made for, the state
+    passes through, as the stock step's (the step raised: the cache's records read the
+    storage, which such a tensor does not have)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    class Gated(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            one = torch.ones((), dtype=base.weight.dtype)
+            self.base, self.gate = base, TwoTensor(one, one.clone())
+
+        def forward(self, x):
+            return self.base(x) * self.gate
+
+    stock, ours = stock_and_flash(16, 4, state_dict_layout="stock")
+    for layer in (stock, ours):
+        for name in ("linear_q", "linear_k", "linear_v"):
+            setattr(layer, name, Gated(getattr(layer, name)))
+    query, memory = seq(3, 2, 16).double(), seq(2, 5, 16, seed=1).double()
+    with torch.no_grad():
+        state = None
+        for t in range(3):
+            got, state = ours.step(query[t], state, memory=memory)
+            assert state is None and ours.last_cache is None
+            torch.testing.assert_close(got.a, stock.step(query[t], None, memory=memory)[0].a, rtol=1e-10, atol=1e-10)
+
+
+def test_parameters_that_are_only_tagged_or_fake_are_read():
+    """An nn.Parameter subclass that changes no dispatch (a tag) and the FakeTensors of a
+    non-strict torch.export are read as plain parameters (the fast path, the cache): the
+    tagged one took the stock step, 80x slower, and export projected with the whole fused
+    weight, both after tensor-subclass weights came to be called as modules."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class TaggedParameter(nn.Parameter):
+        pass
+
+    stock, ours = stock_and_flash(16, 4)
+    ours.linear_qkv.weight = TaggedParameter(ours.linear_qkv.weight.detach())
+    assert quantized.is_plain(ours.linear_qkv)
+    query, memory = seq(2, 16).double(), seq(1, 5, 16, seed=1).double().expand(2, -1, -1)
+    with torch.no_grad():
+        _, state = ours.step(query, None, memory=memory)
+        got, _ = ours.step(query, state, memory=memory)
+    assert ours.last_cache == "reused"
+    torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], rtol=1e-10, atol=1e-10)
+    with FakeTensorMode():
+        fake = nn.Linear(4, 4)
+    assert quantized.is_plain(fake)
+
+
 def test_a_projection_without_bias_is_called_as_a_module():
     """A bias-less nn.Linear put in as linear_qkv (the stock layer's with zero biases)."""
     stock, ours = stock_and_flash(16, 4)
@@ -356,21 +411,30 @@ class Adapter(nn.Module):
     def __init__(self, base):
         super().__init__()
         self.base, self.scale, self.scaling = base, 1.0, {"default": 1.0}
+        self.options = SimpleNamespace(scale=1.0)
+        self.ordered = OrderedDict(scale=1.0)
         self.gate = torch.ones((), dtype=base.weight.dtype)
+        self.last_output = None  # what a recorder keeps: changed by every call, no change of the weights
         gen = torch.Generator().manual_seed(3)
         self.down = nn.Parameter(torch.randn(2, base.in_features, generator=gen, dtype=base.weight.dtype))
         self.up = nn.Parameter(torch.randn(base.out_features, 2, generator=gen, dtype=base.weight.dtype))
 
     def forward(self, x):
-        return self.base(x) + self.scale * self.scaling["default"] * self.gate * (x @ self.down.t() @ self.up.t())
+        scale = self.scale * self.scaling["default"] * self.options.scale * self.ordered["scale"]
+        self.last_output = self.base(x) + scale * self.gate * (x @ self.down.t() @ self.up.t())
+        return self.last_output
 
 
-@pytest.mark.parametrize("change", ["attribute", "dict_attribute", "tensor_attribute", "child_hook"])
+@pytest.mark.parametrize("change", ["attribute", "dict_attribute", "ordered_dict_attribute", "namespace_attribute",
+                                    "tensor_attribute", "child_hook"])
 def test_a_cache_follows_the_settings_and_child_hooks_of_a_called_projection(change):
-    """An adapter switched off through an attribute (its scale, an entry of a dict of
-    scales, or a tensor attribute set to 0), or a hook on a child of the projection,
-    between two steps recomputes the cache (it was reused: 1.4e-2 and 9.3e-2 off the stock
-    step, which projects the memory every step; the dict and the tensor were not looked at)."""
+    """An adapter switched off through an attribute (its scale, an entry of a dict, an
+    OrderedDict or a SimpleNamespace of scales, or a tensor attribute set to 0), or a hook
+    on a child of the projection, between two steps recomputes the cache (it was reused:
+    1.4e-2 and 9.3e-2 off the stock step, which projects the memory every step; the
+    containers and the tensor were not looked at). The output the adapter keeps of each
+    call is no change: the cache is reused until the change (it was recomputed at every
+    step once tensor attributes were keyed)."""
     stock, ours = stock_and_flash(16, 4)
     ours.linear_qkv = adapter = Adapter(ours.linear_qkv)
 
@@ -379,6 +443,10 @@ def test_a_cache_follows_the_settings_and_child_hooks_of_a_called_projection(cha
             adapter.scale = 0.0
         elif change == "dict_attribute":
             adapter.scaling["default"] = 0.0
+        elif change == "ordered_dict_attribute":
+            adapter.ordered["scale"] = 0.0
+        elif change == "namespace_attribute":
+            adapter.options.scale = 0.0
         elif change == "tensor_attribute":
             adapter.gate.zero_()
         else:
