@@ -63,7 +63,7 @@ def storage_ref(tensor):
 def weights_key(weight, bias):
     """Addresses, strides and write counters of a plain ``nn.Linear``'s weight and bias (the
     fused projection, or the stock ``linear_k``/``linear_v``; modules the layer calls:
-    :func:`espnet_mha.quantized.modules_key`)."""
+    :func:`espnet_mha.module_keys.modules_key`)."""
     return (weight.data_ptr(), weight.stride(), write_counter(weight), bias.data_ptr(), write_counter(bias),
             _optimizer_steps[0])
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from espnet_mha import cache_records, quantized
+from espnet_mha import cache_records, module_keys, quantized
 from espnet_mha.fused_keys import FUSED_PROJECTION, STOCK_PROJECTIONS
 
 _ESPNET_INITIALIZE = "espnet2.torch_utils.initialize"  # the module whose initialize() calls our hook
@@ -259,13 +259,13 @@ class ParameterLayout:
         return (cache_records.weights_key(w_k, b_k), cache_records.weights_key(w_v, b_v)), (w_k, b_k, w_v, b_v)
 
     def _weights(self):
-        """:meth:`_plain_weights`, else :func:`quantized.modules_key` of the modules the layer
+        """:meth:`_plain_weights`, else :func:`module_keys.modules_key` of the modules the layer
         calls for the keys and values, and their parameters (see :func:`cache_records.record`)."""
         plain = self._plain_weights()
         if plain is not None:
             return plain
         modules = self._qkv_modules()[-2:]
-        return quantized.modules_key(self, modules), tuple(p for module in modules for p in module.parameters())
+        return module_keys.modules_key(self, modules), tuple(p for module in modules for p in module.parameters())
 
     def _kv_may_change(self):
         """Whether the key/value projection, called as a module (not a plain linear), may
