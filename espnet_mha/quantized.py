@@ -139,7 +139,13 @@ def _requantized_parts(quantized, source):
         return type(quantized).from_float(linear)
 
     with torch.no_grad():
-        weight, bias = source.weight.detach().float(), source.bias.detach().float()
+        # The bias is the quantized module's own (float, kept as it is by the quantization):
+        # one set on it since the swap (set_weight_bias, a quantized checkpoint) was lost
+        # for the float copy's, 1.4 off the quantized stock layer (a probe).
+        bias = quantized.bias()
+        if bias is None:
+            return None
+        weight, bias = source.weight.detach().float(), bias.detach().float()
         fused = quantize(weight, bias).weight()
         expected = quantized.weight()
         if fused.q_scale() != expected.q_scale() or not torch.equal(fused.int_repr(), expected.int_repr()):

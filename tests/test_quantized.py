@@ -334,6 +334,26 @@ def test_parameters_of_a_tensor_subclass_are_called_as_modules(layout, caplog):
     assert "its parameters are of a tensor subclass, TwoTensor" in caplog.text
 
 
+def test_a_new_bias_on_a_quantized_fused_projection_is_used():
+    """A qint8 fused linear_qkv given a new bias after the swap (set_weight_bias, or a
+    quantized checkpoint of bias-only tuning) computes with it, as the quantized stock
+    layer's linear_v does: the re-quantized q/k/v parts took the float copy's old bias,
+    silently (1.4 off, found by a probe). Steps too, with the cache recomputed."""
+    stock, ours = (quantize(layer, torch.qint8) for layer in stock_and_flash(32, 4, dtype=torch.float32))
+    query, memory = seq(2, 3, 32), seq(2, 7, 32, seed=1)
+    with torch.no_grad():
+        _, state = ours.step(query[:, 0], None, memory=memory)
+        new_bias = torch.randn(32, generator=torch.Generator().manual_seed(5))
+        stock.linear_v.set_weight_bias(stock.linear_v.weight(), new_bias)
+        bias = ours.linear_qkv.bias().clone()
+        bias[64:] = new_bias
+        ours.linear_qkv.set_weight_bias(ours.linear_qkv.weight(), bias)
+        torch.testing.assert_close(ours(query, memory)[0], stock(query, memory)[0], rtol=1e-5, atol=1e-5)
+        got, _ = ours.step(query[:, 1], state, memory=memory)
+        assert ours.last_cache.startswith("recomputed")
+        torch.testing.assert_close(got, stock.step(query[:, 1], None, memory=memory)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_a_projection_that_returns_a_tensor_subclass_is_used_for_one_step():
     """A called key/value projection whose output is a tensor subclass (here through a
     TwoTensor attribute): its keys and values serve the step they were made for, the state
