@@ -134,6 +134,7 @@ def to_fused(state_dict, *, model=None, layer_pattern=DEFAULT_LAYER_PATTERN):
             logger.warning("to_fused converted nothing: the model has no FlashMultiHeadedAttention with the fused "
                            "linear_qkv (a stock model, or layers built with state_dict_layout='stock', as the mha "
                            "name builds them under use_for_mha()), whose state dict keeps linear_q/k/v")
+    _check_plain_stock(state_dict, layers)
     return _convert(state_dict, layers, fuse=True)
 
 
@@ -175,6 +176,25 @@ def _check_plain_fused(keys):
             "torch.nn.utils.prune.remove(layer.linear_qkv, 'weight') for pruning, "
             "torch.nn.utils.parametrize.remove_parametrizations(layer.linear_qkv, 'weight') for a parametrization."
         )
+
+
+def _check_plain_stock(state_dict, prefixes):
+    """Raise if a stock projection of a layer to be fused has keys beyond ``weight``/``bias``
+    (loralib's ``lora_A``/``lora_B``, a parametrization's, quantized packed weights): the
+    fused ``linear_qkv`` has no place for them, and a non-strict load (ESPnet's
+    ``build_model_from_file``) dropped them without a word (a probe)."""
+    for prefix in prefixes:
+        for name in STOCK_PROJECTIONS:
+            start = f"{prefix}{name}."
+            other = [key for key in state_dict if isinstance(key, str) and key.startswith(start)
+                     and key[len(start):] not in PARAMS]
+            if other:
+                raise ValueError(
+                    f"{other[0]} (and {len(other) - 1} more such keys): this layer's {name} is not a plain "
+                    "nn.Linear (adapted, parametrized or quantized), and the fused linear_qkv has no place for "
+                    "its keys. Merge the adapter into the weight and drop its keys first, or keep the stock "
+                    "parameter layout (state_dict_layout: stock), which keeps linear_q/k/v and their adapters."
+                )
 
 
 def _unfuse_checked(layer, prefix):

@@ -44,14 +44,16 @@ def stock_config(config):
     our options) are ``mha`` without our options, and the paths of those layers.
 
     Raises:
-        ConversionError: a layer has ``causal: true``, which the stock layer cannot compute.
+        ConversionError: a ``flash_mha`` layer has ``causal: true``, which the stock layer
+            cannot compute (an ``mha`` layer's is dropped: the ``mha`` name ignores it).
     """
     def rename(item, path):
         name = item.get("_name_")
         if name not in (OUR_NAME, STOCK_NAME):
             return None
-        # mha too: under ESPNET_MHA_REPLACE_MHA=1 it builds our layer, which reads our options.
-        if item.get("causal"):
+        # mha too: under ESPNET_MHA_REPLACE_MHA=1 it builds our layer, which reads our options
+        # but causal, which it ignores, as the stock layer does.
+        if name == OUR_NAME and item.get("causal"):
             raise ConversionError(f"{path}: {name} with causal: true has no stock equivalent (the stock mha "
                                   "attends to every position); not exported")
         if name == OUR_NAME or any(k in item for k in OUR_OPTIONS):

@@ -253,8 +253,10 @@ def test_an_mha_layer_with_our_options_is_made_stock_too(tmp_path):
     assert stock_config({"layer": [layer]}) == ({"layer": [{"_name_": "mha", "n_head": 2}]}, ["layer[0]"])
     assert stock_config({"layer": [{"_name_": "mha", "n_head": 2}]}) == ({"layer": [{"_name_": "mha", "n_head": 2}]},
                                                                           [])
-    with pytest.raises(ConversionError, match=r"layer\[0\]: mha with causal: true has no stock equivalent"):
-        stock_config({"layer": [{"_name_": "mha", "causal": True}]})
+    # The mha name ignores causal (as the stock layer does): dropped, where it was refused
+    # as if the layer had been causal (fused_config drops it too).
+    assert stock_config({"layer": [{"_name_": "mha", "causal": True}]}) == ({"layer": [{"_name_": "mha"}]},
+                                                                             ["layer[0]"])
 
 
 def test_a_stock_folder_converted_in_place_resumes_and_averages_with_flash_mha(tmp_path, capsys):

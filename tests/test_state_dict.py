@@ -353,6 +353,30 @@ def test_to_stock_refuses_a_fused_projection_that_is_not_a_plain_linear(change):
         to_stock(layer.state_dict())
 
 
+@pytest.mark.parametrize("change", ["lora", "weight_norm"])
+@pytest.mark.parametrize("with_model", [False, True], ids=["pattern", "model"])
+def test_to_fused_refuses_a_stock_projection_that_is_not_a_plain_linear(change, with_model):
+    """The mirror of to_stock's refusal: a stock layer's linear_q with LoRA's lora_A/lora_B
+    (loralib's Linear saves them beside weight and bias) or a parametrization has keys the
+    fused linear_qkv has no place for; they were left in the result, which a non-strict
+    load (ESPnet's build_model_from_file) dropped without a word."""
+    from espnet2.asr.state_spaces.attention import MultiHeadedAttention
+
+    from espnet_mha import to_fused
+
+    stock = MultiHeadedAttention(16, 4).eval()
+    if change == "lora":
+        stock.linear_q.register_parameter("lora_A", torch.nn.Parameter(torch.zeros(2, 16)))
+        stock.linear_q.register_parameter("lora_B", torch.nn.Parameter(torch.zeros(16, 2)))
+    else:
+        torch.nn.utils.parametrizations.weight_norm(stock.linear_q)
+    model = FlashMultiHeadedAttention(16, 4, state_dict_layout="fused") if with_model else None
+    with pytest.raises(ValueError, match=r"^linear_q\.\S+ \(and \d+ more such keys\): this layer's linear_q is not "
+                                         r"a plain nn.Linear \(adapted, parametrized or quantized\), and the fused "
+                                         r"linear_qkv has no place for its keys"):
+        to_fused(stock.state_dict(), model=model)
+
+
 def test_load_stock_or_fused_keeps_a_models_own_module_prefix():
     """A model whose child is named ``module`` (not DDP): its keys start with ``module.``,
     which the loader took for DDP's and removed (every key then missing)."""
