@@ -242,6 +242,11 @@ def _plan(src, report):
         elif not path.is_file():
             continue
         files.append(path)
+    for path in sorted(src.glob("checkpoint_*")):
+        if path.is_dir():  # espnet2.train.deepspeed_trainer's model.save_checkpoint(output_dir / f"checkpoint_{epoch}")
+            report.skipped.append((path.name, "a DeepSpeed checkpoint folder (ESPnet's DeepSpeed trainer), not "
+                                              "converted: resuming or averaging from it needs the old layout; "
+                                              "convert it to one file first (DeepSpeed's zero_to_fp32.py)"))
     return files, links
 
 

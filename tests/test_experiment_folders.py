@@ -472,8 +472,8 @@ def test_lightning_files_in_the_layout_get_their_arguments_converted_and_sharded
     """A flash_mha run with the stock parameters (``state_dict_layout: stock``) exported to stock:
     its ``*.ckpt`` weights need nothing, but their saved arguments still built flash_mha, which
     ESPnet without espnet-mha cannot load (they were copied as they were: an audit). A folder
-    named ``*.ckpt`` (Lightning's sharded checkpoints) and a link to it are reported, not
-    passed over in silence."""
+    named ``*.ckpt`` (Lightning's sharded checkpoints), a link to it and ESPnet's DeepSpeed
+    checkpoint folders (``checkpoint_<epoch>``) are reported, not passed over in silence."""
     root = tmp_path / "exp"
     root.mkdir()
     lit, optimizer = lightning_model(tmp_path, "flash_mha", seed=6, state_dict_layout="stock")
@@ -483,12 +483,15 @@ def test_lightning_files_in_the_layout_get_their_arguments_converted_and_sharded
     (root / "step2.ckpt").mkdir()
     (root / "step2.ckpt" / "shard_0.distcp").write_bytes(b"shard")
     (root / "last.ckpt").symlink_to("step2.ckpt")
+    (root / "checkpoint_3" / "3").mkdir(parents=True)  # ESPnet's DeepSpeed trainer's, by epoch
+    (root / "checkpoint_3" / "3" / "mp_rank_00_model_states.pt").write_bytes(b"states")
     out = tmp_path / "stock"
     assert run(root, out, "--to", "stock", "--allow-global", "argparse.Namespace") == 0
     report = capsys.readouterr().out
     assert "copied step1.ckpt: nothing to convert (its saved training arguments rewritten as config.yaml)" in report
     assert "skipped step2.ckpt: a folder (a sharded checkpoint?), not converted" in report
     assert "skipped last.ckpt: a link to step2.ckpt, a folder, not converted" in report
+    assert "skipped checkpoint_3: a DeepSpeed checkpoint folder (ESPnet's DeepSpeed trainer), not converted" in report
     saved = torch.load(out / "step1.ckpt", weights_only=False)
     layer = saved["hyper_parameters"]["args"].decoder_conf["layer"][1]
     assert layer["_name_"] == "mha" and "state_dict_layout" not in layer
