@@ -180,7 +180,7 @@ def _check_plain_fused(keys):
 
 def _check_plain_stock(state_dict, prefixes):
     """Raise if a stock projection of a layer to be fused has keys beyond ``weight``/``bias``
-    (loralib's ``lora_A``/``lora_B``, a parametrization's, quantized packed weights): the
+    (loralib's ``lora_A``/``lora_B``, a parametrization's ``original0``/``original1``): the
     fused ``linear_qkv`` has no place for them, and a non-strict load (ESPnet's
     ``build_model_from_file``) dropped them without a word (a probe)."""
     for prefix in prefixes:
@@ -191,7 +191,7 @@ def _check_plain_stock(state_dict, prefixes):
             if other:
                 raise ValueError(
                     f"{other[0]} (and {len(other) - 1} more such keys): this layer's {name} is not a plain "
-                    "nn.Linear (adapted, parametrized or quantized), and the fused linear_qkv has no place for "
+                    "nn.Linear (adapted or parametrized), and the fused linear_qkv has no place for "
                     "its keys. Merge the adapter into the weight and drop its keys first, or keep the stock "
                     "parameter layout (state_dict_layout: stock), which keeps linear_q/k/v and their adapters."
                 )

@@ -372,7 +372,7 @@ def test_to_fused_refuses_a_stock_projection_that_is_not_a_plain_linear(change, 
         torch.nn.utils.parametrizations.weight_norm(stock.linear_q)
     model = FlashMultiHeadedAttention(16, 4, state_dict_layout="fused") if with_model else None
     with pytest.raises(ValueError, match=r"^linear_q\.\S+ \(and \d+ more such keys\): this layer's linear_q is not "
-                                         r"a plain nn.Linear \(adapted, parametrized or quantized\), and the fused "
+                                         r"a plain nn.Linear \(adapted or parametrized\), and the fused "
                                          r"linear_qkv has no place for its keys"):
         to_fused(stock.state_dict(), model=model)
 
