@@ -160,20 +160,21 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
         checks.check_features(name, x, ndim, layout, n_feat=self.n_feat, weight=weight, feature_dim=feature_dim)
 
     def _frames(self, memory, batch):
-        """:func:`checks.one_frame` of ``memory`` for a query batch of ``batch``, a 2-D memory's
-        feature size checked first (so an error names the shape given, not the one read). A
-        causal layer ignores the memory, whatever it is."""
-        if not self.causal and isinstance(memory, torch.Tensor) and memory.dim() == 2 \
-                and memory.layout == torch.strided:
-            self._check_features("memory", memory, 2, "(N, D)")
-        return checks.one_frame(memory, batch)
+        """:func:`checks.one_frame` of ``memory`` for a query batch of ``batch``. A 2-D memory
+        is checked here, where it is read: its feature size first (so an error names the
+        shape given, not the one read), then whether the stock view could read it. A causal
+        layer ignores the memory, whatever it is."""
+        if self.causal or not (isinstance(memory, torch.Tensor) and memory.dim() == 2
+                               and memory.layout == torch.strided):
+            return checks.one_frame(memory, batch)
+        self._check_features("memory", memory, 2, "(N, D)")
+        memory = checks.one_frame(memory, batch)
+        checks.check_read_as_frames("memory", memory, batch)  # one the stock view cannot read stays 2-D
+        return memory
 
     def _check_memory(self, query, memory):
-        # Device and dtype: both tensors were checked against the parameters.
-        if isinstance(memory, torch.Tensor) and memory.dim() == 2 and memory.layout == torch.strided:
-            # checks.one_frame reads every 2-D memory the stock view can; this one it cannot.
-            self._check_features("memory", memory, 2, "(N, D)")
-            checks.check_read_as_frames("memory", memory, query.size(0))
+        # Device and dtype: both tensors were checked against the parameters; a 2-D memory
+        # was read (or refused) by _frames, which every caller runs first.
         self._check_features("memory", memory, 3, "(B, T2, D)")
         checks.check_same_batch(query, memory)
 
