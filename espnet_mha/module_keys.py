@@ -43,8 +43,15 @@ def modules_key(layer, modules):
             # Settings that change what a module computes (LoRA's scale, an adapter switched
             # off: 1.4e-2 off when a cache was reused across such a change; a tensor kept as a
             # plain attribute, peft's dict of scales: 0.19 off, found by a probe).
-            tuple((name, _attribute_key(value)) for child in subtree for name, value in child.__dict__.items()
-                  if name not in _MODULE_INTERNALS and name not in _recomputed(child)))
+            tuple(pair for child in subtree for pair in _attributes(child)))
+
+
+def _attributes(module):
+    """``(name, _attribute_key(value))`` of ``module``'s own attributes: not the
+    ``nn.Module`` internals, nor what its hooks recompute (:func:`_recomputed`)."""
+    recomputed = _recomputed(module)
+    return [(name, _attribute_key(value)) for name, value in module.__dict__.items()
+            if name not in _MODULE_INTERNALS and name not in recomputed]
 
 
 def _recomputed(module):
