@@ -23,6 +23,7 @@ from espnet_mha.checkpoint_keys import (
     COMPILE_SEGMENT,
     DEFAULT_LAYER_PATTERN,
     FUSED_OTHER,
+    STOCK_OTHER,
     fused_layers,
     stock_layers,
     strip_wrapper_prefixes,
@@ -183,18 +184,14 @@ def _check_plain_stock(state_dict, prefixes):
     (loralib's ``lora_A``/``lora_B``, a parametrization's ``original0``/``original1``): the
     fused ``linear_qkv`` has no place for them, and a non-strict load (ESPnet's
     ``build_model_from_file``) dropped them without a word (a probe)."""
-    for prefix in prefixes:
-        for name in STOCK_PROJECTIONS:
-            start = f"{prefix}{name}."
-            other = [key for key in state_dict if isinstance(key, str) and key.startswith(start)
-                     and key[len(start):] not in PARAMS]
-            if other:
-                raise ValueError(
-                    f"{other[0]} (and {len(other) - 1} more such keys): this layer's {name} is not a plain "
-                    "nn.Linear (adapted or parametrized), and the fused linear_qkv has no place for "
-                    "its keys. Merge the adapter into the weight and drop its keys first, or keep the stock "
-                    "parameter layout (state_dict_layout: stock), which keeps linear_q/k/v and their adapters."
-                )
+    other = [match for match in map(STOCK_OTHER.match, state_dict) if match and match.group(1) in prefixes]
+    if other:
+        raise ValueError(
+            f"{other[0].string} (and {len(other) - 1} more such keys): this layer's {other[0].group(2)} is not a "
+            "plain nn.Linear (adapted or parametrized), and the fused linear_qkv has no place for its keys. "
+            "Merge the adapter into the weight and drop its keys first, or keep the stock parameter layout "
+            "(state_dict_layout: stock), which keeps linear_q/k/v and their adapters."
+        )
 
 
 def _unfuse_checked(layer, prefix):

@@ -23,8 +23,10 @@ COMPILE_SEGMENT = "_orig_mod"  # torch.compile's OptimizedModule (pytorch #10110
 PARALLEL_SEGMENT = "module"  # DistributedDataParallel / DataParallel
 _STOCK_KEY = re.compile(r"^((?:.*\.)?)(?:linear_q|linear_k|linear_v)\.(?:weight|bias)$")
 _FUSED_KEY = re.compile(r"^((?:.*\.)?)linear_qkv\.(?:weight|bias)$")
-# Keys of a fused projection that is not a plain nn.Linear (quantized, parametrized, adapted).
+# Keys of a fused projection that is not a plain nn.Linear (quantized, parametrized, adapted),
+# and of a stock one (group 2: which projection).
 FUSED_OTHER = re.compile(r"^((?:.*\.)?)linear_qkv\.(?!(?:weight|bias)$)")
+STOCK_OTHER = re.compile(r"^((?:.*\.)?)(linear_q|linear_k|linear_v)\.(?!(?:weight|bias)$)")
 
 
 def strip_wrapper_prefixes(state_dict):
