@@ -228,8 +228,8 @@ def select_backend(requested, call):
 
     Raises:
         BackendUnavailableError: ``requested`` is forced and cannot serve the call.
-        ValueError: ``requested`` is not one of ``BACKENDS`` (e.g. a layer's
-            ``backend`` attribute set after construction).
+        ValueError: ``requested`` is not one of ``BACKENDS`` (the layer checks its
+            ``backend`` when it is set; this guards other callers).
     """
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")

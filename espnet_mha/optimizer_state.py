@@ -173,8 +173,11 @@ def _check_structure(state, where):
         raise ConversionError(f"{where}: the parameter group's 'params' are not the positions 0..N-1 "
                               f"(got {params if not isinstance(params, list) else params[:8]}...)")
     if "param_names" in groups[0]:
-        raise ConversionError(f"{where}: the parameter group names its parameters ('param_names'), which "
-                              "this conversion does not rename")
+        names = groups[0]["param_names"]
+        long = isinstance(names, (list, tuple)) and len(names) > 4
+        raise ConversionError(f"{where}: the parameter group names its parameters ('param_names': "
+                              f"{names[:4] if long else names!r}{'...' if long else ''}), which this "
+                              "conversion does not rename")
     per_param = state["state"]
     stray = [k for k in per_param if not isinstance(k, int) or not 0 <= k < len(params)]
     if stray:

@@ -66,7 +66,7 @@ def _layout_without(modules, name):
     return None
 
 
-def _check_projection_name(layer, name):
+def _check_projection_name(layer, name, module):
     """Refuse a module assigned under a q/k/v name the layer's layout never calls:
     ``linear_q``/``linear_k``/``linear_v`` on the fused layout (its ``linear_qkv``
     computes all three), ``linear_qkv`` on the stock one. The stock layer calls
@@ -84,15 +84,15 @@ def _check_projection_name(layer, name):
     layout = _layout_without(modules, name)
     if layout == "fused":
         raise AttributeError(
-            f"cannot set {name}: this layer has the fused {FUSED_PROJECTION} (state_dict_layout='fused'), "
-            f"which computes q, k and v, so a module set as {name} would never be called. Build the layer "
-            f"with state_dict_layout='stock' (it has the stock linear_q/k/v, and calls whatever module holds "
-            f"them), or replace {FUSED_PROJECTION} (nn.Linear(D, 3D), rows q, k, v)")
+            f"cannot set {name} to a {type(module).__name__}: this layer has the fused {FUSED_PROJECTION} "
+            f"(state_dict_layout='fused'), which computes q, k and v, so a module set as {name} would never be "
+            f"called. Build the layer with state_dict_layout='stock' (it has the stock linear_q/k/v, and calls "
+            f"whatever module holds them), or replace {FUSED_PROJECTION} (nn.Linear(D, 3D), rows q, k, v)")
     if layout == "stock":
         raise AttributeError(
-            f"cannot set {name}: this layer has the stock linear_q/k/v (state_dict_layout='stock'), so a "
-            f"module set as {name} would never be called. Replace linear_q, linear_k or linear_v, or build "
-            f"the layer with state_dict_layout='fused'")
+            f"cannot set {name} to a {type(module).__name__}: this layer has the stock linear_q/k/v "
+            f"(state_dict_layout='stock'), so a module set as {name} would never be called. Replace linear_q, "
+            f"linear_k or linear_v, or build the layer with state_dict_layout='fused'")
 
 
 class ParameterLayout:
@@ -115,7 +115,7 @@ class ParameterLayout:
 
     def __setattr__(self, name, value):
         if isinstance(value, nn.Module):
-            _check_projection_name(self, name)
+            _check_projection_name(self, name, value)
         super().__setattr__(name, value)
 
     def __getattr__(self, name):
@@ -138,7 +138,7 @@ class ParameterLayout:
         """``nn.Module.add_module`` (also behind ``register_module``), refusing a q/k/v
         projection of the other layout (see :func:`_check_projection_name`)."""
         if module is not None:
-            _check_projection_name(self, name)
+            _check_projection_name(self, name, module)
         super().add_module(name, module)
 
     @property

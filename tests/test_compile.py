@@ -244,7 +244,7 @@ def test_calls_beyond_the_recompile_limit_run_eagerly_and_say_so(monkeypatch, ca
             assert "espnet_mha: compile=True: attend reached dynamo's recompile limit" in caplog.text
             if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
                 with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                    with pytest.raises(compile_policy._LIMIT_HIT):
+                    with pytest.raises(compile_policy._LIMIT_HIT, match="fail_on_recompile_limit_hit"):
                         ours(query, memory, masks[2])
     finally:
         compile_policy.compiled.cache_clear()

@@ -366,6 +366,29 @@ def test_argument_errors(exp, tmp_path, capsys):
     assert not (tmp_path / "newdir").exists()
 
 
+def test_an_interrupted_or_failed_write_keeps_the_old_file(exp, tmp_path, monkeypatch):
+    """A write that fails with something other than an OSError (an object torch.save cannot
+    pickle, Ctrl-C): the error reaches the caller as it is, the temporary file is removed
+    and the file at the destination is left as it was (a coverage audit: untested)."""
+    dst = tmp_path / "out.pth"
+    with pytest.raises(AttributeError, match=r"Can't pickle local object"):
+        save_atomic({"f": lambda: 0}, dst)
+    assert list(tmp_path.iterdir()) == []
+    dst.write_bytes(b"old")
+
+    def interrupted(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt("interrupted while saving")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="interrupted while saving"):
+        convert_file(exp.ave, dst, to="fused", force=True)
+    with pytest.raises(KeyboardInterrupt, match="interrupted while saving"):
+        run(exp.ave, dst, "--to", "fused", "--force")
+    assert dst.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.pth"]
+
+
 def test_a_pickle_not_written_by_torch_save_is_unreadable_not_refused(tmp_path):
     """A dict pickled with pickle.dump: the weights-only unpickler stops at an opcode it does not
     take. That is no class to admit, so the message says the file is unreadable (and gives no

@@ -81,6 +81,13 @@ def test_auto_selection_rules(standin, sm90, overrides, backend, reason):
     assert reason in fallback and bool(fallback) == bool(reason)
 
 
+def test_an_unknown_backend_is_refused_by_select_backend():
+    """The layer checks ``backend`` when it is set, so this guards other callers of the
+    pure function (a coverage audit: the line was never run)."""
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', .*\), got 'bogus'"):
+        select_backend("bogus", call())
+
+
 def test_old_gpu_and_missing_custom_ops_fall_back(standin, monkeypatch):
     monkeypatch.setattr(optional, "device_capability", lambda device: (7, 5))
     assert select_backend("auto", call()) == ("sdpa", "GPU is sm75; flash-attn 2's kernels are built for sm80 to sm9x")

@@ -324,7 +324,7 @@ def _edit(edit):
     (lambda m, s: m.pop("L.linear_v.bias"), r"the model state has no L\.linear_v\.bias"),
     (lambda m, s: s["param_groups"][0].update(params=[1, 0, *range(2, 9)]),
      r"'params' are not the positions 0\.\.N-1 \(got \[1, 0, 2"),
-    (lambda m, s: s["param_groups"][0].update(param_names=["p"]), r"names its parameters \('param_names'\)"),
+    (lambda m, s: s["param_groups"][0].update(param_names=list("abcdef")), r"names its parameters \('param_names': \['a', 'b', 'c', 'd'\]\.\.\.\)"),
     (lambda m, s: s["state"].update({9: {}}), r"state for positions \[9\] outside the parameter group \(0\.\.8\)"),
     (lambda m, s: s["state"].update({0: [1]}), r"the state of parameter 0 is a list, not a dict"),
     (lambda m, s: s.update(state={}, param_groups=[{"params": [0, 1, 2]}]),

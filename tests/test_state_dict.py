@@ -418,7 +418,7 @@ def test_a_projection_of_the_other_layout_cannot_be_set(layout, name, how):
     layer = FlashMultiHeadedAttention(8, 2, state_dict_layout=layout)
     before = dict(layer.state_dict())
     replacement = torch.nn.Linear(8, 24 if name == "linear_qkv" else 8)
-    with pytest.raises(AttributeError, match=rf"cannot set {name}: this layer has the .*state_dict_layout='{layout}'"
+    with pytest.raises(AttributeError, match=rf"cannot set {name} to a Linear: this layer has the .*state_dict_layout='{layout}'"
                                              r".* would never be called"):
         if how == "setattr":
             setattr(layer, name, replacement)
