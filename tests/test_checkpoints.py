@@ -5,6 +5,9 @@ Every model here is built by ESPnet's ``ASRTask`` from a recipe config (see
 """
 
 import logging
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -156,19 +159,98 @@ def test_a_model_built_as_mha_by_use_for_mha_reloads_in_stock_espnet(tmp_path, m
     assert_same_outputs(stock.eval(), ours)
 
 
-def test_espnet_init_param_with_ignore_init_mismatch_needs_a_fused_file(exp, tmp_path):
-    # ESPnet drops the file's keys that the model's state_dict() lacks (linear_q/k/v)
-    # before loading: our pre-hook never sees them. A converted file has our keys.
+@pytest.mark.parametrize("file_layout", ["stock", "fused"])
+def test_espnet_init_param_with_ignore_init_mismatch_loads_either_layout(exp, tmp_path, file_layout, caplog):
+    """ESPnet's filter drops the file's keys that the model's state_dict() lacks before
+    loading, so a stock file's linear_q/k/v never reached the fused layer (q, k and v stayed
+    random; an independent probe: logits 0.35 off). espnet_mha.init_param matches them."""
     from espnet2.torch_utils.load_pretrained_model import load_pretrained_model
 
+    path = exp.ave
+    if file_layout == "fused":
+        path = tmp_path / "fused.pth"
+        torch.save(to_fused(exp.stock_state()), path)
     ours = exp.flash()
-    before = ours.decoder.decoder.layers[1].layer.linear_qkv.weight.clone()
-    load_pretrained_model(str(exp.ave), ours, ignore_init_mismatch=True)
-    assert torch.equal(ours.decoder.decoder.layers[1].layer.linear_qkv.weight, before)
-    fused = tmp_path / "fused.pth"
-    torch.save(to_fused(exp.stock_state()), fused)
-    load_pretrained_model(str(fused), ours, ignore_init_mismatch=True)
+    with caplog.at_level(logging.INFO, logger="espnet_mha.init_param"):
+        load_pretrained_model(str(path), ours, ignore_init_mismatch=True)
     assert_same_outputs(ours, exp.model)
+    assert ("kept 12 stock q/k/v keys of 2 layers" in caplog.text) == (file_layout == "stock")
+    assert "Filter out" not in caplog.text
+
+
+@pytest.mark.parametrize("file_layout", ["stock", "fused"])
+@pytest.mark.parametrize("attention", ["mha", "flash_mha"])
+def test_fine_tuning_on_a_new_vocabulary_keeps_the_attention_weights(exp, tmp_path, monkeypatch, attention,
+                                                                    file_layout, caplog):
+    """The recipe way to fine-tune on other tokens: --init_param with --ignore_init_mismatch,
+    which filters the output layers (their size changed) and must load everything else. The
+    same load into a stock model with the new vocabulary is the reference, key by key."""
+    from espnet2.torch_utils.load_pretrained_model import load_pretrained_model
+
+    path = exp.ave
+    if file_layout == "fused":
+        path = tmp_path / "fused.pth"
+        torch.save(to_fused(exp.stock_state()), path)
+    monkeypatch.setattr(espnet_asr, "TOKENS", [*espnet_asr.TOKENS, "new1", "new2"])
+    stock = espnet_asr.build(tmp_path, "mha", seed=4)[0]
+    ours = espnet_asr.build(tmp_path, attention, seed=4)[0]
+    load_pretrained_model(str(exp.ave), stock, ignore_init_mismatch=True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_pretrained_model(str(path), ours, ignore_init_mismatch=True)
+    filtered = sorted(re.findall(r"Filter out (\S+) from pretrained dict because of size mismatch", caplog.text))
+    assert filtered == ["ctc.ctc_lo.bias", "ctc.ctc_lo.weight", "decoder.embed.weight", "decoder.output.bias",
+                        "decoder.output.weight"]
+    assert "name not found" not in caplog.text
+    assert_same_state(to_stock(ours.state_dict()), stock.state_dict())
+
+
+def test_an_espnet_entry_point_gets_the_filter_through_the_startup_hook(exp, tmp_path):
+    """As asr_train: the model is built from a config naming flash_mha (our layer imported by
+    ESPnet's registry, nothing imported by hand), then --init_param with
+    --ignore_init_mismatch loads a stock file."""
+    out = tmp_path / "loaded.pth"
+    code = (
+        "import sys, torch\n"
+        "from espnet2.tasks.asr import ASRTask\n"
+        "from espnet2.torch_utils.load_pretrained_model import load_pretrained_model\n"
+        f"model, _ = ASRTask.build_model_from_file({str(exp.flash_config)!r}, None, 'cpu')\n"
+        f"load_pretrained_model({str(exp.ave)!r}, model, ignore_init_mismatch=True)\n"
+        f"torch.save(model.state_dict(), {str(out)!r})\n"
+        "print(sorted(m for m in sys.modules if m == 'espnet_mha' or m.startswith('espnet_mha.init')))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "['espnet_mha', 'espnet_mha.init_param']" in result.stdout
+    loaded, expected = torch.load(out, weights_only=True), to_fused(exp.stock_state())
+    for key in [key for key in expected if ".layer.linear_qkv." in key]:
+        assert torch.equal(loaded[key], expected[key]), key
+
+
+def test_match_layouts_leaves_a_layer_with_both_layouts_in_the_file_to_espnet(caplog):
+    """A file with both layouts for one layer is no checkpoint of either layer: ESPnet's filter
+    decides, as before (the layer's load would warn and refuse the mix)."""
+    from espnet_mha.init_param import match_layouts
+
+    d = 4
+    fused_model = {"a.linear_qkv.weight": torch.zeros(3 * d, d), "a.linear_qkv.bias": torch.zeros(3 * d)}
+    both = {"a.linear_q.weight": torch.ones(d, d), "a.linear_qkv.bias": torch.ones(3 * d)}
+    assert match_layouts(fused_model, both) == (both, set())
+    wrong_shape = {"a.linear_q.weight": torch.ones(d + 1, d)}
+    assert match_layouts(fused_model, wrong_shape) == (wrong_shape, set())
+    stock_model = {f"a.{name}.weight": torch.zeros(d, d) for name in ("linear_q", "linear_k", "linear_v")}
+    state, kept = match_layouts(stock_model, {"a.linear_qkv.weight": torch.arange(3.0 * d * d).view(3 * d, d)})
+    assert list(state) == list(stock_model) and not kept
+    assert torch.equal(state["a.linear_v.weight"], torch.arange(2.0 * d * d, 3.0 * d * d).view(d, d))
+
+
+def test_the_filter_wrapper_is_installed_once_by_the_layer():
+    import espnet2.torch_utils.load_pretrained_model as espnet_loader
+
+    from espnet_mha import init_param
+
+    wrapper = espnet_loader.filter_state_dict
+    assert hasattr(wrapper, "_espnet_mha_original") and init_param.install()
+    assert espnet_loader.filter_state_dict is wrapper
 
 
 # ------------------------------------------------------------------------- export
