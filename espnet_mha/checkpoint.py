@@ -165,13 +165,18 @@ def to_stock(state_dict):
     return _convert(state_dict, dict.fromkeys(fused_layers(state_dict)), fuse=False)
 
 
+def _more(found):
+    """`` (and N more such keys)`` after the first of ``found``, or nothing."""
+    return f" (and {len(found) - 1} more such keys)" if len(found) > 1 else ""
+
+
 def _check_plain_fused(keys):
     """Raise if a fused projection has keys beyond ``weight``/``bias``: they have no
     stock counterpart, and were passed through (quantized) or misreported (parametrized)."""
     other = [key for key in keys if FUSED_OTHER.match(key)]
     if other:
         raise ValueError(
-            f"{other[0]} (and {len(other) - 1} more such keys): this layer's linear_qkv is not a plain "
+            f"{other[0]}{_more(other)}: this layer's linear_qkv is not a plain "
             "nn.Linear (quantized, parametrized or adapted), and the stock layer has no counterpart for "
             "its keys. Export the float model before quantize_dynamic, or make the weight plain first: "
             "torch.nn.utils.prune.remove(layer.linear_qkv, 'weight') for pruning, "
@@ -187,7 +192,7 @@ def _check_plain_stock(state_dict, prefixes):
     other = [match for match in map(STOCK_OTHER.match, state_dict) if match and match.group(1) in prefixes]
     if other:
         raise ValueError(
-            f"{other[0].string} (and {len(other) - 1} more such keys): this layer's {other[0].group(2)} is not a "
+            f"{other[0].string}{_more(other)}: this layer's {other[0].group(2)} is not a "
             "plain nn.Linear (adapted or parametrized), and the fused linear_qkv has no place for its keys. "
             "Merge the adapter into the weight and drop its keys first, or keep the stock parameter layout "
             "(state_dict_layout: stock), which keeps linear_q/k/v and their adapters."

@@ -346,7 +346,7 @@ def test_to_stock_refuses_a_fused_projection_that_is_not_a_plain_linear(change):
         prune.custom_from_mask(layer.linear_qkv, "weight", torch.ones(48, 16))
     else:
         layer = torch.ao.quantization.quantize_dynamic(layer, {torch.nn.Linear}, dtype=torch.qint8)
-    with pytest.raises(ValueError, match=r"^linear_qkv\.\S+ \(and \d+ more such keys\): this layer's linear_qkv "
+    with pytest.raises(ValueError, match=r"^linear_qkv\.\S+ \(and [1-9]\d* more such keys\): this layer's linear_qkv "
                                          r"is not a plain nn.Linear \(quantized, parametrized or adapted\).* "
                                          r"torch.nn.utils.prune.remove\(layer.linear_qkv, 'weight'\) for pruning, "
                                          r"torch.nn.utils.parametrize.remove_parametrizations"):
@@ -371,10 +371,22 @@ def test_to_fused_refuses_a_stock_projection_that_is_not_a_plain_linear(change, 
     else:
         torch.nn.utils.parametrizations.weight_norm(stock.linear_q)
     model = FlashMultiHeadedAttention(16, 4, state_dict_layout="fused") if with_model else None
-    with pytest.raises(ValueError, match=r"^linear_q\.\S+ \(and \d+ more such keys\): this layer's linear_q is not "
+    with pytest.raises(ValueError, match=r"^linear_q\.\S+ \(and [1-9]\d* more such keys\): this layer's linear_q is not "
                                          r"a plain nn.Linear \(adapted or parametrized\), and the fused "
                                          r"linear_qkv has no place for its keys"):
         to_fused(stock.state_dict(), model=model)
+
+
+def test_a_single_extra_key_is_named_alone():
+    """An audit read "(and 0 more such keys)" in the message."""
+    from espnet2.asr.state_spaces.attention import MultiHeadedAttention
+
+    from espnet_mha import to_fused
+
+    stock = MultiHeadedAttention(16, 4).eval()
+    stock.linear_k.register_buffer("scaling", torch.ones(1))
+    with pytest.raises(ValueError, match=r"^linear_k\.scaling: this layer's linear_k is not a plain nn.Linear"):
+        to_fused(stock.state_dict())
 
 
 def test_load_stock_or_fused_keeps_a_models_own_module_prefix():
