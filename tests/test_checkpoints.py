@@ -110,18 +110,24 @@ def test_asr_inference_beam_search_is_identical(exp, quantize):
         torch.testing.assert_close(got.score, expected.score, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("init_param", ["{path}", "{path}:decoder:decoder"])
-def test_espnet_init_param_loads_a_stock_file(exp, init_param):
+LAYER = "decoder.decoder.layers.1.layer"
+
+
+@pytest.mark.parametrize("ignore_init_mismatch", [False, True])
+@pytest.mark.parametrize("init_param,loaded", [("{path}", "decoder."), ("{path}:decoder:decoder", "decoder."),
+                                               (f"{{path}}:{LAYER}:{LAYER}", f"{LAYER}.")])
+def test_espnet_init_param_loads_a_stock_file(exp, init_param, loaded, ignore_init_mismatch):
     from espnet2.torch_utils.load_pretrained_model import load_pretrained_model
 
     ours = exp.flash()
-    load_pretrained_model(init_param.format(path=exp.ave), ours, ignore_init_mismatch=False)
+    load_pretrained_model(init_param.format(path=exp.ave), ours, ignore_init_mismatch=ignore_init_mismatch)
     got, expected = ours.state_dict(), to_fused(exp.stock_state())
-    for key in [key for key in expected if key.startswith("decoder.")]:
+    for key in [key for key in expected if key.startswith(loaded)]:
         assert torch.equal(got[key], expected[key]), key
 
 
-def test_espnet_init_param_can_exclude_part_of_our_layer(exp):
+@pytest.mark.parametrize("ignore_init_mismatch", [False, True])
+def test_espnet_init_param_can_exclude_part_of_our_layer(exp, ignore_init_mismatch):
     """--init_param file:::<layer>.linear_q keeps the model's current q and loads the rest,
     for our layer as for the stock one (it raised missing/unexpected keys before)."""
     from espnet2.torch_utils.load_pretrained_model import load_pretrained_model
@@ -130,7 +136,8 @@ def test_espnet_init_param_can_exclude_part_of_our_layer(exp):
     ours = exp.flash()
     ours.load_state_dict(stock.state_dict(), strict=True)
     for model in (stock, ours):
-        load_pretrained_model(f"{exp.ave}:::decoder.decoder.layers.1.layer.linear_q", model, ignore_init_mismatch=False)
+        load_pretrained_model(f"{exp.ave}:::decoder.decoder.layers.1.layer.linear_q", model,
+                              ignore_init_mismatch=ignore_init_mismatch)
     assert_same_outputs(ours, stock)
 
 
