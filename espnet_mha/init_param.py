@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 _STOCK_KEY = re.compile(r"^((?:.*\.)?)(linear_q|linear_k|linear_v)\.(weight|bias)$")
 _FUSED_KEY = re.compile(r"^((?:.*\.)?)linear_qkv\.(weight|bias)$")
-_WRAPPED = "_espnet_mha_original"
 
 
 def _fits(part, whole):
@@ -86,15 +85,26 @@ def match_layouts(dst_state, src_state):
     return state, kept
 
 
-def _filter_state_dict(original):
-    def filter_state_dict(dst_state, src_state):
-        state, kept = match_layouts(dst_state, src_state)
-        filtered = original(dst_state, {key: value for key, value in state.items() if key not in kept})
-        return {key: value for key, value in state.items() if key in kept or key in filtered}
+# ESPnet's filter_state_dict once install() has replaced it (kept across importlib.reload).
+_ORIGINAL = globals().get("_ORIGINAL", {})
 
-    filter_state_dict.__doc__ = original.__doc__
-    setattr(filter_state_dict, _WRAPPED, original)
-    return filter_state_dict
+
+def filter_state_dict(dst_state, src_state):
+    """ESPnet's ``filter_state_dict`` after :func:`match_layouts` (a module-level function, so
+    it pickles by name like the one it replaces).
+
+    Args:
+        dst_state: the model's (or sub-module's) state dict.
+        src_state: the file's state dict.
+
+    Returns:
+        dict: the file's entries to load, in its order: what ESPnet's filter keeps, plus the
+        stock q/k/v keys kept for our fused layers.
+    """
+    state, kept = match_layouts(dst_state, src_state)
+    filtered = _ORIGINAL["filter_state_dict"](dst_state, {key: value for key, value in state.items()
+                                                          if key not in kept})
+    return {key: value for key, value in state.items() if key in kept or key in filtered}
 
 
 def install():
@@ -111,6 +121,7 @@ def install():
     original = getattr(module, "filter_state_dict", None)
     if original is None:
         return False
-    if not hasattr(original, _WRAPPED):
-        module.filter_state_dict = _filter_state_dict(original)
+    if getattr(original, "__module__", None) != __name__:
+        _ORIGINAL["filter_state_dict"] = original
+    module.filter_state_dict = filter_state_dict
     return True

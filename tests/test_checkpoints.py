@@ -5,6 +5,7 @@ Every model here is built by ESPnet's ``ASRTask`` from a recipe config (see
 """
 
 import logging
+import pickle
 import re
 import subprocess
 import sys
@@ -255,9 +256,10 @@ def test_the_filter_wrapper_is_installed_once_by_the_layer():
 
     from espnet_mha import init_param
 
-    wrapper = espnet_loader.filter_state_dict
-    assert hasattr(wrapper, "_espnet_mha_original") and init_param.install()
-    assert espnet_loader.filter_state_dict is wrapper
+    assert espnet_loader.filter_state_dict is init_param.filter_state_dict and init_param.install()
+    assert espnet_loader.filter_state_dict is init_param.filter_state_dict
+    assert init_param._ORIGINAL["filter_state_dict"].__module__ == espnet_loader.__name__
+    assert pickle.loads(pickle.dumps(espnet_loader.filter_state_dict)) is init_param.filter_state_dict
 
 
 # ------------------------------------------------------------------------- export
