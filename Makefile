@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 OLDEST_PYTHON ?= python3.9
 OLDEST_VENV ?= .venv-oldest
 
-.PHONY: setup test test-fast test-oldest demo demo-quick bench bench-interleaved bench-quick clean
+.PHONY: setup test test-fast test-oldest demo demo-bench demo-quick bench bench-interleaved bench-quick clean
 
 # The startup hook is copied into site-packages (pyproject's data files), so a change to it reinstalls.
 $(VENV)/.installed: pyproject.toml constraints.txt $(RECIPE)/requirements.txt $(wildcard espnet_mha/_hook/*)
@@ -38,6 +38,17 @@ test-oldest:
 
 demo: setup
 	cd $(RECIPE) && PATH="$(abspath $(BIN)):$$PATH" ./run.sh
+	$(MAKE) --no-print-directory demo-bench
+
+# The side-by-side numbers the demo's own decoder is too small to show: the benchmark's
+# 6-layer S4Decoder beam search and 50 decoding steps of one layer (the sizes of the README's
+# targets), stock and flash_mha in interleaved rounds on this machine; about 2 minutes.
+demo-bench: setup
+	mkdir -p .benchmarks
+	$(BIN)/python -m pytest benchmarks -q -p no:cacheprovider --benchmark-enable --benchmark-quiet \
+		-k "beam_search_interleaved or (interleaved and decode_50_steps and not per_utterance)" \
+		--benchmark-json=.benchmarks/demo.json
+	$(BIN)/python -m benchmarks.report .benchmarks/demo.json --out .benchmarks/demo
 
 demo-quick: setup
 	cd $(RECIPE) && PATH="$(abspath $(BIN)):$$PATH" ./run.sh --quick
