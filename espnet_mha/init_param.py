@@ -25,6 +25,7 @@ to ESPnet's filter as before. What was matched is logged at INFO level, beside
 ESPnet's own log lines.
 """
 
+import importlib
 import logging
 import re
 
@@ -114,14 +115,26 @@ def install():
     Returns:
         bool: whether the wrapper is in place.
     """
+    return replace_function("espnet2.torch_utils.load_pretrained_model", filter_state_dict, _ORIGINAL) is not None
+
+
+def replace_function(module_name, wrapper, originals):
+    """Put ``wrapper`` in place of ESPnet's function of the same name in the module
+    ``module_name``, keeping ESPnet's in ``originals`` under that name (idempotent, also
+    after ``importlib.reload`` of the wrapper's module).
+
+    Returns:
+        ESPnet's function, or None where there is no such module or function.
+    """
     try:
-        from espnet2.torch_utils import load_pretrained_model as module
+        module = importlib.import_module(module_name)
     except ImportError:
-        return False
-    original = getattr(module, "filter_state_dict", None)
+        return None
+    name = wrapper.__name__
+    original = getattr(module, name, None)
     if original is None:
-        return False
-    if getattr(original, "__module__", None) != __name__:
-        _ORIGINAL["filter_state_dict"] = original
-    module.filter_state_dict = filter_state_dict
-    return True
+        return None
+    if getattr(original, "__module__", None) != wrapper.__module__:
+        originals[name] = original
+    setattr(module, name, wrapper)
+    return originals[name]

@@ -8,8 +8,8 @@ from torch import nn
 
 from espnet2.asr.state_spaces.base import SequenceModule
 
-from espnet_mha import (beam_states, checks, compile_policy, dispatch, functional, init_param, masks, optional, packing,
-                        quantized, state_dict)
+from espnet_mha import (beam_states, checks, compile_policy, dispatch, functional, init_param, lora_targets, masks,
+                        optional, packing, quantized, state_dict)
 from espnet_mha.backend_selection import BackendSelection
 from espnet_mha.decoding import DecodingSteps
 from espnet_mha.parameters import ParameterLayout
@@ -18,8 +18,10 @@ from espnet_mha.stock_helpers import StockHelpers
 logger = logging.getLogger(__name__)
 
 # Where our layer is built, ESPnet's --init_param --ignore_init_mismatch must not drop a
-# file's q/k/v keys in the other layout (see espnet_mha.init_param).
+# file's q/k/v keys in the other layout, and its LoRA must not skip our fused layers without
+# a word (see espnet_mha.init_param and espnet_mha.lora_targets).
 init_param.install()
+lora_targets.install()
 
 
 class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection, DecodingSteps, SequenceModule):

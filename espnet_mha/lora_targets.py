@@ -1,0 +1,101 @@
+"""ESPnet's LoRA ``target_modules`` that name the stock ``linear_q/k/v``.
+
+ESPnet's ``create_lora_adapter`` (``--use_adapter true --adapter lora``) swaps in a
+LoRA linear for every module whose name ends with one of ``target_modules``, and
+raises only when no module at all matches. ``[linear_q, linear_v]`` is the usual
+choice; it adapts the stock layer's q and v projections, but a ``flash_mha``
+layer with the fused ``linear_qkv`` has no module of those names, so it got no
+adapter while a transformer encoder's own ``linear_q`` kept ESPnet from raising:
+the decoder's attention stayed frozen without a word.
+
+:func:`install` wraps ESPnet's function (in its module and in ``create_adapter``'s
+table) so that it first logs a warning naming the fused layers that would have
+been adapted as stock layers and are not, and what to do instead; then ESPnet's
+function runs as it is. A target that matches ``linear_qkv`` (e.g. ``linear_qkv``
+itself) adapts the fused layer and is not warned about; layers built with
+``state_dict_layout: stock`` have the stock modules and are adapted as stock ones.
+"""
+
+import inspect
+import logging
+
+from espnet_mha.fused_keys import FUSED_PROJECTION, STOCK_PROJECTIONS
+from espnet_mha.init_param import replace_function
+
+logger = logging.getLogger(__name__)
+
+# ESPnet's create_lora_adapter once install() has replaced it (kept across importlib.reload).
+_ORIGINAL = globals().get("_ORIGINAL", {})
+
+
+def missed_layers(model, target_modules):
+    """Names of our fused layers in ``model`` whose stock ``linear_q/k/v`` would match
+    ``target_modules`` by ESPnet's rule (the module name ends with a target) and whose
+    ``linear_qkv`` matches none.
+
+    Args:
+        model: an ``nn.Module``.
+        target_modules: the names or name suffixes given to ``create_lora_adapter``.
+
+    Returns:
+        list of module names, in ``named_modules()`` order.
+    """
+    from espnet_mha.layer import FlashMultiHeadedAttention
+
+    targets = [t for t in target_modules if isinstance(t, str)]
+
+    def matches(name):
+        return any(name.endswith(target) for target in targets)
+
+    def full(prefix, child):
+        return f"{prefix}.{child}" if prefix else child
+
+    return [name for name, module in model.named_modules()
+            if isinstance(module, FlashMultiHeadedAttention) and FUSED_PROJECTION in module._modules
+            and any(matches(full(name, child)) for child in STOCK_PROJECTIONS)
+            and not matches(full(name, FUSED_PROJECTION))]
+
+
+def create_lora_adapter(model, *args, **kwargs):
+    """ESPnet's ``create_lora_adapter`` (same arguments, same result), after a warning
+    when ``target_modules`` selects the stock q/k/v projections of layers that have
+    the fused ``linear_qkv`` (see the module docstring).
+
+    Raises:
+        whatever ESPnet's function raises.
+    """
+    original = _ORIGINAL["create_lora_adapter"]
+    try:
+        bound = inspect.signature(original).bind(model, *args, **kwargs)
+    except TypeError:
+        return original(model, *args, **kwargs)  # ESPnet names the wrong argument
+    bound.apply_defaults()
+    targets = bound.arguments.get("target_modules")
+    missed = missed_layers(model, targets) if isinstance(targets, (list, tuple)) else []
+    if missed:
+        logger.warning(
+            "espnet_mha: LoRA target_modules %s select the stock layer's linear_q/k/v, which %d flash_mha "
+            "layer(s) with the fused linear_qkv do not have: they get no adapter (first: %r). Add 'linear_qkv' "
+            "to target_modules (one low-rank pair for q, k and v together), or build those layers with "
+            "state_dict_layout: stock (the stock linear_q/k/v, adapted one by one as in the stock layer)",
+            list(targets), len(missed), missed[0])
+    return original(*bound.args, **bound.kwargs)
+
+
+def install():
+    """Wrap ``espnet2.layers.create_adapter_fn.create_lora_adapter`` and the ``"lora"``
+    entry of ``espnet2.layers.create_adapter.create_adapter_fn_table`` (idempotent;
+    nothing is done where ESPnet has no such function).
+
+    Returns:
+        bool: whether the wrapper is in place.
+    """
+    original = replace_function("espnet2.layers.create_adapter_fn", create_lora_adapter, _ORIGINAL)
+    if original is None:
+        return False
+    from espnet2.layers import create_adapter
+
+    table = getattr(create_adapter, "create_adapter_fn_table", None)
+    if isinstance(table, dict) and table.get("lora") is original:
+        table["lora"] = create_lora_adapter
+    return True
