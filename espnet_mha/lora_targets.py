@@ -71,7 +71,8 @@ def create_lora_adapter(model, *args, **kwargs):
         return original(model, *args, **kwargs)  # ESPnet names the wrong argument
     bound.apply_defaults()
     targets = bound.arguments.get("target_modules")
-    missed = missed_layers(model, targets) if isinstance(targets, (list, tuple)) else []
+    checkable = isinstance(targets, (list, tuple)) and hasattr(model, "named_modules")  # else ESPnet's error
+    missed = missed_layers(model, targets) if checkable else []
     if missed:
         logger.warning(
             "espnet_mha: LoRA target_modules %s select the stock layer's linear_q/k/v, which %d flash_mha "
