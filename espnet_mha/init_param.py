@@ -58,11 +58,12 @@ def match_layouts(dst_state, src_state):
         set of stock keys kept for the model's fused layers, which ESPnet's filter
         must not see (they are not in ``dst_state``).
     """
-    stock_in_file = {m.group(1) for m in map(_STOCK_KEY.match, src_state) if m}
-    fused_in_file = {m.group(1) for m in map(_FUSED_KEY.match, src_state) if m}
+    names = [key for key in src_state if isinstance(key, str)]  # ESPnet's filter drops other keys itself
+    stock_in_file = {m.group(1) for m in map(_STOCK_KEY.match, names) if m}
+    fused_in_file = {m.group(1) for m in map(_FUSED_KEY.match, names) if m}
     state, kept, split = {}, set(), []
     for key, value in src_state.items():
-        stock, fused = _STOCK_KEY.match(key), _FUSED_KEY.match(key)
+        stock, fused = (_STOCK_KEY.match(key), _FUSED_KEY.match(key)) if isinstance(key, str) else (None, None)
         if key in dst_state or not (stock or fused):
             state[key] = value
         elif stock and stock.group(1) not in fused_in_file and _fits(
@@ -77,17 +78,21 @@ def match_layouts(dst_state, src_state):
         else:
             state[key] = value
     if kept:
-        layers = sorted({_STOCK_KEY.match(key).group(1) for key in kept})
-        logger.info("espnet_mha: --ignore_init_mismatch: kept %d stock q/k/v keys of %d layers for their fused "
-                    "linear_qkv (first: %r) instead of filtering them out", len(kept), len(layers), layers[0])
+        layers = sorted({_STOCK_KEY.match(key).group(1).rstrip(".") for key in kept})
+        logger.info("espnet_mha: --ignore_init_mismatch: kept %d stock q/k/v keys of %d layer(s) for their fused "
+                    "linear_qkv (first: %s) instead of filtering them out", len(kept), len(layers),
+                    repr(layers[0]) if layers[0] else "the module itself")
     if split:
         logger.info("espnet_mha: --ignore_init_mismatch: split %d fused linear_qkv keys into the model's stock "
                     "linear_q/k/v (first: %r) instead of filtering them out", len(split), split[0])
     return state, kept
 
 
-# ESPnet's filter_state_dict once install() has replaced it (kept across importlib.reload).
-_ORIGINAL = globals().get("_ORIGINAL", {})
+# ESPnet's filter_state_dict once install() has replaced it.
+_ORIGINAL = {}
+# What marks our wrappers, and the name ESPnet's function is kept under on its module.
+_WRAPPER = "_espnet_mha_wrapper"
+_ORIGINAL_ON_MODULE = "_espnet_mha_original_"
 
 
 def filter_state_dict(dst_state, src_state):
@@ -105,7 +110,10 @@ def filter_state_dict(dst_state, src_state):
     state, kept = match_layouts(dst_state, src_state)
     filtered = _ORIGINAL["filter_state_dict"](dst_state, {key: value for key, value in state.items()
                                                           if key not in kept})
-    return {key: value for key, value in state.items() if key in kept or key in filtered}
+    result = {key: value if key in kept else filtered[key] for key, value in state.items()
+              if key in kept or key in filtered}
+    result.update((key, value) for key, value in filtered.items() if key not in result)  # what a wrapper added
+    return result
 
 
 def install():
@@ -120,8 +128,9 @@ def install():
 
 def replace_function(module_name, wrapper, originals):
     """Put ``wrapper`` in place of ESPnet's function of the same name in the module
-    ``module_name``, keeping ESPnet's in ``originals`` under that name (idempotent, also
-    after ``importlib.reload`` of the wrapper's module).
+    ``module_name`` and keep ESPnet's in ``originals`` under that name. ESPnet's function is
+    also kept on its own module, so that this is idempotent, and right after an
+    ``importlib.reload`` of ours or a fresh import of our package in the same process.
 
     Returns:
         ESPnet's function, or None where there is no such module or function.
@@ -131,10 +140,13 @@ def replace_function(module_name, wrapper, originals):
     except ImportError:
         return None
     name = wrapper.__name__
-    original = getattr(module, name, None)
+    current = getattr(module, name, None)
+    if current is not None and not getattr(current, _WRAPPER, False):
+        setattr(module, _ORIGINAL_ON_MODULE + name, current)
+    original = getattr(module, _ORIGINAL_ON_MODULE + name, None)
     if original is None:
         return None
-    if getattr(original, "__module__", None) != wrapper.__module__:
-        originals[name] = original
+    originals[name] = original
+    setattr(wrapper, _WRAPPER, True)
     setattr(module, name, wrapper)
-    return originals[name]
+    return original

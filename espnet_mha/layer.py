@@ -83,6 +83,7 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
                  keep_attn=False, backend=None, compile=None, compile_mode=None, state_dict_layout="fused",
                  **kwargs):
         super().__init__()
+        lora_targets.install()  # ESPnet's adapter module may have been imported after ours
         state_dict_layout = state_dict.resolve_layout(state_dict_layout)
         n_feat, n_head = checks.check_size("n_feat", n_feat), checks.check_size("n_head", n_head)
         if n_feat % n_head:

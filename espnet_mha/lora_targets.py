@@ -18,14 +18,17 @@ itself) adapts the fused layer and is not warned about; layers built with
 
 import inspect
 import logging
+import sys
 
 from espnet_mha.fused_keys import FUSED_PROJECTION, STOCK_PROJECTIONS
-from espnet_mha.init_param import replace_function
+from espnet_mha.init_param import _WRAPPER, replace_function
 
 logger = logging.getLogger(__name__)
 
-# ESPnet's create_lora_adapter once install() has replaced it (kept across importlib.reload).
-_ORIGINAL = globals().get("_ORIGINAL", {})
+_ADAPTER_MODULE = "espnet2.layers.create_adapter_fn"
+
+# ESPnet's create_lora_adapter once install() has replaced it.
+_ORIGINAL = {}
 
 
 def missed_layers(model, target_modules):
@@ -86,17 +89,20 @@ def create_lora_adapter(model, *args, **kwargs):
 def install():
     """Wrap ``espnet2.layers.create_adapter_fn.create_lora_adapter`` and the ``"lora"``
     entry of ``espnet2.layers.create_adapter.create_adapter_fn_table`` (idempotent;
-    nothing is done where ESPnet has no such function).
+    nothing is done where ESPnet has no such function) once ESPnet has imported them:
+    importing them here would import ESPnet's s3prl front-end and try transformers,
+    which can be slow or fail. ESPnet's tasks import them before they build a model,
+    and the layer calls this at import and at construction.
 
     Returns:
         bool: whether the wrapper is in place.
     """
-    original = replace_function("espnet2.layers.create_adapter_fn", create_lora_adapter, _ORIGINAL)
+    if _ADAPTER_MODULE not in sys.modules:
+        return False
+    original = replace_function(_ADAPTER_MODULE, create_lora_adapter, _ORIGINAL)
     if original is None:
         return False
-    from espnet2.layers import create_adapter
-
-    table = getattr(create_adapter, "create_adapter_fn_table", None)
-    if isinstance(table, dict) and table.get("lora") is original:
+    table = getattr(sys.modules.get("espnet2.layers.create_adapter"), "create_adapter_fn_table", None)
+    if isinstance(table, dict) and (table.get("lora") is original or getattr(table.get("lora"), _WRAPPER, False)):
         table["lora"] = create_lora_adapter
     return True

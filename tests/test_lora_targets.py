@@ -8,6 +8,8 @@ by-name ESPnet tools). It is now warned about (espnet_mha.lora_targets).
 """
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -78,12 +80,34 @@ def test_a_direct_call_is_wrapped_too_and_the_wrapper_once(tmp_path, caplog):
     import espnet2.layers.create_adapter as create_adapter
     import espnet2.layers.create_adapter_fn as create_adapter_fn
 
+    model = espnet_asr.build(tmp_path, "flash_mha", seed=3)[0]  # ESPnet's adapter module imported, a layer built
     assert create_adapter_fn.create_lora_adapter is lora_targets.create_lora_adapter
     assert create_adapter.create_adapter_fn_table["lora"] is lora_targets.create_lora_adapter
     assert lora_targets.install() and create_adapter_fn.create_lora_adapter is lora_targets.create_lora_adapter
-    model = espnet_asr.build(tmp_path, "flash_mha", seed=3)[0]
+    assert lora_targets._ORIGINAL["create_lora_adapter"].__module__ == create_adapter_fn.__name__
     with caplog.at_level(logging.WARNING, logger="espnet_mha.lora_targets"):
         create_adapter_fn.create_lora_adapter(model, 2, 2, 0.0, ["linear_k"])  # positional, as ESPnet allows
     assert "target_modules ['linear_k'] select" in caplog.text
     with pytest.raises(ValueError, match=r"Target modules \['nothing'\] not found in the base model"):
         create_adapter_fn.create_lora_adapter(model, target_modules=["nothing"])  # ESPnet's own error
+
+
+def test_the_layer_does_not_import_espnets_adapter_code_and_wraps_it_once_espnet_has():
+    """Importing ESPnet's adapter module imports its s3prl front-end and tries transformers
+    (slow, or failing where a broken optional package raises more than ImportError; a
+    review), so the layer waits for ESPnet to import it, as its tasks do before they build a
+    model, and wraps it when a layer is built."""
+    code = """
+import sys
+import espnet_mha.layer
+assert "espnet2.layers.create_adapter_fn" not in sys.modules
+import espnet2.layers.create_adapter as create_adapter
+from espnet_mha import lora_targets
+assert create_adapter.create_adapter_fn_table["lora"] is not lora_targets.create_lora_adapter
+espnet_mha.layer.FlashMultiHeadedAttention(8, 2)
+assert create_adapter.create_adapter_fn_table["lora"] is lora_targets.create_lora_adapter
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
