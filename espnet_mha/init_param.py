@@ -88,8 +88,9 @@ def match_layouts(dst_state, src_state):
     return state, kept
 
 
-# ESPnet's filter_state_dict once install() has replaced it.
-_ORIGINAL = {}
+# ESPnet's filter_state_dict once install() has replaced it (kept across importlib.reload,
+# which leaves ESPnet calling the wrapper it had).
+_ORIGINAL = globals().get("_ORIGINAL", {})
 # What marks our wrappers, and the name ESPnet's function is kept under on its module.
 _WRAPPER = "_espnet_mha_wrapper"
 _ORIGINAL_ON_MODULE = "_espnet_mha_original_"

@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 
 _ADAPTER_MODULE = "espnet2.layers.create_adapter_fn"
 
-# ESPnet's create_lora_adapter once install() has replaced it.
-_ORIGINAL = {}
+# ESPnet's create_lora_adapter once install() has replaced it (kept across importlib.reload,
+# which leaves ESPnet calling the wrapper it had).
+_ORIGINAL = globals().get("_ORIGINAL", {})
 
 
 def missed_layers(model, target_modules):
