@@ -21,8 +21,9 @@ from espnet_mha.fused_keys import check_mapping
 DEFAULT_LAYER_PATTERN = r"^$|(?:^|\.)layers\.\d+\.layer\.$"
 COMPILE_SEGMENT = "_orig_mod"  # torch.compile's OptimizedModule (pytorch #101107)
 PARALLEL_SEGMENT = "module"  # DistributedDataParallel / DataParallel
-_STOCK_KEY = re.compile(r"^((?:.*\.)?)(?:linear_q|linear_k|linear_v)\.(?:weight|bias)$")
-_FUSED_KEY = re.compile(r"^((?:.*\.)?)linear_qkv\.(?:weight|bias)$")
+# A q/k/v key of either layout: groups (prefix, projection, parameter) and (prefix, parameter).
+STOCK_KEY = re.compile(r"^((?:.*\.)?)(linear_q|linear_k|linear_v)\.(weight|bias)$")
+FUSED_KEY = re.compile(r"^((?:.*\.)?)linear_qkv\.(weight|bias)$")
 # Keys of a fused projection that is not a plain nn.Linear (quantized, parametrized, adapted),
 # and of a stock one (group 2: which projection).
 FUSED_OTHER = re.compile(r"^((?:.*\.)?)linear_qkv\.(?!(?:weight|bias)$)")
@@ -114,9 +115,9 @@ def stock_layers(state_dict, *, layer_pattern=DEFAULT_LAYER_PATTERN):
     Raises:
         ValueError: ``layer_pattern`` is not a valid regular expression.
     """
-    return _layer_prefixes(state_dict, _STOCK_KEY, layer_pattern)
+    return _layer_prefixes(state_dict, STOCK_KEY, layer_pattern)
 
 
 def fused_layers(state_dict):
     """Key prefixes of the layers with a fused ``linear_qkv`` key (only our layer has one)."""
-    return _layer_prefixes(state_dict, _FUSED_KEY)
+    return _layer_prefixes(state_dict, FUSED_KEY)

@@ -27,16 +27,14 @@ ESPnet's own log lines.
 
 import importlib
 import logging
-import re
 
 import torch
 
+from espnet_mha.checkpoint_keys import FUSED_KEY, STOCK_KEY
 from espnet_mha.fused_keys import FUSED_PROJECTION, STOCK_PROJECTIONS
 
 logger = logging.getLogger(__name__)
 
-_STOCK_KEY = re.compile(r"^((?:.*\.)?)(linear_q|linear_k|linear_v)\.(weight|bias)$")
-_FUSED_KEY = re.compile(r"^((?:.*\.)?)linear_qkv\.(weight|bias)$")
 
 
 def _fits(part, whole):
@@ -59,11 +57,11 @@ def match_layouts(dst_state, src_state):
         must not see (they are not in ``dst_state``).
     """
     names = [key for key in src_state if isinstance(key, str)]  # ESPnet's filter drops other keys itself
-    stock_in_file = {m.group(1) for m in map(_STOCK_KEY.match, names) if m}
-    fused_in_file = {m.group(1) for m in map(_FUSED_KEY.match, names) if m}
+    stock_in_file = {m.group(1) for m in map(STOCK_KEY.match, names) if m}
+    fused_in_file = {m.group(1) for m in map(FUSED_KEY.match, names) if m}
     state, kept, split = {}, set(), []
     for key, value in src_state.items():
-        stock, fused = (_STOCK_KEY.match(key), _FUSED_KEY.match(key)) if isinstance(key, str) else (None, None)
+        stock, fused = (STOCK_KEY.match(key), FUSED_KEY.match(key)) if isinstance(key, str) else (None, None)
         if key in dst_state or not (stock or fused):
             state[key] = value
         elif stock and stock.group(1) not in fused_in_file and _fits(
@@ -78,7 +76,7 @@ def match_layouts(dst_state, src_state):
         else:
             state[key] = value
     if kept:
-        layers = sorted({_STOCK_KEY.match(key).group(1).rstrip(".") for key in kept})
+        layers = sorted({STOCK_KEY.match(key).group(1).rstrip(".") for key in kept})
         logger.info("espnet_mha: --ignore_init_mismatch: kept %d stock q/k/v keys of %d layer(s) for their fused "
                     "linear_qkv (first: %s) instead of filtering them out", len(kept), len(layers),
                     repr(layers[0]) if layers[0] else "the module itself")
