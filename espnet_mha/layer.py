@@ -17,11 +17,10 @@ from espnet_mha.stock_helpers import StockHelpers
 
 logger = logging.getLogger(__name__)
 
-# Where our layer is built, ESPnet's --init_param --ignore_init_mismatch must not drop a
-# file's q/k/v keys in the other layout, and its LoRA must not skip our fused layers without
-# a word (see espnet_mha.init_param and espnet_mha.lora_targets).
+# Where our layer is imported, ESPnet's --init_param --ignore_init_mismatch must not drop a
+# file's q/k/v keys in the other layout (see espnet_mha.init_param). Its LoRA is wrapped when
+# a layer is built (see __init__).
 init_param.install()
-lora_targets.install()
 
 
 class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection, DecodingSteps, SequenceModule):
@@ -83,7 +82,9 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
                  keep_attn=False, backend=None, compile=None, compile_mode=None, state_dict_layout="fused",
                  **kwargs):
         super().__init__()
-        lora_targets.install()  # ESPnet's adapter module may have been imported after ours
+        # ESPnet's LoRA must not skip our fused layers without a word (espnet_mha.lora_targets);
+        # here, not at import: ESPnet may import its adapter module after ours.
+        lora_targets.install()
         state_dict_layout = state_dict.resolve_layout(state_dict_layout)
         n_feat, n_head = checks.check_size("n_feat", n_feat), checks.check_size("n_head", n_head)
         if n_feat % n_head:

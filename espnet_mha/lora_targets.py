@@ -93,7 +93,7 @@ def install():
     nothing is done where ESPnet has no such function) once ESPnet has imported them:
     importing them here would import ESPnet's s3prl front-end and try transformers,
     which can be slow or fail. ESPnet's tasks import them before they build a model,
-    and the layer calls this at import and at construction.
+    and the layer calls this when it is built.
 
     Returns:
         bool: whether the wrapper is in place.
