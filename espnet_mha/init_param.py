@@ -20,6 +20,10 @@ other layout are matched to the model before ESPnet's filter sees them:
   parameters) and the file ``P.linear_qkv``: the fused tensor is split into the
   stock keys, which every such layer loads.
 
+The startup hook installs the wrapper when ESPnet imports its loader (so a stock
+model in a run that never builds our layer gets it too), and so does importing
+:mod:`espnet_mha.layer` (for runs with the hook off).
+
 A layer whose file keys are in both layouts, or whose shapes do not fit, is left
 to ESPnet's filter as before. What was matched is logged at INFO level, beside
 ESPnet's own log lines.

@@ -18,8 +18,9 @@ from espnet_mha.stock_helpers import StockHelpers
 logger = logging.getLogger(__name__)
 
 # Where our layer is imported, ESPnet's --init_param --ignore_init_mismatch must not drop a
-# file's q/k/v keys in the other layout (see espnet_mha.init_param). Its LoRA is wrapped when
-# a layer is built (see __init__).
+# file's q/k/v keys in the other layout (see espnet_mha.init_param; the startup hook installs
+# this too, for stock models; here for runs with the hook off). Its LoRA is wrapped when a
+# layer is built (see __init__).
 init_param.install()
 
 

@@ -5,6 +5,7 @@ Every model here is built by ESPnet's ``ASRTask`` from a recipe config (see
 """
 
 import logging
+import os
 import pickle
 import re
 import subprocess
@@ -232,6 +233,34 @@ def test_an_espnet_entry_point_gets_the_filter_through_the_startup_hook(exp, tmp
     loaded, expected = torch.load(out, weights_only=True), to_fused(exp.stock_state())
     for key in [key for key in expected if ".layer.linear_qkv." in key]:
         assert torch.equal(loaded[key], expected[key]), key
+
+
+def test_a_stock_model_gets_the_filter_without_our_layer(exp, tmp_path):
+    """A stock-only process (a config naming mha, our layer never built or imported) fine-tuning
+    from a flash_mha file with --init_param --ignore_init_mismatch: ESPnet's filter dropped the
+    fused linear_qkv, so q, k and v kept their random initialisation. The startup hook wraps
+    the filter when ESPnet's loader is imported."""
+    fused, out = tmp_path / "fused.pth", tmp_path / "loaded.pth"
+    torch.save(to_fused(exp.stock_state()), fused)
+    code = (
+        "import logging, sys, torch\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "from espnet2.tasks.asr import ASRTask\n"
+        "from espnet2.torch_utils.load_pretrained_model import load_pretrained_model\n"
+        f"model, _ = ASRTask.build_model_from_file({str(exp.stock_config)!r}, None, 'cpu')\n"
+        f"load_pretrained_model({str(fused)!r}, model, ignore_init_mismatch=True)\n"
+        f"torch.save(model.state_dict(), {str(out)!r})\n"
+        "print('layer imported:', 'espnet_mha.layer' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "layer imported: False" in result.stdout
+    assert "split 4 fused linear_qkv keys" in result.stderr and "Filter out" not in result.stderr
+    assert_same_state(torch.load(out, weights_only=True), exp.stock_state())
+    # ESPNET_MHA_NO_HOOK leaves ESPnet's filter as it is (it drops the fused keys, with its warnings).
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "ESPNET_MHA_NO_HOOK": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "name not found" in result.stderr and "split" not in result.stderr
 
 
 def test_match_layouts_leaves_a_layer_with_both_layouts_in_the_file_to_espnet(caplog):
