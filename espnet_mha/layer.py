@@ -8,8 +8,8 @@ from torch import nn
 
 from espnet2.asr.state_spaces.base import SequenceModule
 
-from espnet_mha import (beam_states, checks, compile_policy, dispatch, functional, init_param, lora_targets, masks,
-                        optional, packing, quantized, state_dict)
+from espnet_mha import (beam_states, checks, compile_policy, dispatch, freeze_targets, functional, init_param,
+                        lora_targets, masks, optional, packing, quantized, state_dict)
 from espnet_mha.backend_selection import BackendSelection
 from espnet_mha.decoding import DecodingSteps
 from espnet_mha.parameters import ParameterLayout
@@ -83,9 +83,11 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
                  keep_attn=False, backend=None, compile=None, compile_mode=None, state_dict_layout="fused",
                  **kwargs):
         super().__init__()
-        # ESPnet's LoRA must not skip our fused layers without a word (espnet_mha.lora_targets);
-        # here, not at import: ESPnet may import its adapter module after ours.
+        # ESPnet's LoRA and --freeze_param must not skip our fused layers without a word
+        # (espnet_mha.lora_targets, freeze_targets); here, not at import: ESPnet may import
+        # those modules after ours.
         lora_targets.install()
+        freeze_targets.install()
         state_dict_layout = state_dict.resolve_layout(state_dict_layout)
         n_feat, n_head = checks.check_size("n_feat", n_feat), checks.check_size("n_head", n_head)
         if n_feat % n_head:
