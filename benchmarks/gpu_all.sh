@@ -10,19 +10,23 @@
 # add up to 590 s, under the 600 s a lent device runs one command (the decoding cases take at
 # least 15 rounds: about 12 s for each beam search case on an H200).
 # A CPU dry run of the same steps at small sizes: DEVICE=cpu QUICK=1 benchmarks/gpu_all.sh OUT_DIR
-# (LIMIT_SCALE=N multiplies every limit: the limits are sized for the GPU, and on 2 busy CPU cores
+# (LIMIT_SCALE=N, a whole number, multiplies every limit: the limits are sized for the GPU, and on 2 busy CPU cores
 # the dry run's fp32 benchmarks took 118 s of their 130 s and the fp16 ones passed their 60 s).
 set -u -o pipefail
 out=${1:?usage: benchmarks/gpu_all.sh OUT_DIR}
 py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 device=${DEVICE:-cuda}
 quick=${QUICK:+--quick}
+scale=${LIMIT_SCALE:-1}
+case $scale in
+    ''|*[!0-9]*|0*) echo "LIMIT_SCALE must be a whole number from 1, got '$scale'" >&2; exit 2 ;;
+esac
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
 
 step() {  # step NAME LIMIT COMMAND...
-    local name=$1 limit=$(($2 * ${LIMIT_SCALE:-1})) start rc
+    local name=$1 limit=$(($2 * scale)) start rc
     shift 2
     start=$(date +%s)
     echo "== $name (limit ${limit}s): $*" | tee -a "$out/all.log"

@@ -30,10 +30,11 @@ NEW_CASES = {
 @pytest.mark.slow
 def test_gpu_all_dry_run_on_cpu(tmp_path):
     """benchmarks/gpu_all.sh, what runs on a lent GPU, runs every step here at small sizes."""
-    # LIMIT_SCALE: the steps' limits are the GPU's; here a loaded machine passed them (a flaky failure).
-    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "PYTHON": sys.executable, "LIMIT_SCALE": "4"}
+    # LIMIT_SCALE: the steps' limits are the GPU's; here a loaded machine passed them (a flaky
+    # failure). The timeout: the scaled limits' sum (590 s each) and a margin.
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "PYTHON": sys.executable, "LIMIT_SCALE": "3"}
     done = subprocess.run(["bash", "benchmarks/gpu_all.sh", str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=1200, cwd=pathlib.Path(__file__).parents[1])
+                          text=True, timeout=3 * 590 + 60, cwd=pathlib.Path(__file__).parents[1])
     log = (tmp_path / "all.log").read_text()
     assert done.returncode == 0, log[-3000:]
     steps = re.findall(r"^== (\S+): exit (\d+)", log, flags=re.M)
@@ -46,6 +47,16 @@ def test_gpu_all_dry_run_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("scale", ["1.5", "0", "04", "x"])
+def test_gpu_all_refuses_a_limit_scale_that_is_no_whole_number(tmp_path, scale):
+    """bash's arithmetic failed on 1.5 inside every step, which then ran nothing and the script
+    exited 0; 0 would have meant no limit (timeout 0)."""
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "PYTHON": sys.executable, "LIMIT_SCALE": scale}
+    done = subprocess.run(["bash", "benchmarks/gpu_all.sh", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=pathlib.Path(__file__).parents[1])
+    assert done.returncode == 2 and f"LIMIT_SCALE must be a whole number from 1, got '{scale}'" in done.stderr
+
+
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
