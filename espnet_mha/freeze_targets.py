@@ -22,12 +22,11 @@ import logging
 import sys
 
 from espnet_mha.fused_keys import FUSED_PROJECTION, STOCK_PROJECTIONS
-from espnet_mha.init_param import _ORIGINAL_ON_MODULE, _WRAPPER
+from espnet_mha.wrapping import replace_classmethod
 
 logger = logging.getLogger(__name__)
 
 _TASK_MODULE = "espnet2.tasks.abs_task"
-_METHOD = "build_optimizers"
 
 # ESPnet's build_optimizers (the function of its classmethod) once install() has replaced it
 # (kept across importlib.reload, which leaves ESPnet calling the wrapper it had).
@@ -37,8 +36,9 @@ _ORIGINAL = globals().get("_ORIGINAL", {})
 def missed_layers(model, freeze_param):
     """Names of our fused layers in ``model`` some of whose stock ``linear_q/k/v``
     parameters ``freeze_param`` would freeze by ESPnet's rule (the parameter's name
-    equals an entry or starts with the entry and a dot) while it freezes none of
-    ``linear_qkv``'s.
+    equals an entry or starts with the entry and a dot) while it leaves the fused
+    counterpart (``linear_qkv.weight`` for a ``weight``, ``.bias`` for a ``bias``)
+    trainable.
 
     Args:
         model: an ``nn.Module``.
@@ -54,15 +54,12 @@ def missed_layers(model, freeze_param):
     def frozen(name):
         return any(name == entry or name.startswith(entry + ".") for entry in entries)
 
-    def names(prefix, child):
-        return [f"{prefix}{child}.{part}" for part in ("weight", "bias")]
-
     missed = []
     for name, module in model.named_modules():
         if isinstance(module, FlashMultiHeadedAttention) and FUSED_PROJECTION in module._modules:
             prefix = f"{name}." if name else ""
-            if any(frozen(stock) for child in STOCK_PROJECTIONS for stock in names(prefix, child)) \
-                    and not any(frozen(fused) for fused in names(prefix, FUSED_PROJECTION)):
+            if any(frozen(f"{prefix}{child}.{part}") and not frozen(f"{prefix}{FUSED_PROJECTION}.{part}")
+                   for child in STOCK_PROJECTIONS for part in ("weight", "bias")):
                 missed.append(name)
     return missed
 
@@ -85,27 +82,17 @@ def build_optimizers(cls, args, model):
                 "'%s.%s' (q, k and v together), or build those layers with state_dict_layout: stock (the "
                 "stock linear_q/k/v, frozen one by one as in the stock layer)",
                 list(entries), len(missed), missed[0], missed[0], FUSED_PROJECTION)
-    return _ORIGINAL[_METHOD](cls, args, model=model)
+    return _ORIGINAL["build_optimizers"](cls, args, model=model)
 
 
 def install():
     """Wrap ``espnet2.tasks.abs_task.AbsTask.build_optimizers`` (idempotent; nothing is done
-    before ESPnet has imported that module, or where it has no such classmethod). ESPnet's
+    before ESPnet has imported that module, or where it has no such classmethod; a method
+    someone else put there since is left in place, see :mod:`espnet_mha.wrapping`). ESPnet's
     tasks import it before they build a model, and the layer calls this when it is built.
 
     Returns:
-        bool: whether the wrapper is in place.
+        bool: whether ESPnet's method was found.
     """
     task = getattr(sys.modules.get(_TASK_MODULE), "AbsTask", None)
-    current = None if task is None else task.__dict__.get(_METHOD)
-    if not isinstance(current, classmethod):
-        return False
-    if not getattr(current.__func__, _WRAPPER, False):
-        setattr(task, _ORIGINAL_ON_MODULE + _METHOD, current)  # ESPnet's, kept on its class
-    original = task.__dict__.get(_ORIGINAL_ON_MODULE + _METHOD)
-    if not isinstance(original, classmethod):
-        return False
-    _ORIGINAL[_METHOD] = original.__func__
-    setattr(build_optimizers, _WRAPPER, True)
-    task.build_optimizers = classmethod(build_optimizers)
-    return True
+    return task is not None and replace_classmethod(task, build_optimizers, _ORIGINAL) is not None

@@ -20,8 +20,8 @@ other layout are matched to the model before ESPnet's filter sees them:
   parameters) and the file ``P.linear_qkv``: the fused tensor is split into the
   stock keys, which every such layer loads.
 
-The startup hook installs the wrapper when ESPnet imports its loader (so a stock
-model in a run that never builds our layer gets it too), and so does importing
+The startup hook installs the wrapper when ESPnet imports the S4 layer registry (so
+a stock model in a run that never builds our layer gets it too), and so does importing
 :mod:`espnet_mha.layer` (for runs with the hook off).
 
 A layer whose file keys are in both layouts, or whose shapes do not fit, is left
@@ -29,13 +29,13 @@ to ESPnet's filter as before. What was matched is logged at INFO level, beside
 ESPnet's own log lines.
 """
 
-import importlib
 import logging
 
 import torch
 
 from espnet_mha.checkpoint_keys import FUSED_KEY, STOCK_KEY
 from espnet_mha.fused_keys import FUSED_PROJECTION, STOCK_PROJECTIONS
+from espnet_mha.wrapping import replace_function
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +93,6 @@ def match_layouts(dst_state, src_state):
 # ESPnet's filter_state_dict once install() has replaced it (kept across importlib.reload,
 # which leaves ESPnet calling the wrapper it had).
 _ORIGINAL = globals().get("_ORIGINAL", {})
-# What marks our wrappers, and the name ESPnet's function is kept under on its module.
-_WRAPPER = "_espnet_mha_wrapper"
-_ORIGINAL_ON_MODULE = "_espnet_mha_original_"
 
 
 def filter_state_dict(dst_state, src_state):
@@ -121,35 +118,10 @@ def filter_state_dict(dst_state, src_state):
 
 def install():
     """Wrap ``espnet2.torch_utils.load_pretrained_model.filter_state_dict`` (idempotent;
-    nothing is done where ESPnet has no such function).
+    nothing is done where ESPnet has no such function; a function someone else put there
+    since is left in place, see :mod:`espnet_mha.wrapping`).
 
     Returns:
-        bool: whether the wrapper is in place.
+        bool: whether ESPnet's function was found.
     """
     return replace_function("espnet2.torch_utils.load_pretrained_model", filter_state_dict, _ORIGINAL) is not None
-
-
-def replace_function(module_name, wrapper, originals):
-    """Put ``wrapper`` in place of ESPnet's function of the same name in the module
-    ``module_name`` and keep ESPnet's in ``originals`` under that name. ESPnet's function is
-    also kept on its own module, so that this is idempotent, and right after an
-    ``importlib.reload`` of ours or a fresh import of our package in the same process.
-
-    Returns:
-        ESPnet's function, or None where there is no such module or function.
-    """
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return None
-    name = wrapper.__name__
-    current = getattr(module, name, None)
-    if current is not None and not getattr(current, _WRAPPER, False):
-        setattr(module, _ORIGINAL_ON_MODULE + name, current)
-    original = getattr(module, _ORIGINAL_ON_MODULE + name, None)
-    if original is None:
-        return None
-    originals[name] = original
-    setattr(wrapper, _WRAPPER, True)
-    setattr(module, name, wrapper)
-    return original

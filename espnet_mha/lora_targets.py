@@ -21,7 +21,7 @@ import logging
 import sys
 
 from espnet_mha.fused_keys import FUSED_PROJECTION, STOCK_PROJECTIONS
-from espnet_mha.init_param import _WRAPPER, replace_function
+from espnet_mha.wrapping import is_ours, replace_function
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,10 @@ def install():
     which can be slow or fail. ESPnet's tasks import them before they build a model,
     and the layer calls this when it is built.
 
+    A function someone else put there since is left in place (see :mod:`espnet_mha.wrapping`).
+
     Returns:
-        bool: whether the wrapper is in place.
+        bool: whether ESPnet's function was found.
     """
     if _ADAPTER_MODULE not in sys.modules:
         return False
@@ -104,6 +106,6 @@ def install():
     if original is None:
         return False
     table = getattr(sys.modules.get("espnet2.layers.create_adapter"), "create_adapter_fn_table", None)
-    if isinstance(table, dict) and (table.get("lora") is original or getattr(table.get("lora"), _WRAPPER, False)):
+    if isinstance(table, dict) and (table.get("lora") is original or is_ours(table.get("lora"))):
         table["lora"] = create_lora_adapter
     return True

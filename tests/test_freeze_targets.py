@@ -65,10 +65,12 @@ def test_asr_train_warns_when_an_entry_names_fused_q_k_v(tmp_path):
     ([f"{DECODER_LAYERS[1]}.linear_v.bias"], DECODER_LAYERS[1:]),
     ([f"{layer}.linear_k.weight" for layer in DECODER_LAYERS], DECODER_LAYERS),
     ([f"{DECODER_LAYERS[0]}.linear_q", f"{DECODER_LAYERS[0]}.linear_qkv"], []),  # the fused layer is frozen too
+    ([f"{DECODER_LAYERS[0]}.linear_q", f"{DECODER_LAYERS[0]}.linear_qkv.bias"], DECODER_LAYERS[:1]),  # not its weight
+    ([f"{DECODER_LAYERS[0]}.linear_k.bias", f"{DECODER_LAYERS[0]}.linear_qkv.bias"], []),
     ([DECODER_LAYERS[0]], []), (["decoder"], []), ([f"{DECODER_LAYERS[0]}.linear_out"], []),
     (["decoder.decoder.layers.1.layer.linear"], []),  # no parameter of either layer: ESPnet's rule matches whole names
     ([], []),
-], ids=["linear_q", "linear_v.bias", "both_layers", "with_linear_qkv", "layer", "decoder", "linear_out",
+], ids=["linear_q", "linear_v.bias", "both_layers", "with_linear_qkv", "with_fused_bias_only", "biases", "layer", "decoder", "linear_out",
         "partial_name", "none"])
 def test_missed_layers_follows_espnets_rule(tmp_path, entries, missed):
     fused = espnet_asr.build(tmp_path, "flash_mha")[0]

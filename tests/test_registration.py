@@ -75,6 +75,19 @@ def test_startup_hook_registers_without_importing_us_first():
         assert out.strip() == str(on), value  # "off" disabled the hook (a probe)
 
 
+def test_the_startup_hook_leaves_processes_without_the_s4_registry_alone():
+    """ESPnet's task base (every task's, TTS included) and its --init_param loader import
+    nothing of ours: only the S4 registry's import does (a review: a hook that also waited
+    for the loader made every ESPnet task import us, and fail on a bad ESPNET_MHA_* value)."""
+    out = _fresh_python("import sys, espnet2.tasks.abs_task, espnet2.torch_utils.load_pretrained_model as loader;"
+                        "print('espnet_mha' in sys.modules, loader.filter_state_dict.__module__)",
+                        ESPNET_MHA_REPLACE_MHA="maybe")
+    assert out.splitlines()[-1] == "False espnet2.torch_utils.load_pretrained_model"
+    out = _fresh_python("import espnet2.torch_utils.load_pretrained_model as loader;"
+                        "from espnet2.asr.state_spaces import registry; print(loader.filter_state_dict.__module__)")
+    assert out.splitlines()[-1] == "espnet_mha.init_param"
+
+
 def test_import_applies_the_environment_without_the_startup_hook():
     out = _fresh_python("import espnet_mha; from espnet2.asr.state_spaces import registry; print(registry.layer['mha'])",
                         ESPNET_MHA_NO_HOOK="1", ESPNET_MHA_REPLACE_MHA="1")
