@@ -25,6 +25,7 @@ from espnet_mha.checkpoint_keys import (
     FUSED_OTHER,
     STOCK_OTHER,
     fused_layers,
+    fused_modules,
     stock_layers,
     strip_wrapper_prefixes,
 )
@@ -53,13 +54,10 @@ def _unwrap(model):
 
 
 def _our_layer_sizes(model):
-    from espnet_mha.layer import FlashMultiHeadedAttention  # lazy: the converter needs no layer
-
     sizes = {}
-    for name, module in _unwrap(model).named_modules():
-        if isinstance(module, FlashMultiHeadedAttention) and FUSED_PROJECTION in module._modules:
-            name = ".".join(s for s in name.split(".") if s != COMPILE_SEGMENT)
-            sizes[f"{name}." if name else ""] = module.n_feat
+    for name, module in fused_modules(_unwrap(model)):
+        name = ".".join(s for s in name.split(".") if s != COMPILE_SEGMENT)
+        sizes[f"{name}." if name else ""] = module.n_feat
     return sizes
 
 

@@ -11,7 +11,7 @@ attention layers of ESPnet's ``SequenceModel`` (``S4Decoder``) by their key pref
 import re
 from collections import OrderedDict
 
-from espnet_mha.fused_keys import check_mapping
+from espnet_mha.fused_keys import FUSED_PROJECTION, check_mapping
 
 # The key prefix of an attention layer inside ESPnet's SequenceModel (S4Decoder):
 # SequenceModel.layers[i] is a SequenceResidualBlock whose `layer` is the attention,
@@ -121,3 +121,12 @@ def stock_layers(state_dict, *, layer_pattern=DEFAULT_LAYER_PATTERN):
 def fused_layers(state_dict):
     """Key prefixes of the layers with a fused ``linear_qkv`` key (only our layer has one)."""
     return _layer_prefixes(state_dict, FUSED_KEY)
+
+
+def fused_modules(model):
+    """``(name, layer)`` for each of our layers in ``model`` with the fused ``linear_qkv``, in
+    ``named_modules()`` order: the model's counterpart of :func:`fused_layers`."""
+    from espnet_mha.layer import FlashMultiHeadedAttention  # lazy: reading keys needs no layer
+
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, FlashMultiHeadedAttention) and FUSED_PROJECTION in module._modules]

@@ -21,6 +21,7 @@ fused parameter cannot be frozen apart; freezing all three is freezing
 import logging
 import sys
 
+from espnet_mha.checkpoint_keys import fused_modules
 from espnet_mha.fused_keys import FUSED_PROJECTION, STOCK_PROJECTIONS
 from espnet_mha.wrapping import replace_classmethod
 
@@ -47,20 +48,17 @@ def missed_layers(model, freeze_param):
     Returns:
         list of module names, in ``named_modules()`` order.
     """
-    from espnet_mha.layer import FlashMultiHeadedAttention
-
     entries = [entry for entry in freeze_param if isinstance(entry, str)]
 
     def frozen(name):
         return any(name == entry or name.startswith(entry + ".") for entry in entries)
 
     missed = []
-    for name, module in model.named_modules():
-        if isinstance(module, FlashMultiHeadedAttention) and FUSED_PROJECTION in module._modules:
-            prefix = f"{name}." if name else ""
-            if any(frozen(f"{prefix}{child}.{part}") and not frozen(f"{prefix}{FUSED_PROJECTION}.{part}")
-                   for child in STOCK_PROJECTIONS for part in ("weight", "bias")):
-                missed.append(name)
+    for name, _ in fused_modules(model):
+        prefix = f"{name}." if name else ""
+        if any(frozen(f"{prefix}{child}.{part}") and not frozen(f"{prefix}{FUSED_PROJECTION}.{part}")
+               for child in STOCK_PROJECTIONS for part in ("weight", "bias")):
+            missed.append(name)
     return missed
 
 

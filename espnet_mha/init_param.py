@@ -40,7 +40,6 @@ from espnet_mha.wrapping import replace_function
 logger = logging.getLogger(__name__)
 
 
-
 def _fits(part, whole):
     """Whether ``part`` is one of the three row blocks of ``whole`` by shape."""
     return (isinstance(part, torch.Tensor) and isinstance(whole, torch.Tensor) and part.dim() == whole.dim() >= 1

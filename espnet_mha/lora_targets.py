@@ -20,6 +20,7 @@ import inspect
 import logging
 import sys
 
+from espnet_mha.checkpoint_keys import fused_modules
 from espnet_mha.fused_keys import FUSED_PROJECTION, STOCK_PROJECTIONS
 from espnet_mha.wrapping import is_ours, replace_function
 
@@ -44,8 +45,6 @@ def missed_layers(model, target_modules):
     Returns:
         list of module names, in ``named_modules()`` order.
     """
-    from espnet_mha.layer import FlashMultiHeadedAttention
-
     targets = [t for t in target_modules if isinstance(t, str)]
 
     def matches(name):
@@ -54,9 +53,8 @@ def missed_layers(model, target_modules):
     def full(prefix, child):
         return f"{prefix}.{child}" if prefix else child
 
-    return [name for name, module in model.named_modules()
-            if isinstance(module, FlashMultiHeadedAttention) and FUSED_PROJECTION in module._modules
-            and any(matches(full(name, child)) for child in STOCK_PROJECTIONS)
+    return [name for name, _ in fused_modules(model)
+            if any(matches(full(name, child)) for child in STOCK_PROJECTIONS)
             and not matches(full(name, FUSED_PROJECTION))]
 
 
