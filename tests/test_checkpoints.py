@@ -214,21 +214,38 @@ def test_fine_tuning_on_a_new_vocabulary_keeps_the_attention_weights(exp, tmp_pa
     assert_same_state(to_stock(ours.state_dict()), stock.state_dict())
 
 
+def init_param_in_a_fresh_process(config, path, out, report, **env):
+    """As asr_train does, in a fresh interpreter (the startup hook's, nothing of ours imported by
+    hand): build the model from ``config``, load ``path`` with --init_param and
+    --ignore_init_mismatch, save the model's state dict to ``out``, then run ``report`` (a line
+    of Python that prints what the test checks). INFO logging goes to stderr.
+
+    Returns:
+        the finished ``subprocess.CompletedProcess`` (exit status 0 asserted).
+    """
+    code = (
+        "import logging, sys, torch\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "from espnet2.tasks.asr import ASRTask\n"
+        "from espnet2.torch_utils.load_pretrained_model import load_pretrained_model\n"
+        f"model, _ = ASRTask.build_model_from_file({str(config)!r}, None, 'cpu')\n"
+        f"load_pretrained_model({str(path)!r}, model, ignore_init_mismatch=True)\n"
+        f"torch.save(model.state_dict(), {str(out)!r})\n"
+        f"{report}\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_an_espnet_entry_point_gets_the_filter_through_the_startup_hook(exp, tmp_path):
     """As asr_train: the model is built from a config naming flash_mha (our layer imported by
     ESPnet's registry, nothing imported by hand), then --init_param with
     --ignore_init_mismatch loads a stock file."""
     out = tmp_path / "loaded.pth"
-    code = (
-        "import sys, torch\n"
-        "from espnet2.tasks.asr import ASRTask\n"
-        "from espnet2.torch_utils.load_pretrained_model import load_pretrained_model\n"
-        f"model, _ = ASRTask.build_model_from_file({str(exp.flash_config)!r}, None, 'cpu')\n"
-        f"load_pretrained_model({str(exp.ave)!r}, model, ignore_init_mismatch=True)\n"
-        f"torch.save(model.state_dict(), {str(out)!r})\n"
-        "print(sorted(m for m in sys.modules if m == 'espnet_mha' or m.startswith('espnet_mha.init')))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = init_param_in_a_fresh_process(
+        exp.flash_config, exp.ave, out,
+        "print(sorted(m for m in sys.modules if m == 'espnet_mha' or m.startswith('espnet_mha.init')))")
     assert "['espnet_mha', 'espnet_mha.init_param']" in result.stdout
     loaded, expected = torch.load(out, weights_only=True), to_fused(exp.stock_state())
     for key in [key for key in expected if ".layer.linear_qkv." in key]:
@@ -239,27 +256,16 @@ def test_a_stock_model_gets_the_filter_without_our_layer(exp, tmp_path):
     """A stock-only process (a config naming mha, our layer never built or imported) fine-tuning
     from a flash_mha file with --init_param --ignore_init_mismatch: ESPnet's filter dropped the
     fused linear_qkv, so q, k and v kept their random initialisation. The startup hook wraps
-    the filter when ESPnet's loader is imported."""
+    the filter when ESPnet imports the S4 layer registry."""
     fused, out = tmp_path / "fused.pth", tmp_path / "loaded.pth"
     torch.save(to_fused(exp.stock_state()), fused)
-    code = (
-        "import logging, sys, torch\n"
-        "logging.basicConfig(level=logging.INFO)\n"
-        "from espnet2.tasks.asr import ASRTask\n"
-        "from espnet2.torch_utils.load_pretrained_model import load_pretrained_model\n"
-        f"model, _ = ASRTask.build_model_from_file({str(exp.stock_config)!r}, None, 'cpu')\n"
-        f"load_pretrained_model({str(fused)!r}, model, ignore_init_mismatch=True)\n"
-        f"torch.save(model.state_dict(), {str(out)!r})\n"
-        "print('layer imported:', 'espnet_mha.layer' in sys.modules)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    report = "print('layer imported:', 'espnet_mha.layer' in sys.modules)"
+    result = init_param_in_a_fresh_process(exp.stock_config, fused, out, report)
     assert "layer imported: False" in result.stdout
     assert "split 4 fused linear_qkv keys" in result.stderr and "Filter out" not in result.stderr
     assert_same_state(torch.load(out, weights_only=True), exp.stock_state())
     # ESPNET_MHA_NO_HOOK leaves ESPnet's filter as it is (it drops the fused keys, with its warnings).
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "ESPNET_MHA_NO_HOOK": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = init_param_in_a_fresh_process(exp.stock_config, fused, out, report, ESPNET_MHA_NO_HOOK="1")
     assert "name not found" in result.stderr and "split" not in result.stderr
 
 
