@@ -1,6 +1,8 @@
-"""Shared fixtures: seeded random attention cases compared with the stock ESPnet layer."""
+"""Shared fixtures: seeded random attention cases compared with the stock ESPnet layer, the
+flash-attn stand-in, and a stock ESPnet experiment folder."""
 
 import random
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -9,6 +11,7 @@ import torch
 from torch import nn
 
 import espnet_mha  # noqa: F401  (registers flash_mha)
+from espnet_mha import optional
 from espnet_mha.testing import beam_search, prepare_for_decoding
 
 
@@ -163,3 +166,29 @@ def assert_layers_agree(ours, stock, tol):
     torch.testing.assert_close(got, stock.step(query[:, 0], None, memory=memory, mask=mask)[0], **tol)
     for got, expected in zip(ours.forward_qkv(query, memory, memory), stock.forward_qkv(query, memory, memory)):
         torch.testing.assert_close(got, expected, **tol)
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """flash-attn's CPU stand-in (``flash_attn_standin``) as the installed flash-attn."""
+    import flash_attn_standin
+
+    monkeypatch.setitem(sys.modules, "flash_attn", flash_attn_standin)
+    optional.reset()
+    flash_attn_standin.calls.clear()
+    yield flash_attn_standin
+    optional.reset()
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    """CUDA devices report compute capability 9.0 (what flash-attn's kernels need)."""
+    monkeypatch.setattr(optional, "device_capability", lambda device: (9, 0) if device.type == "cuda" else None)
+
+
+@pytest.fixture(scope="module")
+def exp(tmp_path_factory):
+    """A stock model's experiment folder (:class:`espnet_asr.Experiment`), one per test module."""
+    import espnet_asr  # ESPnet's ASR task: imported by the modules that use it only
+
+    return espnet_asr.Experiment(tmp_path_factory.mktemp("exp"))

@@ -73,20 +73,16 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 
 
 @pytest.fixture
-def flash_on_cpu(monkeypatch):
+def flash_on_cpu(standin, monkeypatch):
     """The stand-in in place of flash-attn, and CPU calls of any dtype treated as flash-attn
-    can serve them (the real rules, device and dtype pretended), as tests/test_dispatch.py does:
+    can serve them (the real rules, device and dtype pretended), as tests/test_flash_attn_glue.py does:
     the dispatch refuses CPU tensors for flash-attn, stand-in or not."""
-    monkeypatch.setitem(sys.modules, "flash_attn", flash_attn_standin)
-    optional.reset()
-    flash_attn_standin.calls.clear()
     monkeypatch.setattr(optional, "device_capability", lambda device: (9, 0))
     real = dispatch.flash_attn_refusal
     monkeypatch.setattr(dispatch, "flash_attn_refusal", lambda call: real(
         dataclasses.replace(call, device=torch.device("cuda"), dtype=torch.bfloat16)))
     monkeypatch.setattr(gpu_cases, "RESULTS", [])
-    yield flash_attn_standin
-    optional.reset()
+    return standin
 
 
 @pytest.mark.standin

@@ -3,8 +3,8 @@
 holds, as addresses, see espnet_mha.cache_records), so threads that decode different
 utterances with one module get what they get one after the other, the module is
 unchanged afterwards, and new weights take effect on the next utterance.
-(tests/test_cache.py::test_two_threads_share_one_module is the basic version; this one
-adds a barrier, repeated rounds, different lengths and beams, scores, layer-level
+(tests/test_step_matches_stock.py::test_two_threads_share_one_module is the basic version;
+this one adds a barrier, repeated rounds, different lengths and beams, scores, layer-level
 interleaving and a snapshot of every attribute of our layers.)
 """
 
