@@ -1,5 +1,5 @@
 """Shared by the experiment-folder tests: a flash_mha experiment folder as asr_train leaves it (the
-command line is ``convert_cli.run``)."""
+command line is ``convert_cases.run``)."""
 
 import torch
 

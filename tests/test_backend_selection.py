@@ -10,7 +10,7 @@ from espnet_mha import masks, optional
 from espnet_mha.dispatch import BackendUnavailableError, select_backend
 from espnet_mha.testing import stock_and_flash
 
-from attention_helpers import call
+from attention_cases import call
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import LowRankLinear
 from espnet_mha.testing import stock_and_flash
-from projection_rows import Rows, seq
+from projection_cases import Rows, seq
 
 
 def test_a_cache_follows_changes_to_a_called_projection_within_an_utterance():

@@ -9,7 +9,7 @@ from torch import nn
 from conftest import LowRankLinear
 from espnet_mha import quantized
 from espnet_mha.testing import stock_and_flash
-from projection_rows import Rows, seq
+from projection_cases import Rows, seq
 
 
 def test_parametrized_linears_are_called_as_modules():

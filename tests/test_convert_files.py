@@ -9,7 +9,7 @@ import torch
 
 import espnet_asr
 from checkpoint_cases import assert_same_state
-from convert_cli import leftovers, run
+from convert_cases import leftovers, run
 from espnet_mha.checkpoint import to_fused
 from espnet_mha.convert import ConversionError, convert_file
 

@@ -7,7 +7,7 @@ import numpy
 import pytest
 import torch
 
-from convert_cli import leftovers, run
+from convert_cases import leftovers, run
 from espnet_mha.convert import ConversionError, convert_file, load_weights_only
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")

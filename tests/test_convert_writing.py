@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoint_cases import assert_same_state
-from convert_cli import leftovers, run
+from convert_cases import leftovers, run
 from espnet_mha import checkpoint_io
 from espnet_mha.convert import ConversionError, convert_file, load_weights_only, save_atomic
 

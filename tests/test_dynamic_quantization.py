@@ -8,7 +8,7 @@ import torch
 from conftest import assert_layers_agree, assert_same_nbest, quantize
 from espnet_mha import quantized
 from espnet_mha.testing import s4_decoder_pair, stock_and_flash
-from projection_rows import seq
+from projection_cases import seq
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 

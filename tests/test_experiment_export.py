@@ -11,7 +11,7 @@ import yaml
 
 import espnet_asr
 from espnet_mha.export import export_experiment
-from convert_cli import run
+from convert_cases import run
 from experiment_cases import espnet_globals, experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")

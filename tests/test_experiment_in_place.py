@@ -8,7 +8,7 @@ import espnet_asr
 from espnet_mha.checkpoint import to_fused
 from espnet_mha.convert import ConversionError
 from espnet_mha.export import convert_experiment
-from convert_cli import run
+from convert_cases import run
 from experiment_cases import espnet_globals, experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")

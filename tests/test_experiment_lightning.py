@@ -5,7 +5,7 @@ import torch
 
 import espnet_asr
 from espnet_mha.checkpoint import to_stock
-from convert_cli import run
+from convert_cases import run
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 

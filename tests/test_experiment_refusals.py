@@ -9,7 +9,7 @@ import yaml
 from espnet_mha.checkpoint import to_stock
 from espnet_mha.convert import ConversionError
 from espnet_mha.export import convert_experiment, export_experiment
-from convert_cli import run
+from convert_cases import run
 from experiment_cases import experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")

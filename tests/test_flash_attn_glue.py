@@ -16,7 +16,7 @@ from espnet_mha import dispatch, kernels, optional
 from espnet_mha.testing import stock_and_flash
 
 import flash_attn_standin
-from attention_helpers import CUDA, FP64
+from attention_cases import CUDA, FP64
 from conftest import random_case
 
 

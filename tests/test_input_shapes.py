@@ -6,7 +6,7 @@ import torch
 from espnet_mha import FlashMultiHeadedAttention
 from espnet_mha.testing import stock_and_flash
 
-from attention_helpers import FP64
+from attention_cases import FP64
 
 pytestmark = pytest.mark.usefixtures("layout")
 

@@ -5,7 +5,7 @@ import torch
 
 from espnet_mha.testing import stock_and_flash, under_stock_names
 
-from attention_helpers import FP64
+from attention_cases import FP64
 
 pytestmark = pytest.mark.usefixtures("layout")
 

@@ -9,7 +9,7 @@ from espnet_mha import dispatch
 from espnet_mha.dispatch import BackendUnavailableError, select_backend
 from espnet_mha.testing import stock_and_flash
 
-from attention_helpers import FP64, call
+from attention_cases import FP64, call
 
 
 def test_compiled_float64_on_cpu_avoids_the_broken_sdpa_backward(monkeypatch):
