@@ -60,7 +60,8 @@ class DecodingSteps:
         Raises:
             TypeError, ValueError: bad shapes, or a malformed state (see :mod:`espnet_mha.cache`).
         """
-        self._last.update(backend=None, fallback="", cache=None)  # until this call has run (it may raise)
+        last = self._last  # until this call has run (it may raise); item by item, as in forward
+        last["backend"], last["fallback"], last["cache"] = None, "", None
         if isinstance(query, torch.Tensor) and query.dim() == 3:  # a Parameter or subclass too, as stock
             checks.check_dense("query", query)
             if query.size(1) == 1:

@@ -227,7 +227,10 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
             TypeError, ValueError: bad shapes, dtypes or devices (before any kernel runs).
             dispatch.BackendUnavailableError: a forced backend cannot serve the call.
         """
-        self._last.update(backend=None, fallback="")  # until this call has run (it may raise)
+        # Until this call has run (it may raise). Item by item: torch 2.5's Dynamo cannot trace
+        # dict.update with keywords (a fullgraph compile of a model failed there).
+        last = self._last
+        last["backend"], last["fallback"] = None, ""
         if self.transposed:
             self._check_features("query", query, 3, "(B, D, T1) (transposed)", feature_dim=1)
             query = query.transpose(1, 2)

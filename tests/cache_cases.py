@@ -1,4 +1,4 @@
-"""Helpers shared by the decoding-cache tests (test_step_*, test_state_*, test_causal_steps, ...)."""
+"""Helpers shared by the decoding-cache tests (test_step_*, test_cache_*, test_shared_beam_cache, test_causal_steps)."""
 
 import torch
 
