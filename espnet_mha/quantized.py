@@ -104,9 +104,12 @@ def _why_called(module):
                 else f"it is a {kind.__module__}.{kind.__qualname__}, not an nn.Linear")
     if params.get("bias") is None:
         return "it has no bias"
-    subclass = next((t for t in (params["weight"], params["bias"]) if not readable(t)), None)
-    return f"its parameters are of a tensor subclass, {type(subclass).__name__}" if subclass is not None \
-        else "it has hooks"
+    # Loops, not next() over a generator, here and in projections: torch 2.5's Dynamo cannot
+    # trace next() with a default (a user's fullgraph compile of such a layer failed there).
+    for tensor in (params["weight"], params["bias"]):
+        if not readable(tensor):
+            return f"its parameters are of a tensor subclass, {type(tensor).__name__}"
+    return "it has hooks"
 
 
 def _per_tensor_int8(module):
@@ -188,10 +191,19 @@ def projections(layer):
         parts, exact, fused = _fused_parts(layer, modules[0], out)
     # What inputs must be: the swapped modules' float parameters (a parametrization),
     # else float32 on the CPU (dynamic quantized modules).
-    reference = next((p for module in modules for p in module.parameters() if p.is_floating_point()), None)
+    reference = None
+    for module in modules:
+        for p in module.parameters():
+            if p.is_floating_point():
+                reference = p
+                break
+        if reference is not None:
+            break
     result = Projections(*parts, out, torch.empty(0) if reference is None else reference, exact, fused)
-    layer.__dict__["_projections"] = (key, result)
-    layer.__dict__["_projections_made"] = layer.__dict__.get("_projections_made", 0) + 1
+    # object.__setattr__, not a write to __dict__: torch 2.5's Dynamo traces only the former
+    # (plain attributes either way: nn.Module.__setattr__ would look for modules to register).
+    object.__setattr__(layer, "_projections", (key, result))
+    object.__setattr__(layer, "_projections_made", layer.__dict__.get("_projections_made", 0) + 1)
     return result
 
 

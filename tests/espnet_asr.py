@@ -6,6 +6,7 @@ shrunk so a model builds in a fraction of a second.
 """
 
 import argparse
+import importlib.util
 
 import torch
 import yaml
@@ -17,6 +18,13 @@ N_HEAD = 4
 # the encoder's own attention has the same key names under encoders.0.self_attn.
 DECODER_ATTENTION = ["decoder.decoder.layers.1.layer.", "decoder.decoder.layers.4.layer."]
 ENCODER_ATTENTION = "encoder.encoders.0.self_attn."
+
+
+def espnet_has(module):
+    """Whether the installed ESPnet has ``module`` (a dotted name): the declared oldest,
+    espnet 202402, has no adapters (``espnet2.layers.create_adapter``) and no Lightning
+    training (``espnet2.train.lightning_espnet_model``)."""
+    return importlib.util.find_spec(module) is not None
 
 
 def recipe_config(attention, *, d_model=D_MODEL, n_head=N_HEAD, **layer_options):

@@ -7,7 +7,11 @@ import espnet_asr
 from espnet_mha.checkpoint import to_stock
 from convert_cases import run
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+    pytest.mark.skipif(not espnet_asr.espnet_has("espnet2.train.lightning_espnet_model"),
+                       reason="this ESPnet has no Lightning training (espnet2.train.lightning_espnet_model)"),
+]
 
 
 def lightning_model(tmp_path, attention, seed, **layer_options):

@@ -177,13 +177,16 @@ def test_match_layouts_passes_keys_that_are_not_names_to_espnet():
 
 def test_the_wrappers_survive_a_reload_and_a_fresh_import_of_the_package():
     """A fresh import of our package in the same process (its modules purged from sys.modules)
-    found no ESPnet function to keep and broke ESPnet's filter for every model (a review)."""
+    found no ESPnet function to keep and broke ESPnet's filter for every model (a review).
+    The LoRA wrapper is checked where this ESPnet has adapters."""
+    adapters = espnet_asr.espnet_has("espnet2.layers.create_adapter")
     code = """
 import importlib, sys, torch
-import espnet2.layers.create_adapter  # as ESPnet's tasks do
+ADAPTERS = %r
+if ADAPTERS:
+    import espnet2.layers.create_adapter  # as ESPnet's tasks do
 import espnet_mha.layer
 import espnet2.torch_utils.load_pretrained_model as loader
-import espnet2.layers.create_adapter_fn as adapter_fn
 for name in [n for n in sys.modules if n == "espnet_mha" or n.startswith("espnet_mha.")]:
     del sys.modules[name]
 import espnet_mha.layer
@@ -192,12 +195,14 @@ importlib.reload(sys.modules["espnet_mha.lora_targets"]).install()
 from espnet_mha import init_param, lora_targets
 assert loader.filter_state_dict is init_param.filter_state_dict
 assert init_param._ORIGINAL["filter_state_dict"].__module__ == loader.__name__
-assert adapter_fn.create_lora_adapter is lora_targets.create_lora_adapter
-assert lora_targets._ORIGINAL["create_lora_adapter"].__module__ == adapter_fn.__name__
-assert espnet2.layers.create_adapter.create_adapter_fn_table["lora"] is lora_targets.create_lora_adapter
+if ADAPTERS:
+    import espnet2.layers.create_adapter_fn as adapter_fn
+    assert adapter_fn.create_lora_adapter is lora_targets.create_lora_adapter
+    assert lora_targets._ORIGINAL["create_lora_adapter"].__module__ == adapter_fn.__name__
+    assert espnet2.layers.create_adapter.create_adapter_fn_table["lora"] is lora_targets.create_lora_adapter
 print(sorted(loader.filter_state_dict({"a.linear_qkv.weight": torch.zeros(6, 2)},
                                       {"a.linear_q.weight": torch.ones(2, 2), "b": torch.ones(1)})))
-"""
+""" % adapters
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("['a.linear_q.weight']")
