@@ -11,6 +11,7 @@ from espnet2.asr.state_spaces.base import SequenceModule
 from espnet_mha import (beam_states, checks, compile_policy, dispatch, freeze_targets, functional, init_param,
                         lora_targets, masks, optional, packing, quantized, state_dict)
 from espnet_mha.backend_selection import BackendSelection
+from espnet_mha.causal_steps import CausalSteps
 from espnet_mha.decoding import DecodingSteps
 from espnet_mha.parameters import ParameterLayout
 from espnet_mha.stock_helpers import StockHelpers
@@ -24,7 +25,8 @@ logger = logging.getLogger(__name__)
 init_param.install()
 
 
-class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection, DecodingSteps, SequenceModule):
+class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection, DecodingSteps, CausalSteps,
+                                SequenceModule):
     """Multi-head attention with the stock ESPnet interface, fused and cached.
 
     Computes what ``espnet2.asr.state_spaces.attention.MultiHeadedAttention``
@@ -120,7 +122,7 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
         self._checked_steps = {}
         self._query_views = None
         self._cache_sources = {}  # cache storage -> cache_records.record of the memory and weights it holds
-        self._warned_one_history = False  # see DecodingSteps._warn_one_history
+        self._warned_one_history = False  # see CausalSteps._warn_one_history
         beam_states.apply_environment()  # a decoder is being built: S4Decoder is loaded
         # A plain dict, updated in place: nn.Module.__setattr__ is slow on the hot path.
         self._last = {"backend": None, "fallback": "", "skipped_keys": 0.0, "cache": None}
@@ -227,10 +229,8 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
             TypeError, ValueError: bad shapes, dtypes or devices (before any kernel runs).
             dispatch.BackendUnavailableError: a forced backend cannot serve the call.
         """
-        # Until this call has run (it may raise). Item by item: torch 2.5's Dynamo cannot trace
-        # dict.update with keywords (a fullgraph compile of a model failed there).
-        last = self._last
-        last["backend"], last["fallback"] = None, ""
+        # Until this call has run (it may raise); not dict.update, which torch 2.5's Dynamo cannot trace.
+        self._last["backend"], self._last["fallback"] = None, ""
         if self.transposed:
             self._check_features("query", query, 3, "(B, D, T1) (transposed)", feature_dim=1)
             query = query.transpose(1, 2)
