@@ -13,6 +13,7 @@ from espnet_mha import (beam_states, checks, compile_policy, dispatch, freeze_ta
 from espnet_mha.backend_selection import BackendSelection
 from espnet_mha.causal_steps import CausalSteps
 from espnet_mha.decoding import DecodingSteps
+from espnet_mha.layer_checks import LayerChecks
 from espnet_mha.parameters import ParameterLayout
 from espnet_mha.stock_helpers import StockHelpers
 
@@ -25,8 +26,8 @@ logger = logging.getLogger(__name__)
 init_param.install()
 
 
-class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection, DecodingSteps, CausalSteps,
-                                SequenceModule):
+class FlashMultiHeadedAttention(LayerChecks, ParameterLayout, StockHelpers, BackendSelection, DecodingSteps,
+                                CausalSteps, SequenceModule):
     """Multi-head attention with the stock ESPnet interface, fused and cached.
 
     Computes what ``espnet2.asr.state_spaces.attention.MultiHeadedAttention``
@@ -131,65 +132,10 @@ class FlashMultiHeadedAttention(ParameterLayout, StockHelpers, BackendSelection,
         optional.flash_attn()
         self.register_load_state_dict_pre_hook(state_dict.load_state_dict_pre_hook)
 
-    # Set on a built layer, these are read as the constructor reads them (a string "false" was
-    # true), and the sizes stay what the parameters were made for (an audit).
-    _FLAG_OPTIONS = ("causal", "keep_attn", "transposed")
-    _SIZES = ("n_feat", "h", "d_k", "d_model", "d_output")
-
-    def __setattr__(self, name, value):
-        if name in self._FLAG_OPTIONS:
-            value = checks.check_flag(name, value)
-        elif name == "backend":
-            # Checked as the constructor checks it (None is "auto"); the environment variable
-            # is read when a layer is built, so setting a built layer's backend overrides it.
-            value = dispatch.check_backend(value)
-        elif name in ("compile_setting", "compile_mode") and name in self.__dict__:
-            # The constructor's compile and compile_mode, checked as it checks them (a probe: a
-            # bad mode was taken here); as for backend, the environment was read at construction.
-            setting, mode = (value, self.compile_mode) if name == "compile_setting" else (self.compile_setting, value)
-            value = compile_policy.resolve_compile(setting, mode, environment=False)[name == "compile_mode"]
-        elif name == "compile":
-            # Assigned, it hid nn.Module.compile and changed nothing (a probe).
-            raise AttributeError(f"compile is nn.Module.compile; the layer's compile option is compile_setting "
-                                 f"(True, False or 'auto'), got compile = {value!r}")
-        elif name in self._SIZES:
-            # d_model and d_output are SequenceModule properties, kept in _d_model and _d_output.
-            current = self.__dict__.get(name, self.__dict__.get(f"_{name}"))
-            if current is not None and value != current:
-                raise AttributeError(f"{name} is {current}, fixed by the parameters this layer was built "
-                                     f"with; got {value!r}: build a new layer for other sizes")
-        super().__setattr__(name, value)
-
     def extra_repr(self):
         layout = "" if self.state_dict_layout == "fused" else f", state_dict_layout={self.state_dict_layout!r}"
         return (f"n_feat={self.n_feat}, n_head={self.h}, causal={self.causal}, "
                 f"backend={self.backend!r}, compile={self.compile_setting!r}{layout}")
-
-    # ------------------------------------------------------------------ checks
-    def _check_features(self, name, x, ndim, layout, feature_dim=-1):
-        weight = self._modules["linear_out"]._parameters.get("weight")
-        if weight is None or not self._qkv_plain():
-            weight = quantized.projections(self).reference
-        checks.check_features(name, x, ndim, layout, n_feat=self.n_feat, weight=weight, feature_dim=feature_dim)
-
-    def _frames(self, memory, batch):
-        """:func:`checks.one_frame` of ``memory`` for a query batch of ``batch``. A 2-D memory
-        is checked here, where it is read: its feature size first (so an error names the
-        shape given, not the one read), then whether the stock view could read it. A causal
-        layer ignores the memory, whatever it is."""
-        if self.causal or not (isinstance(memory, torch.Tensor) and memory.dim() == 2
-                               and memory.layout == torch.strided):
-            return checks.one_frame(memory, batch)
-        self._check_features("memory", memory, 2, "(N, D)")
-        memory = checks.one_frame(memory, batch)
-        checks.check_read_as_frames("memory", memory, batch)  # one the stock view cannot read stays 2-D
-        return memory
-
-    def _check_memory(self, query, memory):
-        # Device and dtype: both tensors were checked against the parameters; a 2-D memory
-        # was read (or refused) by _frames, which every caller runs first.
-        self._check_features("memory", memory, 3, "(B, T2, D)")
-        checks.check_same_batch(query, memory)
 
     @property
     def last_cache(self):
