@@ -24,7 +24,9 @@ class DecodingSteps:
     """Mixin for :class:`espnet_mha.layer.FlashMultiHeadedAttention`: ``step`` and
     ``default_state`` (needs the layer's ``h``, ``causal``, ``keep_attn``, the parameter
     accessors of :class:`espnet_mha.parameters.ParameterLayout`, ``_select``,
-    ``_sequence``, ``_fn``, ``_check_features``, ``_frames``, ``_check_memory``,
+    ``_sequence``, ``_fn``, ``_check_features``, ``_frames``, ``_check_memory`` (of
+    :class:`espnet_mha.layer_checks.LayerChecks`), ``_step_self`` (of
+    :class:`espnet_mha.causal_steps.CausalSteps`),
     ``_keep_weights``, and the per-layer records ``_checked_steps``, ``_cache_sources``,
     ``_query_views``, ``_last``)."""
 
