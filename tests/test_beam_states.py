@@ -87,7 +87,7 @@ def test_espnet_batch_score_steps_the_beam_from_the_first_hypothesis_and_we_warn
     """Without the merge, ESPnet's batch_score hands hypothesis 0's states to the beam:
     scores off forward's (0.03-0.41 in a probe), and the causal layer says so, once."""
     decoder = causal_decoder()
-    with caplog.at_level(logging.WARNING, logger="espnet_mha.decoding"):
+    with caplog.at_level(logging.WARNING, logger="espnet_mha.causal_steps"):
         errors = score_errors(decoder, memory(0), 4)
     assert max(errors) > 1e-3
     warnings = [r for r in caplog.records if "attend to that hypothesis' history" in r.getMessage()]
@@ -98,7 +98,7 @@ def test_espnet_batch_score_steps_the_beam_from_the_first_hypothesis_and_we_warn
 def test_one_causal_hypothesis_over_a_beam_without_a_split_cache_does_not_warn(caplog):
     """A batch-1 cache of its own (one prefix, several candidate tokens) serves a beam rightly."""
     layer = causal_decoder().decoder.layers[0].layer
-    with caplog.at_level(logging.WARNING, logger="espnet_mha.decoding"):
+    with caplog.at_level(logging.WARNING, logger="espnet_mha.causal_steps"):
         _, state = layer.step(torch.randn(1, D, dtype=torch.float64), None)
         _, state = layer.step(torch.randn(1, D, dtype=torch.float64), state)
         layer.step(torch.randn(4, D, dtype=torch.float64), state)
