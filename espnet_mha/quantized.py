@@ -104,7 +104,7 @@ def _why_called(module):
                 else f"it is a {kind.__module__}.{kind.__qualname__}, not an nn.Linear")
     if params.get("bias") is None:
         return "it has no bias"
-    # Loops, not next() over a generator, here and in projections: torch 2.5's Dynamo cannot
+    # Loops, not next() over a generator, here and in _first_float_parameter: torch 2.5's Dynamo cannot
     # trace next() with a default (a user's fullgraph compile of such a layer failed there).
     for tensor in (params["weight"], params["bias"]):
         if not readable(tensor):
@@ -191,20 +191,23 @@ def projections(layer):
         parts, exact, fused = _fused_parts(layer, modules[0], out)
     # What inputs must be: the swapped modules' float parameters (a parametrization),
     # else float32 on the CPU (dynamic quantized modules).
-    reference = None
-    for module in modules:
-        for p in module.parameters():
-            if p.is_floating_point():
-                reference = p
-                break
-        if reference is not None:
-            break
+    reference = _first_float_parameter(modules)
     result = Projections(*parts, out, torch.empty(0) if reference is None else reference, exact, fused)
     # object.__setattr__, not a write to __dict__: torch 2.5's Dynamo traces only the former
     # (plain attributes either way: nn.Module.__setattr__ would look for modules to register).
     object.__setattr__(layer, "_projections", (key, result))
     object.__setattr__(layer, "_projections_made", layer.__dict__.get("_projections_made", 0) + 1)
     return result
+
+
+def _first_float_parameter(modules):
+    """The first floating-point parameter of ``modules``, in order (None if none): a loop, as
+    in :func:`_why_called`, for torch 2.5's Dynamo."""
+    for module in modules:
+        for p in module.parameters():
+            if p.is_floating_point():
+                return p
+    return None
 
 
 def _fused_parts(layer, qkv, out):
