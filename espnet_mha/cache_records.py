@@ -91,7 +91,7 @@ def record(memory, key, weights, kv, weight_tensors, previous=None):
     :func:`storage_ref` of each of its ``weight_tensors`` (the same for new weights at a
     freed one's address), the cache's own write counter (shared by every view of it, such
     as the states ``BatchBeamSearch`` splits off: an in-place change to a state is seen),
-    its :func:`grad_flags` with weak references to the tensors its graph reaches (none if
+    its :func:`grad_flags` with the :func:`_identities` of the tensors its graph reaches (none if
     it was made without gradients, those of ``previous`` (its record before) if it is
     reused without gradients: it keeps the graph it had), and a :func:`storage_ref` and
     the :func:`view_of` of the cache itself (so a tensor allocated where a freed cache
@@ -99,13 +99,30 @@ def record(memory, key, weights, kv, weight_tensors, previous=None):
     :func:`counter_owner`, and the :func:`checks.matmul_precision` the keys were projected at."""
     grads = grad_flags(memory, weight_tensors)
     if grads is not None:
-        flags, reached = grads[0], tuple(weakref.ref(t) for t in grads[1])
+        flags, reached = grads[0], _identities(grads[1])
     elif previous is not None:
         flags, reached = previous[5], previous[6]
     else:
         flags, reached = (False,) * (1 + len(weight_tensors)), ()
     return (key, storage_ref(memory), weights, write_counter(kv), tuple(storage_ref(t) for t in weight_tensors),
             flags, reached, storage_ref(kv), view_of(kv), counter_owner(memory), checks.matmul_precision())
+
+
+def _identities(reached):
+    """Who the tensors of :func:`grad_flags` are, keeping none alive: the memory (or its
+    base) by a weak reference, the projection's weights by ``id``. Not weak references to
+    the weights: ``torch.utils.swap_tensors`` refuses a weakly referenced tensor, and
+    parametrizations and ``load_state_dict(assign=True)`` under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)`` swap parameters
+    outside ``Module._apply``, where the layer forgets its records. An ``id`` cannot name
+    two live tensors, and a freed weight is told by its storage reference (the weights'
+    in :func:`record`) before :func:`_same_tensors` is asked."""
+    return (weakref.ref(reached[0]), *map(id, reached[1:]))
+
+
+def _same_tensors(kept, reached):
+    """Whether :func:`_identities` ``kept`` names the tensors ``reached``."""
+    return len(kept) == len(reached) and kept[0]() is reached[0] and kept[1:] == tuple(map(id, reached[1:]))
 
 
 def _counter_tensor(memory):
@@ -186,8 +203,7 @@ def provenance_problem(sources, state, key, memory, weights, grads=None):
             # BatchBeamSearch splits off such a state): its keys would give the memory and
             # the key/value weights no gradient (0.4-4.7 off against the stock step's).
             return "the state carries no graph, and the memory or the key/value weights need gradients"
-        if kept[5] != flags or (any(flags) and (len(kept[6]) != len(reached)
-                                                or any(r() is not t for r, t in zip(kept[6], reached)))):
+        if kept[5] != flags or (any(flags) and not _same_tensors(kept[6], reached)):
             return "the state's graph does not reach the memory and weights that now need gradients"
     return ""
 

@@ -262,7 +262,10 @@ class DecodingSteps:
         views = self._query_views
         where = (w_qkv.data_ptr(), b_qkv.data_ptr(), w_qkv.stride(), b_qkv.stride())
         if views is None or views[0] is not w_qkv or views[1] is not b_qkv or views[2] != where:
-            views = self._query_views = (w_qkv, b_qkv, where, *functional.query_head_weights(w_qkv, b_qkv, self.h))
+            # Views of detached aliases: a view of the parameter itself would hold it (its base),
+            # and torch.utils.swap_tensors refuses a parameter held elsewhere.
+            views = self._query_views = (w_qkv, b_qkv, where,
+                                         *functional.query_head_weights(w_qkv.detach(), b_qkv.detach(), self.h))
         return views[3], views[4], w_out, b_out
 
     def default_state(self, *batch_shape, device=None):

@@ -233,14 +233,14 @@ class FlashMultiHeadedAttention(LayerChecks, ParameterLayout, StockHelpers, Back
             self.attn = None
 
     def _forget_records(self):
-        """Drop what the layer remembers about its parameters and caches: the query views
-        (which hold the parameters), the module projections, and the cache records (weak
-        references to the parameters; every cache made so far is recomputed on its next
-        step). Called before the parameters are moved, cast or loaded: with
-        ``torch.__future__.set_swap_module_params_on_conversion(True)``, ``.to()`` and
-        ``load_state_dict`` swap each parameter object's contents
-        (``torch.utils.swap_tensors``), which refuses a tensor held elsewhere or weakly
-        referenced."""
+        """Drop what the layer remembers about its parameters and caches: the query views,
+        the module projections, and the cache records (every cache made so far is
+        recomputed on its next step). Called before the parameters are moved, cast or
+        loaded, whose old storage need not stay alive for views nobody will use. None of
+        these holds a parameter or weakly references one (``torch.utils.swap_tensors``
+        refuses such a tensor), so a swap outside ``_apply`` (a user's, or a
+        parametrization's under ``torch.__future__.set_swap_module_params_on_conversion``)
+        works too; the records then see new storage and recompute."""
         self._query_views = None
         self._cache_sources.clear()
         self.__dict__.pop("_projections", None)

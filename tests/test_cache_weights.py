@@ -1,7 +1,10 @@
 """A state follows the weights: changed, reallocated, swapped or optimized weights and the matmul precision."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn.utils.parametrize
 
 from cache_cases import FP64, StepOf, kv_weight_name, seq
 from espnet_mha.checkpoint import to_stock
@@ -96,6 +99,54 @@ def test_parameters_can_be_swapped_after_a_step(grad):
             del got  # (its graph holds the output weights)
             ours.load_state_dict(stock.state_dict())
             ours.step(query.double(), None, memory=memory.double())
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+class StoredHalved(torch.nn.Module):
+    """A parametrization that stores half the weight and gives back the weight itself."""
+
+    def forward(self, weight):
+        return weight * 2
+
+    def right_inverse(self, weight):
+        return weight / 2
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_parameters_the_user_swaps_after_a_step(grad):
+    """``torch.utils.swap_tensors`` on a parameter, and a parametrization registered under
+    ``swap_module_params_on_conversion``, swap outside ``Module._apply``, so the layer cannot
+    forget its records first: those must not hold the parameters (views of them, or weak
+    references, were refused after one step, where the stock layer swapped). The state made
+    before the swap is recomputed, and the steps follow the new weights."""
+    stock, ours = stock_and_flash(16, 4)
+    memory, query = seq(1, 9, 16).expand(3, -1, -1), seq(3, 16, seed=1)
+    with torch.set_grad_enabled(grad):
+        state = ours.step(query, None, memory=memory)[1]
+        # The remembered signature's path; detached, and no output kept: an output's graph
+        # holds the weights (the stock layer's too).
+        state = ours.step(query, state[:1], memory=memory)[1].detach()
+        with torch.no_grad():
+            for p in stock.parameters():
+                p.add_(0.1)
+        moved = copy.deepcopy(ours)
+        moved.load_state_dict(stock.state_dict())
+        for p, new in zip(ours.parameters(), moved.parameters()):
+            torch.utils.swap_tensors(p, new)
+        got, _ = ours.step(query, state, memory=memory)
+        assert ours.last_cache.startswith("recomputed")
+        torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with torch.set_grad_enabled(grad):
+            ours.step(query, None, memory=memory)
+            linear = ours.linear_qkv if "linear_qkv" in ours._modules else ours.linear_k
+            torch.nn.utils.parametrize.register_parametrization(linear, "weight", StoredHalved())
+            got, _ = ours.step(query, None, memory=memory)
+            torch.nn.utils.parametrize.remove_parametrizations(linear, "weight")
+        torch.testing.assert_close(got, stock.step(query, None, memory=memory)[0], **FP64)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swap)
 
