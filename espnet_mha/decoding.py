@@ -66,7 +66,10 @@ class DecodingSteps:
         if isinstance(query, torch.Tensor) and query.dim() == 3:  # a Parameter or subclass too, as stock
             checks.check_dense("query", query)
             if query.size(1) == 1:
-                query = query.squeeze(1)  # (B, 1, D): the stock step takes it too, and returns (B, D)
+                # (B, 1, D): the stock step takes it too, and returns (B, D). Checked before the
+                # squeeze, so that an error names the shape given.
+                self._check_features("query", query, 3, "(B, 1, D)")
+                query = query.squeeze(1)
             elif not self.causal:  # the stock step is forward over all T1 positions: (B, T1, D)
                 return self._stock_step(query, self._frames(memory, query.size(0)), mask), state
             else:
@@ -78,6 +81,8 @@ class DecodingSteps:
                 return fast
         if isinstance(query, torch.Tensor) and query.dim() == 2:
             query = checks.dense_rows(query)  # the stock step takes a sparse (B, D) query
+        if isinstance(query, torch.Tensor) and query.dim() != 2:  # 3-D ones went above
+            raise ValueError(f"query of a step must be (B, D), (B, 1, D) or (B, T1, D), got shape {tuple(query.shape)}")
         self._check_features("query", query, 2, "(B, D)")
         memory = self._frames(memory, query.size(0))
         batch = query.size(0)

@@ -66,8 +66,11 @@ def test_query_dtype_must_match_the_parameters_outside_autocast(layer):
     "query,memory,error,match",
     [
         (torch.randn(2, 3, 1, 8), torch.randn(2, 5, 8), ValueError,
-         r"query must be 2-D \(B, D\), got shape \(2, 3, 1, 8\)"),
+         r"query of a step must be \(B, D\), \(B, 1, D\) or \(B, T1, D\), got shape \(2, 3, 1, 8\)"),
         (torch.randn(2, 6), torch.randn(2, 5, 8), ValueError, r"query has feature size 6"),
+        # Checked before the squeeze: the shape given, not the (2, 6) read from it.
+        (torch.randn(2, 1, 6), torch.randn(2, 5, 8), ValueError,
+         r"query has feature size 6 \(shape \(2, 1, 6\), \(B, 1, D\)\)"),
         (torch.randn(2, 8), torch.randn(1, 5, 8), ValueError, r"memory batch 1 \(shape \(1, 5, 8\)\) != query batch 2"),
         # A 2-D memory's shape as given (it named the (2, 2, 6) it would have been read as).
         (torch.randn(2, 8), torch.randn(4, 6), ValueError, r"memory has feature size 6 \(shape \(4, 6\), \(N, D\)\)"),
