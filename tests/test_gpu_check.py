@@ -57,6 +57,7 @@ def test_gpu_all_refuses_a_limit_scale_that_is_no_whole_number(tmp_path, scale):
     assert done.returncode == 2 and f"LIMIT_SCALE must be a whole number from 1, got '{scale}'" in done.stderr
 
 
+@pytest.mark.slow  # about 30 s: it compiles (compile_fullgraph)
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
