@@ -42,7 +42,7 @@ demo: setup
 
 # The side-by-side numbers the demo's own decoder is too small to show: the benchmark's
 # 6-layer S4Decoder beam search and 50 decoding steps of one layer (the sizes of the README's
-# targets), stock and flash_mha in interleaved rounds on this machine; about 2 minutes.
+# targets), stock and flash_mha in interleaved rounds on this machine; about 1.5-2 minutes.
 demo-bench: setup
 	@echo "Stock mha and flash_mha side by side at the benchmark's sizes: s4decoder_beam_search is BatchBeamSearch"
 	@echo "over a 6 x [s4, attention, ff] S4Decoder (D=256, vocabulary 500, beam 10, 300 encoder frames);"
