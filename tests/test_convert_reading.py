@@ -1,6 +1,7 @@
 """``espnet-mha-convert`` reading IN: classes refused unless allowed, unreadable files, files that are no checkpoint."""
 
 import datetime
+import importlib
 import re
 
 import numpy
@@ -28,6 +29,35 @@ def test_numpy_values_name_their_globals(tmp_path):
     convert_file(src, tmp_path / "out.pth", to="stock", allow_globals=allowed)
     assert sorted(torch.load(tmp_path / "out.pth", weights_only=False)["model"]) == [
         f"layers.0.layer.linear_{n}.{p}" for n in "kqv" for p in ("bias", "weight")]
+
+
+@pytest.mark.skipif(not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"),
+                    reason="torch < 2.6 admits a global only under its own name")
+def test_a_global_named_as_an_older_release_named_it_is_admitted_by_that_name(tmp_path):
+    """numpy 1.x pickles its scalars as numpy.core.multiarray.scalar, which numpy 2 calls
+    numpy._core.multiarray.scalar: a training file written under numpy 1 (ESPnet's reporter
+    keeps numpy floats) and converted under numpy 2 named the flag it needed, and that flag
+    was refused again. The file is written here under the other name than this numpy's."""
+    scalar = numpy.float64(0).__reduce__()[0]
+    own = scalar.__module__
+    other = "numpy.core.multiarray" if own == "numpy._core.multiarray" else "numpy._core.multiarray"
+    src = tmp_path / "checkpoint.pth"
+    scalar.__module__ = other
+    try:
+        torch.save({"model": {"layers.0.layer.linear_qkv.weight": torch.zeros(6, 2),
+                              "layers.0.layer.linear_qkv.bias": torch.zeros(6)},
+                    "reporter": {"loss": numpy.float64(1.5)}}, src)
+    finally:
+        scalar.__module__ = own
+    flag = f"{other}.scalar"
+    try:
+        importlib.import_module(other)
+    except ImportError:
+        pytest.skip(f"{other} cannot be imported with this numpy")
+    with pytest.raises(ConversionError, match=rf"--allow-global {re.escape(flag)}"):
+        load_weights_only(src)
+    assert load_weights_only(src, allow_globals=[flag, "numpy.dtype"])["reporter"]["loss"] == 1.5
+    convert_file(src, tmp_path / "out.pth", to="stock", allow_globals=[flag, "numpy.dtype"])
 
 
 @pytest.mark.parametrize("damage", ["truncated", "tail", "empty", "garbage"])
