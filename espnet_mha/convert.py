@@ -131,6 +131,11 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
                                 f"file to write, e.g. {dst / src.name}")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise FileExistsError(f"{dst} exists; pass --force (force=True) to overwrite it")
+    if dst.is_symlink() and dst.exists() and dst.resolve() == src.resolve():
+        # In place through a link (ESPnet's valid.acc.ave.pth -> valid.acc.ave_3best.pth): the
+        # file it names is converted and the link kept. Replacing the link by a converted copy
+        # left the file it named, and every other link to it, in the old layout (an audit).
+        dst = dst.resolve()
     config = _config_beside(src)
     obj, report = convert_object(load_weights_only(src, allow_globals=allow_globals), src=src, dst=dst, to=to,
                                  layer_pattern=layer_pattern, drop_optimizer_state=drop_optimizer_state,

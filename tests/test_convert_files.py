@@ -42,6 +42,21 @@ def test_flat_file_round_trip_is_bit_identical(exp, tmp_path, capsys):
     assert_same_state(torch.load(back, weights_only=True), exp.stock_state())
 
 
+def test_a_link_converted_in_place_converts_the_file_it_names(exp, tmp_path, capsys):
+    """ESPnet's valid.acc.ave.pth is a link to valid.acc.ave_3best.pth. Converted in place, the
+    link was replaced by a converted copy, leaving the file it named (and any other link to
+    it) in the stock layout (an audit)."""
+    target = tmp_path / "valid.acc.ave_3best.pth"
+    target.write_bytes(exp.ave.read_bytes())
+    link = tmp_path / "valid.acc.ave.pth"
+    link.symlink_to(target.name)
+    assert run(link, link, "--to", "fused", "--force") == 0
+    assert f"wrote {target}" in capsys.readouterr().out
+    assert link.is_symlink() and os.readlink(link) == target.name
+    assert_same_state(torch.load(target, weights_only=True), to_fused(exp.stock_state()))
+    assert leftovers(tmp_path) == []
+
+
 def test_a_file_converted_to_fused_beside_a_stock_config_warns(exp, tmp_path, capsys):
     """The config.yaml that goes with a file converted to fused (beside the output, else beside
     the input) still naming mha would build the stock layer, whose loader drops linear_qkv:
