@@ -161,6 +161,14 @@ def load_weights_only(path, *, allow_globals=()):
             raise _unreadable(path, error) from error
 
 
+def naming_file(path, error):
+    """``error`` (a KeyError, ValueError or TypeError of a layer, which names the layer's
+    keys) as the same kind of error that names the file ``path`` too."""
+    # Not type(error): not every subclass takes one message.
+    kind = next(base for base in (KeyError, ValueError, TypeError) if isinstance(error, base))
+    return kind(f"{path}: {error.args[0] if error.args else error}")
+
+
 def training_kind(obj):
     """``TRAINING`` or ``LIGHTNING`` when ``obj`` is one of the training files of :data:`ENTRIES`
     (the model's state dict is then in an entry), else None."""

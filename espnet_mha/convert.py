@@ -48,6 +48,7 @@ from espnet_mha.checkpoint_io import (  # noqa: F401  (re-exported: the converte
     ConversionError,
     load_weights_only,
     model_state,
+    naming_file,
     save_atomic,
 )
 from espnet_mha.checkpoint_keys import DEFAULT_LAYER_PATTERN, fused_layers, stock_layers, strip_wrapper_prefixes
@@ -137,9 +138,14 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
         # left the file it named, and every other link to it, in the old layout (an audit).
         dst = dst.resolve()
     config = _config_beside(src)
-    obj, report = convert_object(load_weights_only(src, allow_globals=allow_globals), src=src, dst=dst, to=to,
-                                 layer_pattern=layer_pattern, drop_optimizer_state=drop_optimizer_state,
-                                 config=config)
+    obj = load_weights_only(src, allow_globals=allow_globals)
+    try:
+        obj, report = convert_object(obj, src=src, dst=dst, to=to, layer_pattern=layer_pattern,
+                                     drop_optimizer_state=drop_optimizer_state, config=config)
+    except ConversionError:
+        raise  # names the file already
+    except (KeyError, ValueError, TypeError) as error:  # a layer's error names the layer, as in a folder
+        raise naming_file(src, error) from error
     save_atomic(obj, dst, force=force)
     if to == "fused" and report.layers:
         report.warnings += _stock_config_warning(src, dst, config)

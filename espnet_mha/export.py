@@ -24,7 +24,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from espnet_mha.checkpoint_io import FLAT, LIGHTNING, ConversionError, load_weights_only, model_state, save_atomic
+from espnet_mha.checkpoint_io import (FLAT, LIGHTNING, ConversionError, load_weights_only, model_state, naming_file,
+                                      save_atomic)
 from espnet_mha.checkpoint_keys import fused_layers, stock_layers, strip_wrapper_prefixes
 from espnet_mha.configs import OUR_NAME, STOCK_NAME, fused_config, rename_layers, stock_config
 
@@ -290,9 +291,7 @@ def _convert_file(path, out, to, report, allow_globals, drop_optimizer_state, co
             raise
         return _skip_training_state(path, error, report, in_place)
     except (KeyError, ValueError, TypeError) as error:  # a layer's error names the layer; the user needs the file
-        # Not type(error): not every subclass takes one message.
-        kind = next(base for base in (KeyError, ValueError, TypeError) if isinstance(error, base))
-        raise kind(f"{path}: {error.args[0] if error.args else error}") from error
+        raise naming_file(path, error) from error
     save_atomic(converted, out, force=True)
     report.converted.append((path.name, len(done.layers)))
     shutil.copymode(path, out)

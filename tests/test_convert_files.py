@@ -192,7 +192,8 @@ def test_half_converted_file_names_missing_keys(exp, tmp_path, capsys):
     src, dst = tmp_path / "half.pth", tmp_path / "out.pth"
     torch.save(state, src)
     assert run(src, dst, "--to", "fused") == 1
-    assert ("half-converted attention layer at 'decoder.decoder.layers.1.layer.': "
+    # The file too, as in a folder (an audit: a single file's error named only the layer).
+    assert (f"{src}: half-converted attention layer at 'decoder.decoder.layers.1.layer.': "
             in capsys.readouterr().err)
     with pytest.raises(KeyError, match=r"missing \['decoder\.decoder\.layers\.1\.layer\.linear_v\.bias'\]"):
         convert_file(src, dst, to="fused")
