@@ -12,6 +12,7 @@ import pickle
 import re
 import stat
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -79,7 +80,20 @@ def _reason(error):
 
 
 def _unreadable(path, error):
+    if _packed_model(path):
+        return ConversionError(f"{path}: an ESPnet pack archive (espnet2.bin.pack: meta.yaml beside the model "
+                               "files), not a torch.save file: unpack it, then convert the model file in it, and "
+                               "pack again")
     return ConversionError(f"{path}: cannot read it ({_reason(error)}); is it truncated, or not written by torch.save?")
+
+
+def _packed_model(path):
+    """Whether ``path`` is a zip archive as ``espnet2.bin.pack`` writes one (``meta.yaml`` at its top)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "meta.yaml" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _where(obj, path, found):

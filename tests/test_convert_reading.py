@@ -3,6 +3,7 @@
 import datetime
 import importlib
 import re
+import zipfile
 
 import numpy
 import pytest
@@ -70,6 +71,17 @@ def test_unreadable_files_say_so_and_leave_nothing(exp, tmp_path, capsys, damage
     assert "bad.pth: cannot read it (" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth"]
     with pytest.raises(ConversionError, match=r"cannot read it \(.*\); is it truncated, or not written by torch"):
+        load_weights_only(src)
+
+
+def test_an_espnet_pack_archive_is_named_as_one(exp, tmp_path):
+    """espnet2.bin.pack writes a zip with meta.yaml beside the model files, which torch.load
+    cannot read: the error said "is it truncated, or not written by torch.save?" (an audit)."""
+    src = tmp_path / "model.zip"
+    with zipfile.ZipFile(src, "w") as archive:
+        archive.writestr("meta.yaml", "files: {asr_model_file: exp/valid.acc.ave.pth}\n")
+        archive.write(exp.ave, "exp/valid.acc.ave.pth")
+    with pytest.raises(ConversionError, match=r"model\.zip: an ESPnet pack archive .*unpack it, then convert"):
         load_weights_only(src)
 
 
