@@ -1,8 +1,13 @@
 """The attention layers of an ESPnet ``config.yaml`` (or of the saved training
 arguments of a Lightning checkpoint) renamed between ``mha`` and ``flash_mha``:
 what :mod:`espnet_mha.export` writes beside the converted model files, so the
-config builds the layer whose parameter layout the files hold.
+config builds the layer whose parameter layout the files hold; and, for a single
+converted file, the ``config.yaml`` beside it and the warning when it names the stock
+layer (:mod:`espnet_mha.convert`).
 """
+
+import argparse
+from pathlib import Path
 
 from espnet_mha.checkpoint_io import ConversionError
 
@@ -79,3 +84,51 @@ def fused_config(config):
         return {k: v for k, v in item.items() if k not in dropped} | {"_name_": OUR_NAME}
 
     return rename_layers(config, rename)
+
+
+def lightning_arguments(obj, to):
+    """``obj`` (a Lightning checkpoint) with the training arguments ESPnet's ``LitESPnetModel``
+    saves as its hyper-parameters (``hyper_parameters["args"]``, the config as a Namespace,
+    or a dict) in the layout ``to``, as ``config.yaml`` (what
+    ``LitESPnetModel.load_from_checkpoint`` builds); ``obj`` itself when they need no change."""
+    hyper = obj.get("hyper_parameters")
+    args = hyper.get("args") if isinstance(hyper, dict) else None
+    if not isinstance(args, (argparse.Namespace, dict)):
+        return obj
+    config, renamed = (stock_config if to == "stock" else fused_config)(dict(vars(args)) if isinstance(
+        args, argparse.Namespace) else args)
+    if not renamed:
+        return obj
+    args = argparse.Namespace(**config) if isinstance(args, argparse.Namespace) else config
+    return obj | {"hyper_parameters": hyper | {"args": args}}
+
+
+def config_beside(path):
+    """The ``config.yaml`` ESPnet writes beside its model files, as a dict, or None (absent, unreadable)."""
+    import yaml
+
+    config = Path(path).parent / "config.yaml"
+    try:
+        with open(config, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def stock_config_warning(src, dst, config):
+    """A warning when the ``config.yaml`` that goes with a file converted to fused names the
+    stock ``mha``: ESPnet builds the stock layer from it and loads with ``strict=False``, which
+    drops ``linear_qkv`` (random q/k/v, without a word). An audit converted a single file in
+    place and decoded with its old config."""
+    beside_dst = config_beside(dst)
+    config, where = (beside_dst, Path(dst).parent) if beside_dst is not None else (config, Path(src).parent)
+    if not isinstance(config, dict):
+        return []
+    _, stock_named = rename_layers(config, lambda item, path: item if item.get("_name_") == STOCK_NAME else None)
+    if not stock_named:
+        return []
+    return [f"{where / 'config.yaml'} names the stock mha at {', '.join(stock_named)}: a model built from it has "
+            "the stock layer, and ESPnet's loader (strict=False) drops these fused keys. Convert the whole "
+            "experiment folder instead (espnet-mha-convert EXP_DIR OUT_DIR --to fused), which rewrites the "
+            "config, or change those layers to _name_: flash_mha"]

@@ -52,7 +52,7 @@ from espnet_mha.checkpoint_io import (  # noqa: F401  (re-exported: the converte
     save_atomic,
 )
 from espnet_mha.checkpoint_keys import DEFAULT_LAYER_PATTERN, fused_layers, stock_layers, strip_wrapper_prefixes
-from espnet_mha.configs import STOCK_NAME, fused_config, rename_layers, stock_config
+from espnet_mha.configs import config_beside, lightning_arguments, stock_config_warning
 from espnet_mha.export import convert_experiment
 from espnet_mha.optimizer_state import convert_optimizer_state
 
@@ -137,7 +137,7 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
         # file it names is converted and the link kept. Replacing the link by a converted copy
         # left the file it named, and every other link to it, in the old layout (an audit).
         dst = dst.resolve()
-    config = _config_beside(src)
+    config = config_beside(src)
     obj = load_weights_only(src, allow_globals=allow_globals)
     try:
         obj, report = convert_object(obj, src=src, dst=dst, to=to, layer_pattern=layer_pattern,
@@ -148,7 +148,7 @@ def convert_file(src, dst, *, to, force=False, layer_pattern=DEFAULT_LAYER_PATTE
         raise naming_file(src, error) from error
     save_atomic(obj, dst, force=force)
     if to == "fused" and report.layers:
-        report.warnings += _stock_config_warning(src, dst, config)
+        report.warnings += stock_config_warning(src, dst, config)
     return report
 
 
@@ -156,24 +156,6 @@ def _names_a_folder(dst):
     """Whether ``dst`` is a string ending in a path separator: ``Path()`` drops it, and the
     file was written as a file named like the folder (an audit)."""
     return isinstance(dst, str) and dst.endswith(("/", os.sep))
-
-
-def _stock_config_warning(src, dst, config):
-    """A warning when the ``config.yaml`` that goes with a file converted to fused names the
-    stock ``mha``: ESPnet builds the stock layer from it and loads with ``strict=False``, which
-    drops ``linear_qkv`` (random q/k/v, without a word). An audit converted a single file in
-    place and decoded with its old config."""
-    beside_dst = _config_beside(dst)
-    config, where = (beside_dst, Path(dst).parent) if beside_dst is not None else (config, Path(src).parent)
-    if not isinstance(config, dict):
-        return []
-    _, stock_named = rename_layers(config, lambda item, path: item if item.get("_name_") == STOCK_NAME else None)
-    if not stock_named:
-        return []
-    return [f"{where / 'config.yaml'} names the stock mha at {', '.join(stock_named)}: a model built from it has "
-            "the stock layer, and ESPnet's loader (strict=False) drops these fused keys. Convert the whole "
-            f"experiment folder instead ({PROG} EXP_DIR OUT_DIR --to fused), which rewrites the config, or "
-            "change those layers to _name_: flash_mha"]
 
 
 def convert_object(obj, *, src, dst, to, layer_pattern=DEFAULT_LAYER_PATTERN, drop_optimizer_state=False,
@@ -222,36 +204,6 @@ def convert_object(obj, *, src, dst, to, layer_pattern=DEFAULT_LAYER_PATTERN, dr
     else:
         obj = converted
     return obj, report
-
-
-def lightning_arguments(obj, to):
-    """``obj`` (a Lightning checkpoint) with the training arguments ESPnet's ``LitESPnetModel``
-    saves as its hyper-parameters (``hyper_parameters["args"]``, the config as a Namespace,
-    or a dict) in the layout ``to``, as ``config.yaml`` (what
-    ``LitESPnetModel.load_from_checkpoint`` builds); ``obj`` itself when they need no change."""
-    hyper = obj.get("hyper_parameters")
-    args = hyper.get("args") if isinstance(hyper, dict) else None
-    if not isinstance(args, (argparse.Namespace, dict)):
-        return obj
-    config, renamed = (stock_config if to == "stock" else fused_config)(dict(vars(args)) if isinstance(
-        args, argparse.Namespace) else args)
-    if not renamed:
-        return obj
-    args = argparse.Namespace(**config) if isinstance(args, argparse.Namespace) else config
-    return obj | {"hyper_parameters": hyper | {"args": args}}
-
-
-def _config_beside(path):
-    """The ``config.yaml`` ESPnet writes beside its model files, as a dict, or None (absent, unreadable)."""
-    import yaml
-
-    config = Path(path).parent / "config.yaml"
-    try:
-        with open(config, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return None
-    return loaded if isinstance(loaded, dict) else None
 
 
 def _convert_optimizer(state, index, model_state, layers, to, src, complete, entry):

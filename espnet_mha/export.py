@@ -27,7 +27,7 @@ from pathlib import Path
 from espnet_mha.checkpoint_io import (FLAT, LIGHTNING, ConversionError, load_weights_only, model_state, naming_file,
                                       save_atomic)
 from espnet_mha.checkpoint_keys import fused_layers, stock_layers, strip_wrapper_prefixes
-from espnet_mha.configs import OUR_NAME, STOCK_NAME, fused_config, rename_layers, stock_config
+from espnet_mha.configs import OUR_NAME, STOCK_NAME, fused_config, lightning_arguments, rename_layers, stock_config
 
 CONFIG = "config.yaml"
 TRAINING_CHECKPOINT = "checkpoint.pth"
@@ -254,7 +254,7 @@ def _plan(src, report):
 def _convert_file(path, out, to, report, allow_globals, drop_optimizer_state, config, in_place):
     """Write ``path`` in the layout ``to`` to ``out`` (with ``path``'s file mode); whether it
     did. In place, a file already in that layout is left as it is."""
-    from espnet_mha.convert import convert_object, lightning_arguments
+    from espnet_mha.convert import convert_object
 
     training = path.name == TRAINING_CHECKPOINT or path.suffix == LIGHTNING_SUFFIX
     try:
