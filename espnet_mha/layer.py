@@ -288,9 +288,13 @@ class StockLayoutFlashMultiHeadedAttention(FlashMultiHeadedAttention):
     def __init__(self, *args, state_dict_layout="stock", causal=False, **kwargs):
         # None (a YAML null) is this class's default, not the fused one (a review).
         state_dict_layout = state_dict.resolve_layout("stock" if state_dict_layout is None else state_dict_layout)
-        if checks.check_flag("causal", causal):
-            logger.warning("the mha name ignores causal: true, as the stock layer does (it stays cross-attention "
-                           "to the memory); use _name_: flash_mha for the causal layer")
+        try:
+            asked = checks.check_flag("causal", causal)
+        except TypeError:  # "yes", 2...: the stock layer drops it with its other unknown options too
+            asked = True
+        if asked:
+            logger.warning("the mha name ignores causal: %r, as the stock layer does (it stays cross-attention "
+                           "to the memory); use _name_: flash_mha for the causal layer", causal)
         if state_dict_layout == "fused":
             logger.warning("the mha name with state_dict_layout: fused writes fused checkpoints under a config "
                            "that says mha: whoever builds it with the stock layer loads them with strict=False "

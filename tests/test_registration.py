@@ -120,16 +120,19 @@ def test_mha_builds_our_layer_saving_the_stock_layout():
     assert utils.instantiate(registry.layer, {"_name_": "flash_mha", "n_head": 2}, 8).state_dict_layout == "fused"
 
 
-def test_the_mha_name_ignores_causal_as_the_stock_layer_does(caplog):
+@pytest.mark.parametrize("causal", [True, "yes", 2], ids=["true", "yes", "two"])
+def test_the_mha_name_ignores_causal_as_the_stock_layer_does(caplog, causal):
     """The stock layer drops unknown options, so an mha entry with causal: true is
     cross-attention to the memory; under use_for_mha() it became causal self-attention
-    (an S4Decoder's logits 0.67 off). Ignored, with a warning."""
+    (an S4Decoder's logits 0.67 off). Ignored, with a warning; also a value that
+    flash_mha refuses ("yes", 2), which the stock layer drops as well (an audit found them
+    refused)."""
     import torch
 
-    stock = utils.instantiate(registry.layer, {"_name_": "mha", "n_head": 2, "causal": True}, 8).double()
+    stock = utils.instantiate(registry.layer, {"_name_": "mha", "n_head": 2, "causal": causal}, 8).double()
     espnet_mha.use_for_mha()
-    ours = utils.instantiate(registry.layer, {"_name_": "mha", "n_head": 2, "causal": True}, 8).double()
-    assert "the mha name ignores causal: true" in caplog.text and not ours.causal
+    ours = utils.instantiate(registry.layer, {"_name_": "mha", "n_head": 2, "causal": causal}, 8).double()
+    assert f"the mha name ignores causal: {causal!r}" in caplog.text and not ours.causal
     ours.load_state_dict(stock.state_dict())
     gen = torch.Generator().manual_seed(0)
     query, memory = (torch.randn(2, t, 8, generator=gen, dtype=torch.float64) for t in (3, 5))
