@@ -120,7 +120,7 @@ def stale_reason(state, memory, key, *, batch, n_head, dtype):
     """
     checks.check_cache(state, "is not a cross-attention cache for this query", batch=None, n_head=n_head,
                        d_k=memory.size(2) // n_head)
-    if state.size(0) not in (1, batch):
+    if state.size(0) != 1 and state.size(0) != batch:
         return f"state batch {state.size(0)} is neither 1 nor the query batch {batch}"
     if state.size(3) != memory.size(1):
         return f"state length {state.size(3)} != memory length {memory.size(1)}"
@@ -137,7 +137,7 @@ def own_batch(state, batch):
     """``state[:1]`` for a cache expanded with stride 0 over another number of hypotheses
     than ``batch`` (a search that shrank or grew its beam and handed back the state a step
     returned: it is its batch-1 self, as the stock step passes any state), else ``state``."""
-    if type(state) is torch.Tensor and state.dim() == 5 and state.size(0) not in (1, batch) \
+    if type(state) is torch.Tensor and state.dim() == 5 and state.size(0) != 1 and state.size(0) != batch \
             and state.stride(0) == 0:
         return state[:1]
     return state

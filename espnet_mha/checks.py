@@ -244,7 +244,7 @@ def check_cache(state, what, *, batch, n_head, d_k, dtype=None, device=None, dev
     if state.dim() != 5 or state.size(1) != 2 or state.size(2) != n_head or state.size(4) != d_k:
         batches = "b" if batch is None else f"1 or {batch}"
         problems.append(f"shape {tuple(state.shape)} is not ({batches}, 2, {n_head}, t, {d_k})")
-    elif batch is not None and state.size(0) not in (1, batch):
+    elif batch is not None and state.size(0) != 1 and state.size(0) != batch:
         problems.append(f"batch {state.size(0)} is neither 1 nor the query batch {batch}")
     if dtype is not None and state.dtype != dtype:
         problems.append(f"dtype {state.dtype} != {dtype}")

@@ -176,8 +176,12 @@ def eager_fallbacks():
 
 def pick(fn, setting, mode, device_type):
     """``fn`` itself or its compiled version, according to the policy."""
-    # A capture cannot trace into a dynamo-compiled function (jit.trace refuses it).
-    if torch.compiler.is_compiling() or not wants_compile(setting, device_type) or capturing():
+    # A capture cannot trace into a dynamo-compiled function (jit.trace refuses it), nor can
+    # a fullgraph compile run inside torch.func transforms ("Unsupported functorch tracing
+    # attempt") or a forward-mode AD level (its graph has no jvp): those run the eager
+    # function, as a user's torch.compile falls back to eager there (an audit).
+    if (torch.compiler.is_compiling() or not wants_compile(setting, device_type) or capturing()
+            or torch._C._are_functorch_transforms_active() or checks.forward_ad_active()):
         return fn
     return compiled(fn, mode)
 

@@ -67,7 +67,9 @@ def keep_mask(mask, *, batch, t1, t2, device):
             f"mask must be 3-D, (B, 1, T2) or (B, T1, T2) (or (1, T2), or (T1,)), got shape {given}"
         )
     b, m, n = mask.shape
-    if b not in (1, batch) or m not in (1, t1) or n not in (1, t2):
+    # Not `n not in (1, t2)`: Dynamo read `11 not in (1, 11)` as true for a dynamic t2
+    # (torch 2.11; an audit, under a user's fullgraph compile).
+    if (b != 1 and b != batch) or (m != 1 and m != t1) or (n != 1 and n != t2):
         raise ValueError(
             f"mask of shape {given} does not broadcast to "
             f"(B, T1, T2) = ({batch}, {t1}, {t2})"

@@ -97,7 +97,8 @@ class StockHelpers:
                 raise ValueError(f"{name} must be a 4-D torch.Tensor, got shape {tuple(x.shape)}")
         batch = value.size(0)
         _, n_head, t1, t2 = scores.shape
-        if scores.size(0) not in (1, batch) or value.shape[1:] != (n_head, t2, self.d_k) or n_head != self.h:
+        wrong_batch = scores.size(0) != 1 and scores.size(0) != batch  # not `in (1, batch)`: see masks.keep_mask
+        if wrong_batch or value.shape[1:] != (n_head, t2, self.d_k) or n_head != self.h:
             raise ValueError(f"value {tuple(value.shape)} and scores {tuple(scores.shape)} must be "
                              f"(B, H, T2, d_k) and (B or 1, H, T1, T2) with H={self.h}, d_k={self.d_k}")
         keep = masks.keep_mask(mask, batch=batch, t1=t1, t2=t2, device=scores.device)

@@ -171,6 +171,45 @@ def test_a_user_can_compile_a_fresh_model_with_fullgraph():
     torch.testing.assert_close(got, stock(query, memory, mask)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_users_fullgraph_compile_takes_a_first_mask_after_the_length_went_dynamic():
+    """Unmasked calls at two memory lengths make T2 dynamic; the first masked call then
+    failed under fullgraph with the layer's own "mask ... does not broadcast" error for a
+    mask that fits: Dynamo read `11 not in (1, 11)` as true (an audit)."""
+    torch._dynamo.reset()
+    stock, ours = stock_and_flash(16, 4, dtype=torch.float32)
+    compiled = torch.compile(ours, fullgraph=True, backend="eager")
+    for t2, masked in ((5, False), (9, False), (11, True), (13, True)):
+        query, memory = rand(2, 3, 16, seed=t2), rand(2, t2, 16, seed=t2 + 1)
+        mask = (torch.arange(t2) < torch.tensor([[t2], [t2 - 2]])).unsqueeze(1) if masked else None
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(query, memory, mask)[0], stock(query, memory, mask)[0], **FP32)
+
+
+def test_torch_func_transforms_and_forward_ad_run_a_compiled_layer_eagerly():
+    """compile=True under torch.func (grad, vmap, jvp) or a forward-mode AD level: the
+    fullgraph compile cannot run there ("Unsupported functorch tracing attempt"; no jvp for
+    its graph), which failed every call where the stock layer, eager or compiled by the
+    user, worked (an audit). Those calls run the eager function: no graph is made."""
+    from torch.autograd import forward_ad
+    from torch.func import grad, jvp, vmap
+
+    torch._dynamo.reset()
+    counters.clear()
+    stock, ours = stock_and_flash(8, 2, compile=True)
+    query, memory = rand(2, 3, 8, seed=1).double(), rand(2, 5, 8, seed=2).double()
+    tangent = rand(2, 5, 8, seed=3).double()
+    results = []
+    for layer in (ours, stock):
+        with forward_ad.dual_level():
+            dual = forward_ad.unpack_dual(layer(query, forward_ad.make_dual(memory, tangent))[0]).tangent
+        results.append((grad(lambda m: layer(query, m)[0].sum())(memory),
+                        vmap(lambda q, m: layer(q, m)[0])(query[None].repeat(3, 1, 1, 1), memory[None].repeat(3, 1, 1, 1)),
+                        jvp(lambda m: layer(query, m)[0], (memory,), (tangent,))[1], dual))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert graphs() == 0
+
+
 @pytest.mark.parametrize("layout", ["fused", "stock"])
 def test_a_user_can_compile_with_fullgraph_a_layer_whose_linears_are_called_as_modules(layout, caplog):
     """A hooked projection (as LoRA or weight_norm, called as a module): the line saying so
