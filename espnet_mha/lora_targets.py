@@ -58,6 +58,27 @@ def missed_layers(model, target_modules):
             and not matches(full(name, FUSED_PROJECTION))]
 
 
+def widened_layers(model, target_modules):
+    """Names of our fused layers in ``model`` whose ``linear_qkv`` matches ``target_modules``
+    only by a shorter ending (``v``, ``_v``...) that also selects some of the stock
+    ``linear_q/k/v``: the stock layer adapts those projections, each with its own pair,
+    where ESPnet gives the fused one a single pair for q, k and v together. A target that
+    names ``linear_qkv`` itself is meant; it is not listed.
+
+    Args, Returns: as :func:`missed_layers`.
+    """
+    targets = [t for t in target_modules if isinstance(t, str)]
+    widened = []
+    for name, _ in fused_modules(model):
+        fused = f"{name}.{FUSED_PROJECTION}" if name else FUSED_PROJECTION
+        stock = [f"{name}.{child}" if name else child for child in STOCK_PROJECTIONS]
+        by_ending = [t for t in targets if fused.endswith(t)]
+        if (by_ending and not any(t.endswith(FUSED_PROJECTION) for t in by_ending)
+                and any(full.endswith(t) for full in stock for t in targets)):
+            widened.append(name)
+    return widened
+
+
 def create_lora_adapter(model, *args, **kwargs):
     """ESPnet's ``create_lora_adapter`` (same arguments, same result), after a warning
     when ``target_modules`` selects the stock q/k/v projections of layers that have
@@ -82,6 +103,14 @@ def create_lora_adapter(model, *args, **kwargs):
             "to target_modules (one low-rank pair for q, k and v together), or build those layers with "
             "state_dict_layout: stock (the stock linear_q/k/v, adapted one by one as in the stock layer)",
             list(targets), len(missed), missed[0])
+    widened = widened_layers(model, targets) if checkable else []
+    if widened:
+        logger.warning(
+            "espnet_mha: LoRA target_modules %s match the fused linear_qkv of %d flash_mha layer(s) by its "
+            "ending (first: %r): ESPnet gives it one low-rank pair for q, k and v together, where the stock "
+            "layer adapts only its matching linear_q/k/v, one by one. Build those layers with "
+            "state_dict_layout: stock to adapt as the stock layer does, or name 'linear_qkv' to mean the fused one",
+            list(targets), len(widened), widened[0])
     return original(*bound.args, **bound.kwargs)
 
 

@@ -56,6 +56,32 @@ def test_stock_names_skip_fused_layers_with_a_warning(tmp_path, caplog):
     assert "Add 'linear_qkv' to target_modules" in fused_lines[0]
 
 
+@pytest.mark.parametrize("targets", [["v"], ["linear_q", "v"]])
+def test_a_short_ending_that_matches_linear_qkv_warns(tmp_path, caplog, targets):
+    """ESPnet matches target_modules by the end of a module's name: ``v`` selects the stock
+    layer's linear_v, and also the fused linear_qkv, which then gets one pair for q, k and
+    v together (an audit: outputs 1.2 apart from the stock layer's after training, without
+    a word). Warned about; the stock-layout layer adapts as stock, without a warning. (The
+    decoder alone: ``v`` would also select the encoder's ``conv``, which ESPnet refuses.)"""
+    from espnet2.layers.create_adapter import create_adapter
+
+    def adapt(**options):
+        decoder = espnet_asr.build(tmp_path, options.pop("attention"), seed=3, **options)[0].decoder
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="espnet_mha.lora_targets"):
+            create_adapter(decoder, "lora", {"rank": 2, "alpha": 2, "target_modules": targets})
+        return adapted(decoder), [r.getMessage() for r in caplog.records if "by its ending" in r.getMessage()]
+
+    layers = [layer.removeprefix("decoder.") for layer in DECODER_LAYERS]
+    (stock, stock_lines), (fused, fused_lines) = adapt(attention="mha"), adapt(attention="flash_mha")
+    layout, layout_lines = adapt(attention="flash_mha", state_dict_layout="stock")
+    assert [f"{layer}.linear_qkv" for layer in layers] == [name for name in fused if name.endswith("linear_qkv")]
+    assert layout == stock and stock_lines == layout_lines == []
+    assert len(fused_lines) == 1 and fused_lines[0].startswith(
+        f"espnet_mha: LoRA target_modules {targets} match the fused linear_qkv of 2 flash_mha layer(s) by its "
+        f"ending (first: '{layers[0]}')")
+
+
 @pytest.mark.parametrize("targets", [["linear_qkv"], ["linear_q", "linear_qkv"], [f"{DECODER_LAYERS[1]}.linear_qkv"]])
 def test_a_target_that_names_linear_qkv_adapts_the_fused_layer(tmp_path, caplog, targets):
     """No warning for a layer whose linear_qkv is a target; the adapted layer decodes as
