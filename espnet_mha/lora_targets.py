@@ -11,9 +11,10 @@ the decoder's attention stayed frozen without a word.
 :func:`install` wraps ESPnet's function (in its module and in ``create_adapter``'s
 table) so that it first logs a warning naming the fused layers that would have
 been adapted as stock layers and are not, and what to do instead; then ESPnet's
-function runs as it is. A target that matches ``linear_qkv`` (e.g. ``linear_qkv``
-itself) adapts the fused layer and is not warned about; layers built with
-``state_dict_layout: stock`` have the stock modules and are adapted as stock ones.
+function runs as it is. A target that names ``linear_qkv`` adapts the fused layer and
+is not warned about; one that matches it only by a short ending (``v``, which selects the
+stock layer's ``linear_v`` alone) is warned about too (:func:`widened_layers`). Layers
+built with ``state_dict_layout: stock`` have the stock modules and are adapted as stock ones.
 """
 
 import inspect
@@ -60,7 +61,7 @@ def missed_layers(model, target_modules):
 
 def widened_layers(model, target_modules):
     """Names of our fused layers in ``model`` whose ``linear_qkv`` matches ``target_modules``
-    only by a shorter ending (``v``, ``_v``...) that also selects some of the stock
+    only by a shorter ending (``v``) that also selects some of the stock
     ``linear_q/k/v``: the stock layer adapts those projections, each with its own pair,
     where ESPnet gives the fused one a single pair for q, k and v together. A target that
     names ``linear_qkv`` itself is meant; it is not listed.
