@@ -34,6 +34,21 @@ _ADAPTER_MODULE = "espnet2.layers.create_adapter_fn"
 _ORIGINAL = globals().get("_ORIGINAL", {})
 
 
+def _selected(model, target_modules):
+    """Per fused layer of ``model``: ``(its name, the targets its linear_qkv ends with, whether
+    any target selects one of the stock linear_q/k/v it would have)``, by ESPnet's rule (the
+    module name ends with a target)."""
+    targets = [t for t in target_modules if isinstance(t, str)]
+
+    def full(prefix, child):
+        return f"{prefix}.{child}" if prefix else child
+
+    for name, _ in fused_modules(model):
+        fused = full(name, FUSED_PROJECTION)
+        stock = any(full(name, child).endswith(t) for child in STOCK_PROJECTIONS for t in targets)
+        yield name, [t for t in targets if fused.endswith(t)], stock
+
+
 def missed_layers(model, target_modules):
     """Names of our fused layers in ``model`` whose stock ``linear_q/k/v`` would match
     ``target_modules`` by ESPnet's rule (the module name ends with a target) and whose
@@ -46,17 +61,7 @@ def missed_layers(model, target_modules):
     Returns:
         list of module names, in ``named_modules()`` order.
     """
-    targets = [t for t in target_modules if isinstance(t, str)]
-
-    def matches(name):
-        return any(name.endswith(target) for target in targets)
-
-    def full(prefix, child):
-        return f"{prefix}.{child}" if prefix else child
-
-    return [name for name, _ in fused_modules(model)
-            if any(matches(full(name, child)) for child in STOCK_PROJECTIONS)
-            and not matches(full(name, FUSED_PROJECTION))]
+    return [name for name, fused, stock in _selected(model, target_modules) if stock and not fused]
 
 
 def widened_layers(model, target_modules):
@@ -68,16 +73,8 @@ def widened_layers(model, target_modules):
 
     Args, Returns: as :func:`missed_layers`.
     """
-    targets = [t for t in target_modules if isinstance(t, str)]
-    widened = []
-    for name, _ in fused_modules(model):
-        fused = f"{name}.{FUSED_PROJECTION}" if name else FUSED_PROJECTION
-        stock = [f"{name}.{child}" if name else child for child in STOCK_PROJECTIONS]
-        by_ending = [t for t in targets if fused.endswith(t)]
-        if (by_ending and not any(t.endswith(FUSED_PROJECTION) for t in by_ending)
-                and any(full.endswith(t) for full in stock for t in targets)):
-            widened.append(name)
-    return widened
+    return [name for name, fused, stock in _selected(model, target_modules)
+            if stock and fused and not any(t.endswith(FUSED_PROJECTION) for t in fused)]
 
 
 def create_lora_adapter(model, *args, **kwargs):
